@@ -1,0 +1,184 @@
+"""Block layout: cut a state dict into fixed-size blocks and rebuild it exactly.
+
+Every floating-point tensor with at least ``block_size`` elements is flattened and cut into
+``ceil(numel / block_size)`` rows of a ``[n_blocks, block_size]`` matrix, the last row zero-padded.
+Smaller tensors (biases, norms) and non-floating tensors stay whole as *extras*. Tensors that share
+storage (tied weights) are laid out once, under their first name, and the other names are recorded
+as aliases so the rebuild can tie them again.
+
+The layout is pure bookkeeping: it never changes a value and never changes a dtype, so
+``rebuild(cut(sd))`` is bit-identical to ``sd``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .errors import BlockLayoutError, DtypeMismatchError
+
+#: dtypes a family's blocks may have (one per family).
+BLOCK_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return BLOCK_DTYPES[name]
+    except KeyError:
+        raise BlockLayoutError(
+            f"Unsupported block dtype {name!r}; use one of {sorted(BLOCK_DTYPES)}."
+        ) from None
+
+
+def check_block_size(block_size: object) -> int:
+    """Return ``block_size`` if it is a positive integer, else raise a :class:`BlockLayoutError`."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise BlockLayoutError(
+            f"block_size must be a positive integer (e.g. 65536), got {block_size!r}."
+        )
+    return block_size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lives in a model's block matrix: rows ``[first_block, first_block+n_blocks)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    first_block: int
+    n_blocks: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The block layout of one model: which tensors are blocks, which are extras, which are aliases."""
+
+    block_size: int
+    dtype: str
+    tensors: tuple[TensorSpec, ...]  # in block order
+    extras: tuple[str, ...]
+    aliases: Mapping[str, str]  # alias name -> canonical name
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(t.n_blocks for t in self.tensors)
+
+    def block_owner(self) -> list[tuple[str, int]]:
+        """For each block row, the tensor name and the index of the block inside that tensor."""
+        return [(t.name, i) for t in self.tensors for i in range(t.n_blocks)]
+
+
+def plan_layout(state_dict: Mapping[str, torch.Tensor], block_size: int) -> BlockLayout:
+    """Decide which tensors are cut into blocks, which stay extras and which are tied aliases."""
+    check_block_size(block_size)
+    aliases = find_aliases(state_dict)
+    specs: list[TensorSpec] = []
+    extras: list[str] = []
+    block_dtype: torch.dtype | None = None
+    next_block = 0
+    for name, tensor in state_dict.items():
+        if name in aliases:
+            continue
+        if not tensor.is_floating_point() or tensor.numel() < block_size:
+            extras.append(name)
+            continue
+        if tensor.dtype not in BLOCK_DTYPES.values():
+            raise DtypeMismatchError(
+                f"Tensor {name!r} has dtype {tensor.dtype}; blocks support {sorted(BLOCK_DTYPES)}. "
+                "Convert the model first, e.g. model.to(torch.bfloat16)."
+            )
+        if block_dtype is None:
+            block_dtype = tensor.dtype
+        elif tensor.dtype != block_dtype:
+            raise DtypeMismatchError(
+                f"Tensor {name!r} is {tensor.dtype} but earlier tensors are {block_dtype}: a model's "
+                "blocks must share one dtype. Convert the whole model with model.to(dtype) first."
+            )
+        n = math.ceil(tensor.numel() / block_size)
+        specs.append(TensorSpec(name, tuple(tensor.shape), dtype_name(tensor.dtype), next_block, n))
+        next_block += n
+    dtype = dtype_name(block_dtype) if block_dtype is not None else _extras_dtype(state_dict, extras)
+    return BlockLayout(block_size, dtype, tuple(specs), tuple(extras), dict(aliases))
+
+
+def _extras_dtype(state_dict: Mapping[str, torch.Tensor], extras: list[str]) -> str:
+    # A model with no tensor large enough for a block: its dtype is that of its floating tensors.
+    for name in extras:
+        if state_dict[name].dtype in BLOCK_DTYPES.values():
+            return dtype_name(state_dict[name].dtype)
+    return "float32"
+
+
+def find_aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor is the very same view of storage as an earlier name's (tied weights)."""
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        if tensor.device.type == "meta":
+            raise BlockLayoutError(
+                f"Tensor {name!r} is on the meta device (no data): load the model's weights first."
+            )
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if tensor.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def to_block_matrix(state_dict: Mapping[str, torch.Tensor], layout: BlockLayout) -> torch.Tensor:
+    """The ``[n_blocks, block_size]`` matrix of a state dict's block tensors, last blocks zero-padded."""
+    matrix = torch.zeros(layout.n_blocks, layout.block_size, dtype=parse_dtype(layout.dtype))
+    flat = matrix.view(-1)
+    for spec in layout.tensors:
+        start = spec.first_block * layout.block_size
+        flat[start : start + spec.numel].copy_(state_dict[spec.name].detach().reshape(-1))
+    return matrix
+
+
+def tensor_from_rows(rows: torch.Tensor, spec_shape: tuple[int, ...]) -> torch.Tensor:
+    """Undo the cut for one tensor: ``rows`` is its ``[n, block_size]`` blocks in order."""
+    numel = math.prod(spec_shape)
+    n, block_size = rows.shape
+    if n != math.ceil(numel / block_size):
+        raise BlockLayoutError(
+            f"{n} blocks of size {block_size} cannot rebuild a tensor of shape {list(spec_shape)} "
+            f"({numel} elements need {math.ceil(numel / block_size)} blocks)."
+        )
+    return rows.reshape(-1)[:numel].view(spec_shape)
+
+
+def rebuild_from_matrix(
+    matrix: torch.Tensor, layout: BlockLayout, extras: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_block_matrix` plus the extras and aliases: the original state dict."""
+    out: dict[str, torch.Tensor] = {}
+    for spec in layout.tensors:
+        rows = matrix[spec.first_block : spec.first_block + spec.n_blocks]
+        out[spec.name] = tensor_from_rows(rows, spec.shape)
+    out.update(extras)
+    for alias, canonical in layout.aliases.items():
+        out[alias] = out[canonical]
+    return out

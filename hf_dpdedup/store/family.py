@@ -1,0 +1,105 @@
+"""A family folder: one block store shared by several member folders.
+
+```
+family/
+  block_store/             block_store.json + blocks-NNNNN.safetensors
+  members/<name>/          config.json, tokenizer files, dedup_constitution.json, extras.safetensors
+```
+This is the local twin of the Hub layout (one block-store repo plus one repo per member).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..privacy.metadata import PrivacyMetadata
+from .block_store import BlockStore
+from .constitution import Constitution
+from .format import CONSTITUTION_FILE, INDEX_FILE
+from .member import MemberSource, check_member_name, read_constitution, write_member
+
+STORE_DIR = "block_store"
+MEMBERS_DIR = "members"
+
+
+class FamilyStore:
+    """Create with :meth:`create`, open with :meth:`open`; add models with :meth:`add_model`."""
+
+    def __init__(self, root: Path, blocks: BlockStore) -> None:
+        self.root = root
+        self.blocks = blocks
+
+    @classmethod
+    def create(
+        cls, root: str | os.PathLike, *, block_size: int = 65536, dtype: torch.dtype | str = torch.float32
+    ) -> "FamilyStore":
+        root = Path(root)
+        return cls(root, BlockStore.create(root / STORE_DIR, block_size=block_size, dtype=dtype))
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "FamilyStore":
+        root = Path(root)
+        return cls(root, BlockStore.open(root / STORE_DIR))
+
+    @classmethod
+    def is_family(cls, path: str | os.PathLike) -> bool:
+        return (Path(path) / STORE_DIR / INDEX_FILE).is_file()
+
+    def member_path(self, name: str) -> Path:
+        return self.root / MEMBERS_DIR / check_member_name(name)
+
+    def members(self) -> list[str]:
+        folder = self.root / MEMBERS_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CONSTITUTION_FILE).is_file()
+        )
+
+    def constitution(self, name: str) -> Constitution:
+        return read_constitution(self.member_path(name))
+
+    def add_model(
+        self,
+        name: str,
+        model: Any,
+        *,
+        tokenizer: Any | None = None,
+        files_from: str | os.PathLike | None = None,
+        privacy: PrivacyMetadata | None = None,
+        dedup: dict[str, Any] | None = None,
+    ) -> Constitution:
+        """Store ``model`` (a transformers model, or a state dict with ``files_from`` a model folder)
+        as member ``name``: only rows not stored yet are appended. Re-adding a name replaces it."""
+        if isinstance(model, Mapping):
+            state_dict, config, architecture = model, None, None
+            if files_from is None:
+                raise TypeError("A bare state dict needs files_from= (a model folder with config.json).")
+        else:
+            state_dict = model.state_dict()
+            config, architecture = model.config, type(model).__name__
+        source = MemberSource(config=config, files_from=Path(files_from) if files_from else None, tokenizer=tokenizer)
+        return write_member(
+            self.blocks,
+            self.member_path(name),
+            name,
+            state_dict,
+            source,
+            architecture=architecture,
+            privacy=privacy.to_dict() if privacy is not None else None,
+            dedup=dedup,
+        )
+
+    def stored_bytes(self) -> int:
+        """Every byte the family keeps: shards, index and all member folders."""
+        members = sum(
+            f.stat().st_size
+            for name in self.members()
+            for f in self.member_path(name).iterdir()
+            if f.is_file()
+        )
+        return self.blocks.stored_bytes() + members

@@ -1,0 +1,140 @@
+"""The ``hf_dpdedup/1`` on-disk format: names, versions and validated index records.
+
+A *block store* folder holds ``block_store.json`` and shards ``blocks-NNNNN.safetensors``; each
+shard is one 2-D tensor ``blocks`` of shape ``[num_rows, block_size]``. Rows are numbered globally
+in append order and never move, so a row id stays valid for the life of the store. Shard names do
+not encode the shard count (unlike transformers' ``-of-N`` names) because a store only ever grows:
+appending a model adds shards and never renames one that members already point at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..blocks import BLOCK_DTYPES, check_block_size
+from ..errors import BlockLayoutError, StoreFormatError, UnsupportedFormatVersionError
+
+FORMAT = "hf_dpdedup/1"
+INDEX_FILE = "block_store.json"
+CONSTITUTION_FILE = "dedup_constitution.json"
+EXTRAS_FILE = "extras.safetensors"
+SHARD_TENSOR = "blocks"
+LOCK_FILE = ".lock"
+
+
+def shard_file_name(number: int) -> str:
+    return f"blocks-{number:05d}.safetensors"
+
+
+def check_format(data: dict[str, Any], what: str) -> None:
+    found = data.get("format")
+    if found != FORMAT:
+        raise UnsupportedFormatVersionError(
+            f"{what} has format {found!r}, but this hf_dpdedup reads {FORMAT!r}. Upgrade hf_dpdedup "
+            "(pip install -U hf_dpdedup) or re-create the store with this version."
+        )
+
+
+def _require(data: dict[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, types):  # bool is an int: never accept it
+        raise StoreFormatError(f"{what}: field {key!r} is missing or has the wrong type ({value!r}).")
+    return value
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    first_row: int
+    num_rows: int
+    bytes: int
+    sha256: str
+
+    @property
+    def end_row(self) -> int:
+        return self.first_row + self.num_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "first_row": self.first_row,
+            "num_rows": self.num_rows,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShardInfo":
+        what = "block_store.json shard entry"
+        file = _require(data, "file", str, what)
+        if "/" in file or "\\" in file or file.startswith("."):
+            raise StoreFormatError(f"{what}: shard file name {file!r} must be a plain file name.")
+        return cls(
+            file=file,
+            first_row=_require(data, "first_row", int, what),
+            num_rows=_require(data, "num_rows", int, what),
+            bytes=_require(data, "bytes", int, what),
+            sha256=_require(data, "sha256", str, what),
+        )
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """Contents of ``block_store.json``; ``row_hashes[i]`` is the sha256 of row ``i``'s bytes."""
+
+    store_id: str
+    block_size: int
+    dtype: str
+    shards: tuple[ShardInfo, ...] = ()
+    row_hashes: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def total_rows(self) -> int:
+        return len(self.row_hashes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "kind": "block_store",
+            "store_id": self.store_id,
+            "block_size": self.block_size,
+            "dtype": self.dtype,
+            "total_rows": self.total_rows,
+            "shards": [s.to_dict() for s in self.shards],
+            "row_hashes": list(self.row_hashes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StoreIndex":
+        what = "block_store.json"
+        check_format(data, what)
+        try:
+            block_size = check_block_size(data.get("block_size"))
+        except BlockLayoutError as exc:
+            raise StoreFormatError(f"{what}: {exc}") from None
+        dtype = _require(data, "dtype", str, what)
+        if dtype not in BLOCK_DTYPES:
+            raise StoreFormatError(f"{what}: dtype {dtype!r} is not one of {sorted(BLOCK_DTYPES)}.")
+        shards = tuple(ShardInfo.from_dict(s) for s in _require(data, "shards", list, what))
+        row_hashes = tuple(_require(data, "row_hashes", list, what))
+        index = cls(_require(data, "store_id", str, what), block_size, dtype, shards, row_hashes)
+        index.validate(declared_total=_require(data, "total_rows", int, what))
+        return index
+
+    def validate(self, declared_total: int | None = None) -> None:
+        """Shards must tile rows ``0..total_rows`` in order, with one hash per row."""
+        expected = 0
+        for shard in self.shards:
+            if shard.first_row != expected or shard.num_rows <= 0:
+                raise StoreFormatError(
+                    f"block_store.json: shard {shard.file} covers rows [{shard.first_row}, "
+                    f"{shard.end_row}) but rows must continue at {expected}; the index is damaged."
+                )
+            expected = shard.end_row
+        if expected != self.total_rows or (declared_total is not None and declared_total != expected):
+            raise StoreFormatError(
+                f"block_store.json: shards cover {expected} rows, row_hashes has {self.total_rows}"
+                + (f", total_rows says {declared_total}" if declared_total is not None else "")
+                + "; the index is damaged."
+            )

@@ -1,0 +1,207 @@
+"""Member folders: write one model into a block store, and read its state dict back.
+
+A member folder holds the transformers ``config.json`` (unchanged), tokenizer / processor files,
+``dedup_constitution.json`` and ``extras.safetensors``. It is built under a temporary name and
+swapped in only after its rows are in the store's index, so a member never names missing rows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..blocks import BlockLayout, plan_layout, tensor_from_rows, to_block_matrix
+from ..errors import ConstitutionError, StoreFormatError, StoreMismatchError
+from .block_store import BlockStore
+from .constitution import Constitution, StoreRef, TensorEntry
+from .format import CONSTITUTION_FILE, EXTRAS_FILE
+from .io import atomic_write_json, read_json, replace_dir, sha256_file, verify_file
+
+#: files copied from a model folder into its member folder (config, tokenizer, processor, ...)
+MODEL_SIDE_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|vocab\.(txt|json)|merges\.txt|"
+    r"special_tokens_map\.json|added_tokens\.json|.*processor_config\.json|spiece\.model|"
+    r"sentencepiece\.bpe\.model|chat_template\.(jinja|json))$"
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def check_member_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise StoreFormatError(
+            f"Member name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            "(e.g. 'minilm-sst2-eps4'), starting with a letter or digit."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class MemberSource:
+    """What a member is made of besides its weights."""
+
+    config: Any | None = None  # a transformers PretrainedConfig
+    files_from: Path | None = None  # a model folder whose side files (tokenizer, ...) are copied
+    tokenizer: Any | None = None  # anything with save_pretrained (tokenizer, processor)
+
+
+def write_member(
+    store: BlockStore,
+    member_dir: Path,
+    name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    source: MemberSource,
+    *,
+    architecture: str | None = None,
+    privacy: dict[str, Any] | None = None,
+    dedup: dict[str, Any] | None = None,
+) -> Constitution:
+    """Add a model's blocks to ``store`` and write its member folder at ``member_dir``."""
+    check_member_name(name)
+    layout = plan_layout(state_dict, store.block_size)
+    matrix = to_block_matrix(state_dict, layout) if layout.tensors else _empty(store)
+    row_ids = store.add_rows(matrix, groups=[t.n_blocks for t in layout.tensors])
+    extras = {k: state_dict[k].detach().contiguous().clone() for k in layout.extras}
+    ref = StoreRef(store.store_id, path=os.path.relpath(store.path.resolve(), member_dir.resolve()))
+
+    constitution: Constitution | None = None
+
+    def build(tmp: Path) -> None:
+        nonlocal constitution
+        _write_side_files(tmp, source)
+        save_file(extras, tmp / EXTRAS_FILE, metadata={"format": "pt"})
+        constitution = Constitution(
+            name=name,
+            block_store=ref,
+            block_size=store.block_size,
+            dtype=store.index.dtype,
+            tensors=_entries(layout, row_ids),
+            extras_sha256=sha256_file(tmp / EXTRAS_FILE),
+            extras=tuple(layout.extras),
+            aliases=dict(layout.aliases),
+            architecture=architecture,
+            privacy=privacy,
+            dedup=dedup,
+        )
+        atomic_write_json(tmp / CONSTITUTION_FILE, constitution.to_dict())
+
+    replace_dir(build, member_dir)
+    assert constitution is not None
+    return constitution
+
+
+def _empty(store: BlockStore) -> torch.Tensor:
+    return torch.empty(0, store.block_size, dtype=store.dtype)
+
+
+def _entries(layout: BlockLayout, row_ids: list[int]) -> tuple[TensorEntry, ...]:
+    return tuple(
+        TensorEntry(t.name, t.shape, t.dtype, tuple(row_ids[t.first_block : t.first_block + t.n_blocks]))
+        for t in layout.tensors
+    )
+
+
+def _write_side_files(tmp: Path, source: MemberSource) -> None:
+    if source.files_from is not None:
+        for f in sorted(Path(source.files_from).iterdir()):
+            if f.is_file() and MODEL_SIDE_FILES.match(f.name):
+                shutil.copy2(f, tmp / f.name)
+    if source.config is not None:
+        source.config.save_pretrained(tmp)
+    if source.tokenizer is not None:
+        source.tokenizer.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():
+        raise StoreFormatError(
+            "A member needs its transformers config.json: pass a model (its config is used), "
+            "config=..., or a model folder that has one."
+        )
+
+
+# --- reading -----------------------------------------------------------------------------------------
+def read_constitution(member_dir: Path) -> Constitution:
+    return Constitution.from_dict(read_json(member_dir / CONSTITUTION_FILE, "dedup_constitution.json"))
+
+
+def open_member_store(member_dir: Path, constitution: Constitution, store_dir: Path | None = None) -> BlockStore:
+    """Open the block store a member names (or ``store_dir``), checking it is the same store."""
+    if store_dir is None:
+        if constitution.block_store.path is None:
+            raise StoreFormatError(
+                f"Member {member_dir} names its block store only by Hub repo "
+                f"{constitution.block_store.repo_id!r}: load it by repo id, or pass store_dir=."
+            )
+        store_dir = (member_dir / constitution.block_store.path).resolve()
+    store = BlockStore.open(store_dir)
+    if store.store_id != constitution.block_store.store_id:
+        raise StoreMismatchError(
+            f"Member {member_dir.name} belongs to block store {constitution.block_store.store_id}, but "
+            f"{store_dir} is store {store.store_id}. Point it at its own store (keep the family folder "
+            "together, or pass the right store path)."
+        )
+    if store.block_size != constitution.block_size or store.index.dtype != constitution.dtype:
+        raise StoreMismatchError(
+            f"Member {member_dir.name} expects {constitution.dtype} blocks of size "
+            f"{constitution.block_size}, but {store_dir} has {store.index.dtype} blocks of size "
+            f"{store.block_size}; the member or the store is damaged."
+        )
+    return store
+
+
+def load_member_state_dict(
+    member_dir: Path, constitution: Constitution, store: BlockStore, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The member's full state dict. Tensors whose rows are one ascending run in one shard are
+    zero-copy views of the (memory-mapped, copy-on-write) shard; the others are gathered."""
+    rows = np.asarray(constitution.all_rows, dtype=np.int64)
+    shards = store.shards_for_rows(rows)
+    matrices = store.read_shards(shards, verify=verify)
+    starts = np.array(sorted(matrices), dtype=np.int64)
+    out: dict[str, torch.Tensor] = {}
+    for entry in constitution.tensors:
+        out[entry.name] = tensor_from_rows(_gather(entry.rows, starts, matrices, store), entry.shape)
+    out.update(_read_extras(member_dir, constitution, verify))
+    missing = [c for c in constitution.aliases.values() if c not in out]
+    if missing:
+        raise ConstitutionError(f"Aliases point at tensors {missing} that the member does not hold.")
+    for alias, canonical in constitution.aliases.items():
+        out[alias] = out[canonical]
+    return out
+
+
+def _gather(
+    rows: tuple[int, ...], starts: np.ndarray, matrices: dict[int, torch.Tensor], store: BlockStore
+) -> torch.Tensor:
+    ids = np.asarray(rows, dtype=np.int64)
+    shard_of = starts[np.searchsorted(starts, ids, side="right") - 1]
+    first = int(shard_of[0])
+    if (shard_of == first).all() and (np.diff(ids) == 1).all():
+        local = int(ids[0]) - first
+        return matrices[first][local : local + len(ids)]
+    out = torch.empty(len(ids), store.block_size, dtype=store.dtype)
+    for start in np.unique(shard_of):
+        mask = shard_of == start
+        local = torch.from_numpy(ids[mask] - start)
+        out[torch.from_numpy(np.nonzero(mask)[0])] = matrices[int(start)].index_select(0, local)
+    return out
+
+
+def _read_extras(member_dir: Path, constitution: Constitution, verify: bool) -> dict[str, torch.Tensor]:
+    path = member_dir / EXTRAS_FILE
+    if verify:
+        verify_file(path, constitution.extras_sha256, what="extras file")
+    with safe_open(path, framework="pt") as fh:
+        names = set(fh.keys())
+        if names != set(constitution.extras):
+            raise ConstitutionError(
+                f"{EXTRAS_FILE} holds {sorted(names ^ set(constitution.extras))[:5]} unlike the "
+                "constitution's extras list; the member is damaged: re-save it."
+            )
+        return {k: fh.get_tensor(k) for k in names}
