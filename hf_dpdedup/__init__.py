@@ -8,12 +8,36 @@ Quick start::
     family = FamilyStore.create("family", block_size=65536)
     family.add_model("eps1", model_eps1, tokenizer=tokenizer)
     model = DedupedModel.from_pretrained(family.member_path("eps1"))
+
+Top-level names are imported lazily, so ``import hf_dpdedup.privacy`` does not pay for
+transformers.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import HfDpDedupError
-from .modeling import DedupedModel, DedupInfo
-from .store import FORMAT, BlockStore, FamilyStore
 
 __version__ = "0.1.0"
 
-__all__ = ["FORMAT", "BlockStore", "DedupInfo", "DedupedModel", "FamilyStore", "HfDpDedupError", "__version__"]
+_LAZY = {
+    "DedupedModel": "modeling",
+    "DedupInfo": "modeling",
+    "FORMAT": "store",
+    "BlockStore": "store",
+    "FamilyStore": "store",
+}
+
+__all__ = ["HfDpDedupError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .modeling import DedupedModel, DedupInfo
+    from .store import FORMAT, BlockStore, FamilyStore
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_dpdedup' has no attribute {name!r}")

@@ -17,6 +17,7 @@ import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from transformers import AutoConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from .errors import ConstitutionError, StoreFormatError
 from .store.member import load_member_state_dict, open_member_store, read_constitution
@@ -133,7 +134,9 @@ def build_model(
 ) -> PreTrainedModel:
     """Build ``klass`` with no weights and assign ``state_dict`` into it; re-tie ``aliases``."""
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-    with init_empty_weights():
+    # Weights are assigned right after: skip transformers' weight initialisation (on meta tensors
+    # it is pure Python overhead, most of the construction time of a small model).
+    with init_empty_weights(), no_init_weights():
         model = klass._from_config(config, dtype=dtype)
     aliases = aliases or {}
     own = {k: v for k, v in state_dict.items() if k not in aliases}

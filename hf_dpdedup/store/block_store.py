@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import struct
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..blocks import check_block_size, dtype_name, parse_dtype
 from ..errors import ConstitutionError, DtypeMismatchError, StoreFormatError
@@ -186,7 +187,7 @@ class BlockStore:
             name = shard_file_name(number)
             chunk = rows[start : start + count].contiguous()
             meta = {"format": FORMAT, "first_row": str(self.index.total_rows + start)}
-            atomic_write(self.path / name, lambda tmp, c=chunk: save_file({SHARD_TENSOR: c}, tmp, metadata=meta))
+            atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
             shards.append(
                 ShardInfo(name, self.index.total_rows + start, count, path.stat().st_size, sha256_file(path))
@@ -256,6 +257,37 @@ def _pack(groups: list[int], max_rows: int) -> list[int]:
     if current:
         shards.append(current)
     return shards
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+ALIGNMENT = 64
+
+
+def save_shard(path: Path, rows: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Write ``rows`` as a safetensors file whose tensor data starts at a 64-byte boundary.
+
+    This is the safetensors byte format (8-byte header length, JSON header padded with spaces,
+    raw little-endian data), written directly because the alignment matters: loaded tensors are
+    views of the memory-mapped file, and CPU matrix kernels round differently for operands at
+    different addresses modulo 16 bytes. Aligned views compute exactly like freshly allocated
+    tensors, so a rebuilt model's outputs are bit-identical to the in-memory original's.
+    """
+    rows = rows.contiguous()
+    data = rows.view(torch.uint8).numpy()
+    header = {
+        "__metadata__": metadata,
+        SHARD_TENSOR: {
+            "dtype": _SAFETENSORS_DTYPES[rows.dtype],
+            "shape": list(rows.shape),
+            "data_offsets": [0, data.nbytes],
+        },
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        fh.write(memoryview(data.reshape(-1)))
 
 
 def _load_shard_tensor(path: Path) -> torch.Tensor:

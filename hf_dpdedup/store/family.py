@@ -10,6 +10,7 @@ This is the local twin of the Hub layout (one block-store repo plus one repo per
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -80,8 +81,10 @@ class FamilyStore:
             if files_from is None:
                 raise TypeError("A bare state dict needs files_from= (a model folder with config.json).")
         else:
-            state_dict = model.state_dict()
-            config, architecture = model.config, type(model).__name__
+            state_dict, architecture = model.state_dict(), type(model).__name__
+            # as save_pretrained does: the saved config names the class that was saved
+            config = copy.deepcopy(model.config)
+            config.architectures = [architecture]
         source = MemberSource(config=config, files_from=Path(files_from) if files_from else None, tokenizer=tokenizer)
         return write_member(
             self.blocks,

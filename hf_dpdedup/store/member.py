@@ -158,15 +158,18 @@ def open_member_store(member_dir: Path, constitution: Constitution, store_dir: P
 def load_member_state_dict(
     member_dir: Path, constitution: Constitution, store: BlockStore, *, verify: bool = True
 ) -> dict[str, torch.Tensor]:
-    """The member's full state dict. Tensors whose rows are one ascending run in one shard are
-    zero-copy views of the (memory-mapped, copy-on-write) shard; the others are gathered."""
+    """The member's full state dict. A tensor whose rows are one ascending run in one shard, used
+    by no other tensor, is a zero-copy view of the (memory-mapped, copy-on-write) shard; the others
+    are gathered into memory of their own, so distinct tensors never alias each other."""
     rows = np.asarray(constitution.all_rows, dtype=np.int64)
     shards = store.shards_for_rows(rows)
     matrices = store.read_shards(shards, verify=verify)
     starts = np.array(sorted(matrices), dtype=np.int64)
+    uses = np.bincount(rows, minlength=store.index.total_rows) if rows.size else rows
     out: dict[str, torch.Tensor] = {}
     for entry in constitution.tensors:
-        out[entry.name] = tensor_from_rows(_gather(entry.rows, starts, matrices, store), entry.shape)
+        exclusive = bool((uses[list(entry.rows)] == 1).all())
+        out[entry.name] = tensor_from_rows(_gather(entry.rows, starts, matrices, store, exclusive), entry.shape)
     out.update(_read_extras(member_dir, constitution, verify))
     missing = [c for c in constitution.aliases.values() if c not in out]
     if missing:
@@ -177,19 +180,25 @@ def load_member_state_dict(
 
 
 def _gather(
-    rows: tuple[int, ...], starts: np.ndarray, matrices: dict[int, torch.Tensor], store: BlockStore
+    rows: tuple[int, ...],
+    starts: np.ndarray,
+    matrices: dict[int, torch.Tensor],
+    store: BlockStore,
+    may_view: bool,
 ) -> torch.Tensor:
     ids = np.asarray(rows, dtype=np.int64)
     shard_of = starts[np.searchsorted(starts, ids, side="right") - 1]
     first = int(shard_of[0])
-    if (shard_of == first).all() and (np.diff(ids) == 1).all():
+    if may_view and (shard_of == first).all() and (np.diff(ids) == 1).all():
         local = int(ids[0]) - first
         return matrices[first][local : local + len(ids)]
     out = torch.empty(len(ids), store.block_size, dtype=store.dtype)
+    if (shard_of == first).all():  # one shard: gather straight into the output
+        return torch.index_select(matrices[first], 0, torch.from_numpy(ids - first), out=out)
     for start in np.unique(shard_of):
         mask = shard_of == start
         local = torch.from_numpy(ids[mask] - start)
-        out[torch.from_numpy(np.nonzero(mask)[0])] = matrices[int(start)].index_select(0, local)
+        out.index_copy_(0, torch.from_numpy(np.nonzero(mask)[0]), matrices[int(start)].index_select(0, local))
     return out
 
 
@@ -204,4 +213,5 @@ def _read_extras(member_dir: Path, constitution: Constitution, verify: bool) -> 
                 f"{EXTRAS_FILE} holds {sorted(names ^ set(constitution.extras))[:5]} unlike the "
                 "constitution's extras list; the member is damaged: re-save it."
             )
-        return {k: fh.get_tensor(k) for k in names}
+        # copies (extras are small): own, aligned memory, like any freshly allocated tensor
+        return {k: fh.get_tensor(k).clone() for k in names}

@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks: timing medians and the results files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs (``setup`` runs untimed before each)."""
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_results(name: str, figures: dict[str, float]) -> Path:
+    """Write flat ``name → number`` JSON to ``benchmarks/results/<name>.json`` and print it."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({k: round(float(v), 6) for k, v in figures.items()}, indent=2) + "\n")
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.4g}")
+    print(f"-> {path}")
+    return path
