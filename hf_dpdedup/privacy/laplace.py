@@ -1,0 +1,145 @@
+"""Laplace mechanisms on private data: a charged utility release and the naive validation baseline.
+
+* :func:`release_utility` — U(M) + Lap(1/(|D|·ε)): the mean of per-example scores in [0, 1] has
+  sensitivity 1/|D| (|D| public), so the release is ε-DP. Use it where a private utility must
+  drive a later decision, e.g. the interactive floor U'_{i−1} of the next model.
+* :class:`NaiveLaplaceValidator` — the baseline of the paper's §5.8: every validation is its own
+  Laplace release of the drop q (sensitivity 2/|D|), compared with the allowed drop, and charged
+  ε_q. k validations cost k·ε_q (loose); SVT costs its ε once however many validations it makes.
+
+Noise is exact discrete Laplace on integer sums (see :mod:`.noise`); the released float is a
+post-processing of an exact integer, so no floating-point leak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from ._checks import check_epsilon, check_unit_interval
+from .charge import Charge, sum_rounded_up
+from .noise import SEEDED_LABEL, LaplaceSampler
+from .private_data import (
+    SCORE_GRID,
+    PrivateDataset,
+    ScoreFn,
+    mechanism_id,
+    open_grant,
+    quantized_scores,
+    revoke_grant,
+)
+
+
+@dataclass(frozen=True)
+class NoisyRelease:
+    """A utility released with Laplace noise; ``value`` is public, ``charge`` goes to the ledger."""
+
+    value: float
+    epsilon: float
+    scale: float  # Laplace scale in utility units, 1/(|D|·ε)
+    charge: Charge
+    seeded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "epsilon": self.epsilon,
+            "noise_scale": self.scale,
+            "source_id": self.charge.source_id,
+            "noise": SEEDED_LABEL if self.seeded else "secure",
+        }
+
+
+def release_utility(
+    dataset: PrivateDataset,
+    model: Any,
+    *,
+    score_fn: ScoreFn,
+    epsilon: float,
+    sampler: LaplaceSampler | None = None,
+    label: str | None = None,
+) -> NoisyRelease:
+    """Charge ε to ``dataset`` and release U(model) + Lap(1/(|D|·ε)), clamped to [0, 1]."""
+    eps = check_epsilon(epsilon)
+    sampler = sampler if sampler is not None else LaplaceSampler.secure()
+    source_id = mechanism_id("laplace", dataset, label)
+    charge = Charge(source_id, (dataset.dataset_id,), eps, 0.0, "laplace", seeded=sampler.seeded)
+    grant = open_grant(dataset, charge)
+    try:
+        total = int(quantized_scores(dataset, grant, model, score_fn).sum())
+    finally:
+        revoke_grant(dataset, grant)
+    scale_units = Fraction(SCORE_GRID) / Fraction(eps)  # one example moves the sum by ≤ SCORE_GRID
+    units = len(dataset) * SCORE_GRID
+    noisy = Fraction(total + sampler.discrete_laplace(scale_units), units)
+    value = float(min(max(noisy, Fraction(0)), Fraction(1)))
+    return NoisyRelease(value, eps, float(scale_units / units), charge, sampler.seeded)
+
+
+def naive_epsilon(num_queries: int, epsilon_per_query: float) -> float:
+    """Loose cost of the naive baseline: k separately charged releases cost k·ε_q."""
+    return sum_rounded_up([check_epsilon(epsilon_per_query)] * int(num_queries))
+
+
+class NaiveLaplaceValidator:
+    """Baseline validator: each query is a charged Laplace release of the drop, compared with T.
+
+    Same interface as :class:`~hf_dpdedup.privacy.svt.SVTSession` (``accepts``), but every query
+    charges ``epsilon_per_query`` to the data set (and fails once its ``epsilon_budget`` is spent).
+    """
+
+    def __init__(
+        self,
+        dataset: PrivateDataset,
+        *,
+        reference: Any,
+        score_fn: ScoreFn,
+        epsilon_per_query: float,
+        allowed_drop: float,
+        floor: float | None = None,
+        sampler: LaplaceSampler | None = None,
+        label: str | None = None,
+    ) -> None:
+        self._eps = check_epsilon(epsilon_per_query, name="epsilon_per_query")
+        self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
+        self._dataset = dataset
+        self._score_fn = score_fn
+        units = Fraction(len(dataset) * SCORE_GRID)
+        self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
+        self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
+        self._label = mechanism_id("naive", dataset, label)
+        self.charges: list[Charge] = []
+        self.queries = 0
+        # The reference is read now (the engine edits it in place later), under the first query's charge.
+        self._pending = self._open_query()
+        self._reference_total = int(quantized_scores(dataset, self._pending, reference, score_fn).sum())
+
+    @property
+    def epsilon_spent(self) -> float:
+        return sum_rounded_up(c.epsilon for c in self.charges)
+
+    @property
+    def seeded(self) -> bool:
+        return self._sampler.seeded
+
+    def accepts(self, candidate: Any) -> bool:
+        """Charge ε_q, release q + Lap(2/(|D|·ε_q)) and accept iff it is below the allowed drop."""
+        grant, self._pending = self._pending or self._open_query(), None
+        try:
+            total = int(quantized_scores(self._dataset, grant, candidate, self._score_fn).sum())
+        finally:
+            revoke_grant(self._dataset, grant)
+        self.queries += 1
+        query = Fraction(self._reference_total - total)
+        if self._floor is not None:
+            query = max(query, self._threshold + self._floor - total)
+        scale_units = Fraction(2 * SCORE_GRID) / Fraction(self._eps)
+        return query + self._sampler.discrete_laplace(scale_units) < self._threshold
+
+    def _open_query(self) -> Any:
+        charge = Charge(f"{self._label}/q{len(self.charges) + 1}", (self._dataset.dataset_id,), self._eps, 0.0,
+                        "naive_laplace", seeded=self._sampler.seeded)
+        grant = open_grant(self._dataset, charge)
+        self.charges.append(charge)
+        return grant

@@ -1,0 +1,276 @@
+"""The private-data firewall: a data set that can only be read by charged DP mechanisms.
+
+:class:`PrivateDataset` has no method that returns an example, a score or an accuracy. The only
+readers are the mechanisms of this package (:class:`~hf_dpdedup.privacy.svt.SVTSession`,
+:class:`~hf_dpdedup.privacy.laplace.NaiveLaplaceValidator`, :func:`~hf_dpdedup.privacy.laplace.release_utility`):
+each first commits its :class:`Charge` to the data set, receives a grant, and only then may pass
+over the data. Any other attempt (``evaluate``, iteration, indexing, pickling, a read with a
+missing or revoked grant) raises :class:`PrivateDataAccessError` and increments
+:attr:`PrivateDataset.raw_accesses`; tests of the whole pipeline assert that it stays 0.
+
+Trust boundary: Python cannot hide memory. The examples live in a module-level vault rather than
+on the instance, so no attribute of the package's objects exposes them, but code that imports
+private names can still reach them. The guarantee is "no code path of this package reads private
+data without charging it", not protection against hostile code in the same process.
+
+Scores: ``score_fn(model, batch)`` returns one score per example. Inside the mechanism the scores
+are made safe — NaN → 0, clipped to [0, 1] — and quantised to integers ``floor(s · SCORE_GRID)``,
+so every private sum is an exact integer with known sensitivity and the noise can be exact.
+The data set size ``len(D)`` is treated as public (it is printed in model cards anyway).
+"""
+
+from __future__ import annotations
+
+import secrets
+import weakref
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn
+
+import numpy as np
+
+from ..errors import PrivacyAccountingError, PrivacyBudgetError, PrivacyError, PrivateDataAccessError
+from ._checks import check_epsilon
+from .charge import Charge, sum_rounded_up
+
+SCORE_GRID = 2**16  # per-example scores become integers in [0, SCORE_GRID]
+
+ScoreFn = Callable[[Any, Any], Any]
+
+
+class _Grant:
+    """Capability handed to one charged mechanism; revoked when the mechanism is done."""
+
+    __slots__ = ("charge", "revoked")
+
+    def __init__(self, charge: Charge) -> None:
+        self.charge = charge
+        self.revoked = False
+
+
+class _Vault:
+    __slots__ = ("examples", "grants")
+
+    def __init__(self, examples: Any) -> None:
+        self.examples = examples
+        self.grants: set[_Grant] = set()
+
+
+_VAULT: "weakref.WeakKeyDictionary[PrivateDataset, _Vault]" = weakref.WeakKeyDictionary()
+
+
+class PrivateDataset:
+    """Private validation data, reachable only through charged DP mechanisms.
+
+    ``examples`` is either a sequence of examples (batches are lists passed through ``collate``)
+    or a mapping of equal-length arrays/tensors (batches are dicts of row slices).
+    ``epsilon_budget`` optionally caps the total ε that mechanisms may charge to this data set.
+
+    >>> ds = PrivateDataset([0, 1, 1], dataset_id="toy-val")
+    >>> len(ds), ds.raw_accesses
+    (3, 0)
+    """
+
+    __slots__ = ("_dataset_id", "_size", "_batch_size", "_collate", "_budget", "_charges",
+                 "_raw_accesses", "_charged_reads", "__weakref__")
+
+    def __init__(
+        self,
+        examples: Any,
+        *,
+        dataset_id: str,
+        batch_size: int = 64,
+        collate: Callable[[list[Any]], Any] | None = None,
+        epsilon_budget: float | None = None,
+    ) -> None:
+        if not isinstance(dataset_id, str) or not dataset_id:
+            raise PrivacyBudgetError(f"dataset_id must be a non-empty string, got {dataset_id!r}.")
+        size = _size_of(examples)
+        if size == 0:
+            raise PrivacyBudgetError(
+                f"Private data set {dataset_id!r} is empty; SVT's sensitivity 2/|D| needs |D| ≥ 1 "
+                "(and a useful one needs thousands of examples)."
+            )
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise PrivacyBudgetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self._dataset_id = dataset_id
+        self._size = size
+        self._batch_size = batch_size
+        self._collate = collate
+        self._budget = None if epsilon_budget is None else check_epsilon(epsilon_budget, name="epsilon_budget")
+        self._charges: list[Charge] = []
+        self._raw_accesses = 0
+        self._charged_reads = 0
+        _VAULT[self] = _Vault(examples)
+
+    # --- public, non-private facts ------------------------------------------------------------
+    @property
+    def dataset_id(self) -> str:
+        return self._dataset_id
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def charges(self) -> tuple[Charge, ...]:
+        """Every charge committed to this data set so far, in order."""
+        return tuple(self._charges)
+
+    @property
+    def epsilon_spent(self) -> float:
+        """Σ ε of the charges so far (the loose figure; the ledger may compose tighter)."""
+        return sum_rounded_up(c.epsilon for c in self._charges)
+
+    @property
+    def epsilon_budget(self) -> float | None:
+        return self._budget
+
+    @property
+    def raw_accesses(self) -> int:
+        """Attempts to read the data outside a charged mechanism (all refused). Must stay 0."""
+        return self._raw_accesses
+
+    @property
+    def charged_reads(self) -> int:
+        """Passes over the data made by charged mechanisms."""
+        return self._charged_reads
+
+    def __repr__(self) -> str:
+        return f"PrivateDataset(dataset_id={self._dataset_id!r}, size={self._size}, epsilon_spent={self.epsilon_spent})"
+
+    # --- everything that would leak is refused ----------------------------------------------------
+    def evaluate(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Always refused: use ``SVTSession`` (decisions) or ``release_utility`` (a noisy, charged figure)."""
+        self._refuse("evaluate()")
+
+    def __iter__(self) -> Iterator[Any]:
+        self._refuse("iteration")
+
+    def __getitem__(self, index: Any) -> Any:
+        self._refuse("indexing")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self._refuse("pickling")
+
+    def __copy__(self) -> Any:
+        self._refuse("copying")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        self._refuse("copying")
+
+    def _refuse(self, what: str) -> NoReturn:
+        self._raw_accesses += 1
+        raise PrivateDataAccessError(
+            f"{what} of private data set {self._dataset_id!r} is not allowed: private data is readable "
+            "only through charged mechanisms. Use SVTSession for accept/revert decisions, "
+            "release_utility for a noisy utility figure, or evaluate on a public data set."
+        )
+
+
+# --- the mechanisms' side of the firewall (package-internal) -------------------------------------
+def mechanism_id(kind: str, dataset: PrivateDataset, label: str | None) -> str:
+    """``label``, or a fresh random id: ids must never repeat, or the ledger would count two mechanisms once."""
+    return label if label is not None else f"{kind}:{dataset.dataset_id}:{secrets.token_hex(6)}"
+
+
+def open_grant(dataset: PrivateDataset, charge: Charge) -> _Grant:
+    """Commit ``charge`` to ``dataset`` (within its budget) and return the grant to read it."""
+    if dataset.dataset_id not in charge.datasets:
+        raise PrivacyError(f"Charge {charge.source_id!r} does not name data set {dataset.dataset_id!r}.")
+    if any(c.source_id == charge.source_id for c in dataset._charges):
+        raise PrivacyAccountingError(
+            f"A mechanism with id {charge.source_id!r} was already charged to {dataset.dataset_id!r}; the "
+            "ledger would count both as one. Give each mechanism a unique label (or none: ids are then random)."
+        )
+    if dataset._budget is not None:
+        total = sum_rounded_up([dataset.epsilon_spent, charge.epsilon])
+        if total > dataset._budget:
+            raise PrivacyBudgetError(
+                f"Charging ε = {charge.epsilon} to {dataset.dataset_id!r} would spend {total} of its "
+                f"budget {dataset._budget}; lower the mechanism's ε or raise epsilon_budget."
+            )
+    grant = _Grant(charge)
+    dataset._charges.append(charge)
+    _VAULT[dataset].grants.add(grant)
+    return grant
+
+
+def revoke_grant(dataset: PrivateDataset, grant: _Grant) -> None:
+    grant.revoked = True
+    _VAULT[dataset].grants.discard(grant)
+
+
+def quantized_scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> np.ndarray:
+    """Per-example scores of ``model`` on the data, as integers in [0, SCORE_GRID]. Grant required."""
+    vault = _VAULT[dataset]
+    if grant is None or grant.revoked or grant not in vault.grants:
+        dataset._refuse("a read without a valid grant")
+    dataset._charged_reads += 1
+    out = np.empty(dataset._size, dtype=np.int64)
+    failure = None
+    try:
+        with _inference(model):
+            for start, batch in _batches(vault.examples, dataset._size, dataset._batch_size, dataset._collate):
+                stop = min(start + dataset._batch_size, dataset._size)
+                out[start:stop] = _quantize(score_fn(model, batch), stop - start)
+    except PrivacyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the message may quote private data: keep only the type
+        failure = type(exc).__name__
+    if failure is not None:  # raised outside the handler, so the original is not even the __context__
+        raise PrivacyError(
+            f"{failure} raised while scoring inside a private mechanism (collate or score_fn); the message "
+            "is withheld because it may contain private data. Debug score_fn on public data."
+        )
+    return out
+
+
+def _quantize(scores: Any, expected: int) -> np.ndarray:
+    if hasattr(scores, "detach"):
+        scores = scores.detach().cpu().numpy()
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if values.shape[0] != expected:
+        raise PrivacyError(f"score_fn must return one score per example ({expected}), got {values.shape[0]}.")
+    # NaN → 0 and clipping enforce the [0, 1] range the sensitivity proof assumes.
+    values = np.clip(np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return np.floor(values * SCORE_GRID).astype(np.int64)
+
+
+def _batches(examples: Any, size: int, batch_size: int, collate: Callable[[list[Any]], Any] | None):
+    for start in range(0, size, batch_size):
+        stop = min(start + batch_size, size)
+        if isinstance(examples, Mapping):
+            yield start, {k: v[start:stop] for k, v in examples.items()}
+        else:
+            rows = [examples[i] for i in range(start, stop)]
+            yield start, collate(rows) if collate is not None else rows
+
+
+@contextmanager
+def _inference(model: Any):
+    """No gradients (they would store private information in ``.grad``) and eval mode (no BN updates)."""
+    import torch
+
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _size_of(examples: Any) -> int:
+    if isinstance(examples, Mapping):
+        if not examples:
+            return 0
+        sizes = {len(v) for v in examples.values()}
+        if len(sizes) != 1:
+            raise PrivacyBudgetError(f"All columns of a private data set must have one length, got {sorted(sizes)}.")
+        return sizes.pop()
+    try:
+        return len(examples)
+    except TypeError:
+        raise PrivacyBudgetError("Private examples must be a sequence or a mapping of columns (with len()).") from None

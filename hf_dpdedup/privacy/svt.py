@@ -1,0 +1,204 @@
+"""Sparse Vector Technique (AboveThreshold with cut-off c) for accept/revert decisions on private data.
+
+One :class:`SVTSession` per target model. The query is the utility drop ``q = U(M) − U(M')`` of a
+candidate ``M'`` against the reference ``M`` (the target as it was when the session opened), both
+means over the private set D of per-example scores in [0, 1]; with |D| public its sensitivity is
+Δ = 2/|D|. With ε = ε1 + ε2 and ε1 : ε2 = 1 : (2c)^(2/3):
+
+* ρ ~ Lap(Δ/ε1) is drawn once, when the session opens;
+* each query draws ν ~ Lap(2cΔ/ε2); the answer "too big a drop" is ``q + ν ≥ T + ρ``;
+* after c such answers the session halts; the whole session costs ε once, however many queries.
+
+This is Lyu, Su & Li (VLDB 2017), Alg. 1 with the 2c factor for queries that are not monotone.
+Internally all quantities are exact integers in units of 1/(|D|·SCORE_GRID) and the noise is
+exact discrete Laplace with the same scales, so the proof's shift arguments hold verbatim.
+
+A public floor (``floor``, e.g. the previous model's released utility) turns the query into
+``max(U(M) − U(M'), T + floor − U(M'))``: too big a drop *or* below the floor. Each term has
+sensitivity ≤ 2/|D|, so the max does too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from ..errors import PrivacyBudgetError, SVTHaltedError
+from ._checks import check_cutoff, check_epsilon, check_unit_interval
+from .charge import Charge
+from .noise import SEEDED_LABEL, LaplaceSampler
+from .private_data import (
+    SCORE_GRID,
+    PrivateDataset,
+    ScoreFn,
+    mechanism_id,
+    open_grant,
+    quantized_scores,
+    revoke_grant,
+)
+
+
+@dataclass(frozen=True)
+class SVTParameters:
+    """Budget split and noise scales of one SVT session (scales in utility units and exact grid units)."""
+
+    epsilon: float
+    cutoff: int
+    size: int
+    epsilon_threshold: float  # ε1
+    epsilon_queries: float  # ε2
+    threshold_scale_units: Fraction  # Δ/ε1 in grid units
+    query_scale_units: Fraction  # 2cΔ/ε2 in grid units
+
+    @property
+    def sensitivity(self) -> float:
+        """Δ = 2/|D|, in utility units."""
+        return 2.0 / self.size
+
+    @property
+    def threshold_scale(self) -> float:
+        """Scale of ρ in utility units: Δ/ε1."""
+        return float(self.threshold_scale_units / (self.size * SCORE_GRID))
+
+    @property
+    def query_scale(self) -> float:
+        """Scale of each ν in utility units: 2cΔ/ε2."""
+        return float(self.query_scale_units / (self.size * SCORE_GRID))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.epsilon,
+            "cutoff": self.cutoff,
+            "validation_size": self.size,
+            "epsilon_threshold": self.epsilon_threshold,
+            "epsilon_queries": self.epsilon_queries,
+            "sensitivity": self.sensitivity,
+            "threshold_noise_scale": self.threshold_scale,
+            "query_noise_scale": self.query_scale,
+        }
+
+
+def split_budget(epsilon: float, cutoff: int) -> tuple[float, float]:
+    """ε1, ε2 with ε1 : ε2 = 1 : (2c)^(2/3) and ε1 + ε2 ≤ ε exactly (not just up to rounding)."""
+    eps, c = check_epsilon(epsilon), check_cutoff(cutoff)
+    eps1 = eps / (1.0 + (2.0 * c) ** (2.0 / 3.0))
+    eps2 = eps - eps1
+    while Fraction(eps1) + Fraction(eps2) > Fraction(eps):
+        eps2 = math.nextafter(eps2, 0.0)
+    return eps1, eps2
+
+
+def svt_parameters(*, epsilon: float, cutoff: int, size: int) -> SVTParameters:
+    """All SVT constants for a private set of ``size`` examples (pure function)."""
+    if not (isinstance(size, int) and size >= 1):
+        raise PrivacyBudgetError(f"The private validation set must have ≥ 1 example, got size {size!r}.")
+    eps1, eps2 = split_budget(epsilon, cutoff)
+    delta_units = 2 * SCORE_GRID  # Δ = 2/|D| in units of 1/(|D|·SCORE_GRID)
+    return SVTParameters(
+        epsilon=float(epsilon),
+        cutoff=cutoff,
+        size=size,
+        epsilon_threshold=eps1,
+        epsilon_queries=eps2,
+        threshold_scale_units=Fraction(delta_units) / Fraction(eps1),
+        query_scale_units=Fraction(2 * cutoff * delta_units) / Fraction(eps2),
+    )
+
+
+class SVTSession:
+    """AboveThreshold over one target model's deduplication; answers only "acceptable or not".
+
+    Opening the session charges ε to ``dataset`` once, reads the reference utility U(M) inside the
+    mechanism (so ``reference`` may then be modified in place) and draws ρ.
+
+    >>> session = SVTSession(ds, reference=model, score_fn=acc, epsilon=1.0, cutoff=3,
+    ...                      allowed_drop=0.01)                                     # doctest: +SKIP
+    >>> while not session.halted and plan.has_next():                               # doctest: +SKIP
+    ...     plan.apply_next(model)
+    ...     if not session.accepts(model): plan.revert_last(model)
+    >>> ledger_charges.append(session.charge)                                       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        dataset: PrivateDataset,
+        *,
+        reference: Any,
+        score_fn: ScoreFn,
+        epsilon: float,
+        cutoff: int,
+        allowed_drop: float,
+        floor: float | None = None,
+        sampler: LaplaceSampler | None = None,
+        label: str | None = None,
+    ) -> None:
+        self.parameters = svt_parameters(epsilon=epsilon, cutoff=cutoff, size=len(dataset))
+        self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
+        self._dataset = dataset
+        self._score_fn = score_fn
+        units = Fraction(len(dataset) * SCORE_GRID)
+        self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
+        self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
+        source_id = mechanism_id("svt", dataset, label)
+        self.charge = Charge(source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
+                             seeded=self._sampler.seeded)
+        self._grant = open_grant(dataset, self.charge)
+        self._reference_total = int(quantized_scores(dataset, self._grant, reference, score_fn).sum())
+        self._rho = self._sampler.discrete_laplace(self.parameters.threshold_scale_units)
+        self.queries = 0
+        self.above_count = 0
+
+    @property
+    def halted(self) -> bool:
+        """True after c "too big a drop" answers (or ``close()``): no further queries are answered."""
+        return self._grant.revoked
+
+    @property
+    def epsilon_spent(self) -> float:
+        """The session's whole ε, charged once when it opened."""
+        return self.charge.epsilon
+
+    @property
+    def seeded(self) -> bool:
+        return self._sampler.seeded
+
+    def accepts(self, candidate: Any) -> bool:
+        """True if ``candidate``'s utility drop is acceptable (keep); False means revert.
+
+        Each False counts towards the cut-off; after the c-th the session halts.
+        """
+        if self.halted:
+            raise SVTHaltedError(
+                f"SVT session {self.charge.source_id!r} has halted after {self.above_count} 'too big a drop' "
+                f"answers (cut-off {self.parameters.cutoff}); stop deduplicating this model."
+            )
+        total = int(quantized_scores(self._dataset, self._grant, candidate, self._score_fn).sum())
+        query = Fraction(self._reference_total - total)
+        if self._floor is not None:
+            query = max(query, self._threshold + self._floor - total)
+        nu = self._sampler.discrete_laplace(self.parameters.query_scale_units)
+        too_big = query + nu >= self._threshold + self._rho
+        self.queries += 1
+        if too_big:
+            self.above_count += 1
+            if self.above_count >= self.parameters.cutoff:
+                self.close()
+        return not too_big
+
+    def close(self) -> None:
+        """End the session (its ε stays charged); later queries raise SVTHaltedError."""
+        revoke_grant(self._dataset, self._grant)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Public facts for reports: parameters, counts, noise mode (never a utility)."""
+        return {
+            "source_id": self.charge.source_id,
+            "dataset": self._dataset.dataset_id,
+            **self.parameters.to_dict(),
+            "queries": self.queries,
+            "too_big_a_drop_answers": self.above_count,
+            "halted": self.halted,
+            "noise": SEEDED_LABEL if self.seeded else "secure",
+        }
