@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a Hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Test models are tiny: one intra-op thread avoids thread hand-off costs that dominate small
+# matrix products (and oversubscription when the 2 CI cores are shared).
+torch.set_num_threads(1)
 
 SST2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
