@@ -28,12 +28,15 @@ _LAZY = {
     "FORMAT": "store",
     "BlockStore": "store",
     "FamilyStore": "store",
+    "push_family_to_hub": "hub",
+    "pipeline": "hub",
 }
 
 __all__ = ["HfDpDedupError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling import DedupedModel, DedupInfo
+    from .hub import pipeline, push_family_to_hub
     from .store import FORMAT, BlockStore, FamilyStore
 
 

@@ -62,6 +62,56 @@ class SVTHaltedError(PrivateDataAccessError):
     """A query to a Sparse Vector session that has already given its c "too big a drop" answers."""
 
 
+# --- dedup engine ----------------------------------------------------------------------------------
+class SaliencyError(HfDpDedupError, ValueError):
+    """A saliency request that cannot be computed (unknown measure, no loss, NaN gradients, ...)."""
+
+
+class CalibrationRequiredError(SaliencyError):
+    """A data-driven saliency measure was asked for without public calibration batches."""
+
+
+class SimilarityError(HfDpDedupError, ValueError):
+    """A nearest-block request that cannot be answered (bad shapes, metric, k larger than the pool)."""
+
+
 # --- training --------------------------------------------------------------------------------------
 class TrainingConfigError(HfDpDedupError, ValueError):
     """A training request that cannot run (bad ε/δ, empty or unlabeled data, unsuitable base model)."""
+
+
+# --- hub -------------------------------------------------------------------------------------------
+class HubError(HfDpDedupError, OSError):
+    """A Hugging Face Hub operation (load or push) that failed; the message says what to do next."""
+
+
+class HubRepoNotFoundError(HubError):
+    """A repo id the Hub does not know, or a private repo the token cannot see."""
+
+
+class HubFileNotFoundError(HubError, StoreFormatError):
+    """A repo that lacks a file a member needs (e.g. no ``dedup_constitution.json``: not a member)."""
+
+
+class PinnedRevisionError(HubError, ConstitutionError):
+    """A constitution whose block store revision is a moving branch, or a commit the store repo lacks."""
+
+
+class HubOfflineError(HubError):
+    """Offline mode (``HF_HUB_OFFLINE=1`` / ``local_files_only=True``) and the files are not cached."""
+
+
+class HubDownloadError(HubError):
+    """A download that failed midway (network, server error); nothing partial is kept in the cache."""
+
+
+class HubChecksumError(HubError, ChecksumMismatchError):
+    """A downloaded file whose sha256 differs from the one the block store index records."""
+
+
+class HubAuthError(HubError):
+    """A missing token, or a token without the read / write access the operation needs."""
+
+
+class PushError(HubError):
+    """A push that failed midway; every repo still holds its previous (loadable) commit: re-run it."""

@@ -4,6 +4,9 @@ The member's config names its class (``config.architectures[0]``); the model is 
 weights under Accelerate's ``init_empty_weights`` and the rebuilt tensors are *assigned* (not
 copied) into it, then tied weights are tied again. The result is a plain ``PreTrainedModel`` that
 works with ``pipeline(...)``, ``generate`` and ``save_pretrained``.
+
+Members load from a local member folder or from a Hub repo id (``namespace/name``); Hub resolution
+(member snapshot, pinned block store commit, only the needed shards) lives in ``hf_dpdedup.hub``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ class DedupInfo:
     store_path: str
     privacy: dict[str, Any] | None
     dedup: dict[str, Any] | None
+    repo_id: str | None = None  # the member's Hub repo, when loaded from the Hub
+    store_repo_id: str | None = None
+    store_revision: str | None = None  # the pinned block store commit
+
+    @property
+    def base(self) -> str | None:
+        """The member whose blocks this one borrows (the deduplication base), if recorded."""
+        return None if self.dedup is None else self.dedup.get("base")
+
+    @property
+    def store(self) -> str:
+        """Where the blocks came from: ``repo@commit`` on the Hub, else the store folder."""
+        return f"{self.store_repo_id}@{self.store_revision}" if self.store_repo_id else self.store_path
 
     @property
     def epsilon(self) -> float | None:
@@ -55,6 +71,12 @@ class DedupedModel:
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        endpoint: str | None = None,
         store_dir: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: str | dict[str, Any] | None = None,
@@ -62,10 +84,18 @@ class DedupedModel:
         model_class: type[PreTrainedModel] | None = None,
         verify: bool = True,
     ) -> PreTrainedModel:
-        """Load a member folder as a transformers model with bit-identical weights.
+        """Load a member (local folder or Hub repo) as a transformers model with bit-identical weights.
 
         Args:
-            pretrained_model_name_or_path: a member folder (``.../members/<name>``).
+            pretrained_model_name_or_path: a member folder (``.../members/<name>``) or the Hub repo id
+                of a member (``namespace/name``, as pushed by ``push_family_to_hub``).
+            revision: the member repo's branch, tag or commit (default ``main``). The block store is
+                always read at the commit sha its constitution pins, never at a branch.
+            cache_dir: huggingface_hub cache folder (default ``HF_HUB_CACHE``).
+            token: Hub token for private repos (default: the saved login).
+            local_files_only: use the cache only (also implied by ``HF_HUB_OFFLINE=1``).
+            force_download: download again even if cached (e.g. after a checksum error).
+            endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
             store_dir: the block store folder, if not where the member's constitution says.
             torch_dtype: cast the weights to this dtype after rebuilding (default: stored dtype).
             device_map: ``"auto"``, a device string, or an Accelerate device map dict.
@@ -76,11 +106,20 @@ class DedupedModel:
 
         Example:
             >>> model = DedupedModel.from_pretrained("family/members/eps4")
+            >>> model = DedupedModel.from_pretrained("my-org/minilm-sst2-eps4")  # from the Hub
             >>> model.dedup_info.epsilon
             4.0
         """
-        member_dir = _resolve_member(pretrained_model_name_or_path)
+        from .hub.download import HubOptions
+
+        hub = HubOptions(revision, cache_dir, token, local_files_only, force_download, endpoint)
+        member_dir, repo_id = _resolve_member(pretrained_model_name_or_path, hub)
         constitution = read_constitution(member_dir)
+        ref = constitution.block_store
+        if store_dir is None and ref.path is None and ref.repo_id is not None:
+            from .hub.download import fetch_store
+
+            store_dir = fetch_store(constitution, hub, verify=verify)
         store = open_member_store(member_dir, constitution, Path(store_dir) if store_dir else None)
         state_dict = load_member_state_dict(member_dir, constitution, store, verify=verify)
         config = AutoConfig.from_pretrained(member_dir)
@@ -94,14 +133,23 @@ class DedupedModel:
             store_path=str(store.path),
             privacy=constitution.privacy,
             dedup=constitution.dedup,
+            repo_id=repo_id,
+            store_repo_id=ref.repo_id if ref.path is None else None,
+            store_revision=ref.revision if ref.path is None else None,
         )
         return model
 
 
-def _resolve_member(path_or_id: str | os.PathLike) -> Path:
+def _resolve_member(path_or_id: str | os.PathLike, hub: Any) -> tuple[Path, str | None]:
+    """The member folder, and the Hub repo id it was downloaded from (None for a local folder)."""
     path = Path(path_or_id)
     if (path / CONSTITUTION_FILE).is_file():
-        return path
+        return path, None
+    if not path.exists() and isinstance(path_or_id, str):
+        from .hub.download import download_member, is_repo_id
+
+        if is_repo_id(path_or_id):
+            return download_member(path_or_id, hub), path_or_id
     if path.is_dir():
         raise StoreFormatError(
             f"{path} has no {CONSTITUTION_FILE}: it is not a deduplicated member folder. "
@@ -109,7 +157,7 @@ def _resolve_member(path_or_id: str | os.PathLike) -> Path:
         )
     raise StoreFormatError(
         f"No member folder at {str(path)!r}. Pass the path of a member folder "
-        "(e.g. family/members/eps4)."
+        "(e.g. family/members/eps4) or a member's Hub repo id (namespace/name)."
     )
 
 

@@ -154,6 +154,14 @@ def verify_files(items: Iterable[tuple[Path, str, str]]) -> None:
             future.result()
 
 
+def mark_verified(path: str | os.PathLike, sha256: str) -> None:
+    """Record that ``path``, as it is now, has ``sha256`` (checked by the caller, e.g. from a record
+    of an earlier check that is tied to the same file identity), so reads skip hashing it again."""
+    ident = _identity(Path(path))
+    with _verified_lock:
+        _verified.add(ident + (sha256,))
+
+
 def forget_verified() -> None:
     """Drop the per-process verification cache (next reads hash every file again)."""
     with _verified_lock:

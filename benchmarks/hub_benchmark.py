@@ -1,0 +1,129 @@
+"""Hub benchmark: load time from a warm cache, and bytes downloaded for a family vs. plain repos.
+
+    python benchmarks/hub_benchmark.py [--repeats 7]
+
+Everything goes through huggingface_hub against the local Hub-compatible server (127.0.0.1), so it
+runs offline. transformers has no ``endpoint=`` argument, so ``HF_ENDPOINT`` is set to the server's
+address *before* huggingface_hub is imported (it reads it once, at import).
+
+Figures (``benchmarks/results/hub.json``):
+- ``dedup_warm_load_s`` / ``hf_warm_load_s``: median time to load one member with
+  ``DedupedModel.from_pretrained(repo_id)`` vs. ``AutoModelForSequenceClassification.from_pretrained``
+  of the same model pushed as a plain repo, both from a warm cache (online: the branch is resolved),
+  and the ``_offline`` variants (``local_files_only=True``: no request at all); ``*_ratio`` = dedup / hf.
+  ``*_fresh_process_s`` clears the in-process verification cache before each load, as a newly
+  started process sees it: shards are then trusted through the markers ``hf_dpdedup.hub.download.
+  verify_cached`` keeps beside the huggingface_hub cache (hashed once per downloaded blob);
+- ``family_download_bytes`` vs. ``plain_download_bytes``: what loading all 5 members costs in a fresh
+  cache, as a family (shared shards once) and as 5 plain repos; ``download_ratio`` = family / plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORT = free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{PORT}"
+os.environ["HF_HUB_OFFLINE"] = "0"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from common import median_seconds, write_results  # noqa: E402
+from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402
+from hf_dpdedup.demo import make_member, minilm_folder  # noqa: E402
+from hf_dpdedup.hub.local_server import HubServer  # noqa: E402
+from hf_dpdedup.privacy import PrivacyMetadata  # noqa: E402
+from hf_dpdedup.store.io import forget_verified  # noqa: E402
+
+EPSILONS = (1.0, 2.0, 4.0, 6.0, 8.0)
+TOKEN = "bench-token"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def build(tmp: Path, block_size: int):
+    folder = minilm_folder()
+    base = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base.config.num_labels = 2
+    base.config.architectures = ["BertForSequenceClassification"]
+    family = FamilyStore.create(tmp / "family", block_size=block_size)
+    members = {}
+    for i, eps in enumerate(EPSILONS):
+        name = f"minilm-eps{eps:g}"
+        members[name] = make_member(base, seed=i, scale=0.01 * (i + 1))
+        family.add_model(name, members[name], tokenizer=tokenizer, privacy=PrivacyMetadata(eps, 1e-5, ("bench",)))
+        members[name].save_pretrained(tmp / "plain" / name)
+        tokenizer.save_pretrained(tmp / "plain" / name)
+    return family, members
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--block-size", type=int, default=65536)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory() as tmp, HubServer(tokens={TOKEN: ("bench", "write")}, port=PORT) as server:
+        tmp = Path(tmp)
+        family, members = build(tmp, args.block_size)
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        push_family_to_hub(family, "bench", family_name="minilm", token=TOKEN, endpoint=server.url)
+        for name in members:
+            api.create_repo(f"bench/plain-{name}")
+            api.upload_folder(folder_path=tmp / "plain" / name, repo_id=f"bench/plain-{name}")
+
+        # bytes: all 5 members into one fresh cache, as a family and as plain repos
+        family_cache, plain_cache = tmp / "family-cache", tmp / "plain-cache"
+        for name in members:
+            DedupedModel.from_pretrained(f"bench/{name}", cache_dir=family_cache, token=TOKEN)
+            AutoModelForSequenceClassification.from_pretrained(f"bench/plain-{name}", cache_dir=plain_cache,
+                                                               token=TOKEN)
+        family_bytes, plain_bytes = folder_bytes(family_cache), folder_bytes(plain_cache)
+        stored = family.stored_bytes()
+
+        # load time from the warm caches, same run, interleaved repeats
+        name = "minilm-eps4"
+        figures = {}
+        for mode, kwargs in (("", {}), ("_offline", {"local_files_only": True})):
+            dedup_s = median_seconds(lambda: DedupedModel.from_pretrained(
+                f"bench/{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats)
+            hf_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
+                f"bench/plain-{name}", cache_dir=plain_cache, token=TOKEN, **kwargs), args.repeats)
+            fresh_s = median_seconds(lambda: DedupedModel.from_pretrained(
+                f"bench/{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats, setup=forget_verified)
+            figures.update({f"dedup_warm_load{mode}_s": dedup_s, f"hf_warm_load{mode}_s": hf_s,
+                            f"warm_load{mode}_ratio": dedup_s / hf_s,
+                            f"dedup_warm_load{mode}_fresh_process_s": fresh_s,
+                            f"warm_load{mode}_fresh_process_ratio": fresh_s / hf_s})
+    figures.update({
+        "family_members": len(members),
+        "family_download_bytes": family_bytes,
+        "plain_download_bytes": plain_bytes,
+        "download_ratio": family_bytes / plain_bytes,
+        "family_stored_bytes": stored,
+    })
+    write_results("hub", figures)
+
+
+if __name__ == "__main__":
+    main()

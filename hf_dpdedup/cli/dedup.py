@@ -1,0 +1,95 @@
+"""``hf-dpdedup dedup MODEL... --out STORE``: deduplicate a family of DP fine-tuned models.
+
+Each MODEL is a transformers folder with a ``privacy.json`` (written by ``train-family``: ε, δ,
+data set ids, accountant history). Utility data are GLUE-style TSV files (``label``, ``sentence``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import TrainingConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dedup", help="deduplicate a family of DP fine-tuned models into a store")
+    p.add_argument("models", nargs="+", help="member folders (transformers + privacy.json)")
+    p.add_argument("--out", required=True, help="new family store folder")
+    p.add_argument("--base", help="member folder name to use as base (default: smallest ε)")
+    p.add_argument("--task", default="text-classification", choices=["text-classification", "causal-lm"])
+    p.add_argument("--val", required=True, help="public validation TSV")
+    p.add_argument("--test", help="public test TSV for reported accuracies")
+    p.add_argument("--private-val", help="private validation TSV (used only through SVT / naive Laplace)")
+    p.add_argument("--private-id", help="data set id of the private validation set (default: the members' training id)")
+    p.add_argument("--validation", default="public", choices=["public", "svt", "naive"])
+    p.add_argument("--threshold", type=float, default=0.015, help="allowed utility drop (0.015 = 1.5 points)")
+    p.add_argument("--strategy", default="binary", choices=["greedy", "binary", "halving", "mcts"])
+    p.add_argument("--greedy-n", type=int, default=10)
+    p.add_argument("--min-group", type=int, default=4)
+    p.add_argument("--mcts-group", type=int, default=20)
+    p.add_argument("--mcts-episodes", type=int, default=20)
+    p.add_argument("--block-size", type=int, default=65536)
+    p.add_argument("--saliency", default="magnitude", choices=["magnitude", "gradient", "fisher", "wanda"])
+    p.add_argument("--aggregate", default="mean", choices=["mean", "l1", "l2", "linf", "q3"])
+    p.add_argument("--metric", default="l2", choices=["l2", "l1", "cosine"])
+    p.add_argument("--svt-epsilon", type=float, default=1.0)
+    p.add_argument("--svt-cutoff", type=int, default=3)
+    p.add_argument("--naive-epsilon", type=float, default=0.1)
+    p.add_argument("--no-interactive", action="store_true", help="no floor from the previous model")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
+    p.set_defaults(func=run)
+
+
+def strategy_options(args: argparse.Namespace) -> dict:
+    return {
+        "greedy": {"n": args.greedy_n},
+        "binary": {"min_group": args.min_group},
+        "halving": {"min_group": args.min_group},
+        "mcts": {"group": args.mcts_group, "episodes": args.mcts_episodes},
+    }[args.strategy]
+
+
+def run(args: argparse.Namespace) -> int:
+    import transformers
+
+    from ..dedup.plan import PlanConfig
+    from ..dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+    from ..dedup.tasks import SCORES, private_tsv, tsv_batches
+    from ..training.members import load_privacy
+
+    members = []
+    for folder in map(Path, args.models):
+        if not (folder / "privacy.json").is_file():
+            raise TrainingConfigError(
+                f"{folder} has no privacy.json: every member needs its ε, δ and data set id "
+                "(train-family writes it; see hf_dpdedup.privacy.PrivacyMetadata)."
+            )
+        config = transformers.AutoConfig.from_pretrained(folder)
+        klass = getattr(transformers, (config.architectures or ["AutoModelForSequenceClassification"])[0])
+        model = klass.from_pretrained(folder).eval()
+        members.append(Member(folder.name, model, load_privacy(folder), files_from=folder))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.models[0])
+    kw = {"max_length": args.max_length}
+    private = None
+    if args.private_val:
+        dataset_id = args.private_id or members[0].privacy.datasets[0]
+        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id, **kw)
+    data = DedupData(
+        score_fn=SCORES[args.task],
+        public_val=tsv_batches(tokenizer, args.val, args.task, **kw),
+        public_test=tsv_batches(tokenizer, args.test, args.task, **kw) if args.test else None,
+        private_val=private,
+    )
+    config = DedupConfig(
+        block_size=args.block_size, threshold=args.threshold, strategy=args.strategy,
+        strategy_options=strategy_options(args),
+        plan=PlanConfig(saliency=args.saliency, aggregate=args.aggregate, metric=args.metric),
+        validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
+        naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
+    )
+    report = deduplicate_family(members, data, config, args.out)
+    report.save(args.report or Path(args.out) / "report")
+    print(report.table())
+    return 0

@@ -1,0 +1,130 @@
+"""``hf-dpdedup train-family``: DP fine-tune one base model at several privacy budgets.
+
+Example::
+
+    hf-dpdedup train-family --base path/to/bert --data ../shared/data/sst2 \\
+        --epsilons 1 2 4 6 8 --delta 1e-5 --out families/my-family
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ..errors import TrainingConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-family",
+        help="DP fine-tune a base model on private data at several ε (Opacus)",
+        description="Fine-tune one base model on one private data set once per ε with DP-SGD "
+        "(Opacus) and save every member as a transformers folder with privacy.json.",
+    )
+    p.add_argument("--base", required=True, help="transformers model folder or Hub id (a sequence classifier base)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="private training TSV (label<TAB>sentence), or a folder with train.tsv, dev.tsv, test.tsv")
+    p.add_argument("--public-val", type=Path, help="public validation TSV (default: dev.tsv of --data folder)")
+    p.add_argument("--public-test", type=Path, help="public test TSV (default: test.tsv of --data folder)")
+    p.add_argument("--epsilons", type=float, nargs="+", required=True, help="one member per ε, e.g. 1 2 4 6 8")
+    p.add_argument("--delta", type=float, required=True, help="δ of every member, e.g. 1e-5")
+    p.add_argument("--out", type=Path, required=True, help="family folder; one eps-<ε> subfolder per member")
+    p.add_argument("--dataset-id", help="id recorded in privacy.json (default: the training file path)")
+    p.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="held out of the private data as private validation for the dedup engine (default 0.05)")
+    p.add_argument("--strategy", choices=("top-cls", "direct"), default="top-cls",
+                   help="top-cls: cache frozen activations, train top layer + head (BERT); direct: all but embeddings")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1024, help="logical (expected Poisson) batch size")
+    p.add_argument("--physical-batch-size", type=int, help="largest batch held in memory at once")
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=("sgd", "adam", "lars"), default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
+    p.add_argument("--grad-sample-mode", choices=("ghost", "hooks"), default="ghost")
+    p.add_argument("--max-length", type=int, default=32, help="tokens per sentence")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, classifier init, sampling and noise")
+    p.add_argument("--secure-mode", action="store_true",
+                   help="draw noise from /dev/urandom (not reproducible; use for releases)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _data_files(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    if args.data.is_dir():
+        train = args.data / "train.tsv"
+        val = args.public_val or args.data / "dev.tsv"
+        test = args.public_test or args.data / "test.tsv"
+    else:
+        if args.public_test is None:
+            raise TrainingConfigError("--data is a file: also pass --public-test (and optionally --public-val).")
+        train, test = args.data, args.public_test
+        val = args.public_val or test
+    return train, val, test
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import DPConfig, check_family_request, read_tsv, split_private, train_text_family
+
+    # Validate everything cheap before loading a model or touching the data in earnest.
+    config = DPConfig(
+        epsilon=args.epsilons[0], delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
+        physical_batch_size=args.physical_batch_size, lr=args.lr, optimizer=args.optimizer,
+        momentum=args.momentum, max_grad_norm=args.max_grad_norm,
+        grad_sample_mode=args.grad_sample_mode, seed=args.seed, secure_mode=args.secure_mode,
+    )
+    train_file, val_file, test_file = _data_files(args)
+    private = read_tsv(train_file)
+    public_val, public_test = read_tsv(val_file), read_tsv(test_file)
+    check_family_request(args.epsilons, args.delta, private, public_val, public_test)
+    train, private_val = split_private(private, validation_fraction=args.validation_fraction, seed=args.seed)
+    dataset_id = args.dataset_id or f"{train_file}#train(seed={args.seed},frac={1 - args.validation_fraction:g})"
+    bars = _Bars(disabled=args.no_progress)
+    try:
+        rows = train_text_family(
+            base=args.base, train=train, public_val=public_val, public_test=public_test,
+            epsilons=args.epsilons, config=config, out=args.out, dataset_id=dataset_id,
+            strategy=args.strategy, max_length=args.max_length, progress=bars.update,
+            extra_args={"private_split": {"seed": args.seed, "validation_fraction": args.validation_fraction,
+                                          "n_train": len(train), "n_validation": len(private_val)}},
+        )
+    finally:
+        bars.close()
+    print(format_table(rows))
+    return 0
+
+
+def format_table(rows) -> str:
+    """The family summary: one line per member."""
+    header = f"{'ε':>6} {'δ':>8} {'steps':>6} {'σ':>7} {'val acc':>8} {'test acc':>8}  path"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        eps = "inf" if math.isinf(r.epsilon) else f"{r.epsilon:g}"
+        lines.append(
+            f"{eps:>6} {r.delta:>8.0e} {r.steps:>6d} {r.noise_multiplier:>7.3f} "
+            f"{r.public_val_accuracy:>8.4f} {r.public_test_accuracy:>8.4f}  {r.path}"
+        )
+    return "\n".join(lines)
+
+
+class _Bars:
+    """One tqdm bar per stage label (caching, then one per member)."""
+
+    def __init__(self, *, disabled: bool) -> None:
+        self.disabled, self.label, self.bar = disabled, None, None
+
+    def update(self, label: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if label != self.label:
+            self.close()
+            self.label = label
+            self.bar = tqdm(total=total, desc=label, disable=self.disabled, leave=True)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None

@@ -1,0 +1,224 @@
+"""Family planner: group, pre-filter, pick a base, deduplicate targets in order, account, store.
+
+Semantics (DESIGN "The deduplication algorithm"):
+
+1. members are grouped by architecture signature (tensor names, shapes, dtypes) and training data;
+2. fairness pre-filter: a member with a higher ε but a lower (public) utility than another is dropped;
+3. the base is the smallest-ε member unless named; it is stored as is;
+4. targets go in ascending ε order; with ``interactive`` the floor of model i is
+   ``max(U'_{i-1}, U_i − t)`` so a higher-ε model never ends below a lower-ε one;
+5. every target's replacements are searched against a validator (public, SVT or naive);
+6. the ledger composes each target's (ε, δ): its own training, the base's training (charged
+   whenever the base's blocks were candidates: the search's choices depend on them), the
+   validation mechanisms, and — for the interactive floor — everything the previous model's
+   result depended on (the floor is a function of that model).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..privacy import Charge, LaplaceSampler, PrivacyMetadata, PrivateDataset, account, release_utility
+from ..store.family import FamilyStore
+from .live import LiveBlocks
+from .plan import PlanConfig, plan_replacements
+from .report import FamilyReport, ModelReport, stored_bytes_of
+from .search import run_search
+from .validate import NaiveValidator, PublicValidator, SVTValidator, public_utility
+
+
+@dataclass
+class Member:
+    """One model of a family, with what it cost."""
+
+    name: str
+    model: torch.nn.Module
+    privacy: PrivacyMetadata
+    tokenizer: Any = None
+    files_from: str | Path | None = None
+
+
+@dataclass
+class DedupData:
+    """Evaluation data: ``score_fn(model, batch)`` gives per-example scores in [0, 1]."""
+
+    score_fn: Callable[[Any, Any], Any]
+    public_val: list[Any]
+    public_test: list[Any] | None = None
+    private_val: PrivateDataset | None = None
+    calibration: list[Any] | None = None  # public batches with labels, for gradient saliency
+    calibration_loss: Callable[[Any, Any], Any] | None = None  # default: model(**batch).loss
+
+
+@dataclass
+class DedupConfig:
+    block_size: int = 65536
+    threshold: float = 0.015
+    strategy: str = "binary"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    validation: str = "public"  # "public" | "svt" | "naive"
+    svt_epsilon: float = 1.0
+    svt_cutoff: int = 3
+    naive_epsilon: float = 0.1
+    floor_epsilon: float = 0.1  # charged release of U'_{i-1} when validation is private
+    interactive: bool = True
+    base: str | None = None
+    noise_seed: int | None = None  # seeded noise: tests only, marked in every report
+
+    def sampler(self) -> LaplaceSampler:
+        if self.noise_seed is None:
+            return LaplaceSampler.secure()
+        return LaplaceSampler.seeded_for_tests(self.noise_seed)
+
+
+def signature(model: torch.nn.Module) -> tuple:
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
+
+
+def fairness_filter(members: list[Member], utility: dict[str, float]) -> tuple[list[Member], list[Member]]:
+    """Drop every member that has a higher ε but a lower utility than some other member."""
+    kept, dropped = [], []
+    for m in members:
+        dominated = any(
+            o.privacy.epsilon < m.privacy.epsilon and utility[o.name] > utility[m.name] for o in members
+        )
+        (dropped if dominated else kept).append(m)
+    return kept, dropped
+
+
+def group_members(members: list[Member]) -> list[list[Member]]:
+    groups: dict[tuple, list[Member]] = {}
+    for m in members:
+        groups.setdefault((signature(m.model), frozenset(m.privacy.datasets)), []).append(m)
+    return list(groups.values())
+
+
+def deduplicate_family(
+    members: list[Member], data: DedupData, config: DedupConfig, out: str | Path
+) -> FamilyReport:
+    """Deduplicate ``members`` into a new family store at ``out``; return the report."""
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Member names must be unique, got {names}.")
+    family = FamilyStore.create(out, block_size=config.block_size,
+                                dtype=next(members[0].model.parameters()).dtype)
+    report = FamilyReport(config=_config_dict(config))
+    for group in group_members(members):
+        _dedup_group(group, data, config, family, report)
+    report.family_stored_bytes = family.stored_bytes()
+    return report
+
+
+def _dedup_group(group: list[Member], data: DedupData, config: DedupConfig, family: FamilyStore,
+                 report: FamilyReport) -> None:
+    val_utility = {m.name: public_utility(m.model, data.public_val, data.score_fn) for m in group}
+    kept, dropped = fairness_filter(group, val_utility)
+    for m in dropped:
+        report.models.append(ModelReport.dropped(m.name, m.privacy.epsilon, val_utility[m.name]))
+    kept.sort(key=lambda m: (m.privacy.epsilon, m.name))
+    base = next((m for m in kept if m.name == config.base), None) if config.base else kept[0]
+    if base is None:
+        raise ValueError(f"Base {config.base!r} is not among the kept members {[m.name for m in kept]}.")
+    base_live = LiveBlocks(base.model, config.block_size)
+    base_matrix = base_live.matrix()
+    base_report = _start(base, "base", base_live.n_blocks, data)
+    base_report.charges = [Charge.from_metadata(base.name, base.privacy)]
+    report.models.append(_store(family, base, None, base_report, data))
+    floor_source: ModelReport | None = base_report if config.interactive else None
+    targets = [m for m in kept if m is not base]
+    for target in tqdm(targets, desc=f"dedup against {base.name}", unit="model", disable=None):
+        result = _dedup_target(target, base, base_matrix, floor_source, data, config, family)
+        report.models.append(result)
+        if config.interactive:
+            floor_source = result
+
+
+def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
+                  data: DedupData, config: DedupConfig, family: FamilyStore) -> ModelReport:
+    start = time.perf_counter()
+    live = LiveBlocks(target.model, config.block_size)
+    model_report = _start(target, "target", live.n_blocks, data)
+    model_report.base = base.name
+    charges = [Charge.from_metadata(target.name, target.privacy), Charge.from_metadata(base.name, base.privacy)]
+    floor = None
+    if previous is not None:
+        floor, floor_charges = _previous_floor(previous, data, config)
+        charges += floor_charges + previous.charges
+    validator = _validator(target, data, config, floor)
+    sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=data.calibration,
+                                 loss_fn=data.calibration_loss)
+    result = run_search(config.strategy, target.model, live, sequence, validator, **config.strategy_options)
+    charges += getattr(validator, "charges", [])
+    model_report.record_search(result, len(sequence), floor)
+    model_report.charges = charges
+    model_report.ledger = account(charges)
+    model_report.seconds = time.perf_counter() - start
+    return _store(family, target, model_report.ledger, model_report, data)
+
+
+def _start(member: Member, role: str, n_blocks: int, data: DedupData) -> ModelReport:
+    """A report with the member's public utilities before any change."""
+    model_report = ModelReport.start(member, role, n_blocks)
+    model_report.val_utility_before = public_utility(member.model, data.public_val, data.score_fn)
+    if data.public_test is not None:
+        model_report.test_utility_before = public_utility(member.model, data.public_test, data.score_fn)
+    return model_report
+
+
+def _previous_floor(previous: ModelReport, data: DedupData, config: DedupConfig) -> tuple[float, list[Charge]]:
+    """U'_{i-1}: on public data it is free; on private data it is released with Laplace noise."""
+    if config.validation == "public":
+        return previous.val_utility_after, []
+    release = release_utility(data.private_val, previous.model, score_fn=data.score_fn,
+                              epsilon=config.floor_epsilon, sampler=config.sampler(),
+                              label=f"floor-after-{previous.name}")
+    return min(1.0, max(0.0, release.value)), [release.charge]
+
+
+def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None):
+    t = config.threshold
+    if config.validation == "public":
+        return PublicValidator(data.public_val, data.score_fn, reference=target.model, allowed_drop=t, floor=floor)
+    if data.private_val is None:
+        raise ValueError(f"validation={config.validation!r} needs private validation data (DedupData.private_val).")
+    common = dict(reference=target.model, allowed_drop=t, floor=floor, sampler=config.sampler(),
+                  label=f"{config.validation}-{target.name}")
+    if config.validation == "svt":
+        return SVTValidator(data.private_val, data.score_fn, epsilon=config.svt_epsilon,
+                            cutoff=config.svt_cutoff, **common)
+    if config.validation == "naive":
+        return NaiveValidator(data.private_val, data.score_fn, epsilon_per_query=config.naive_epsilon, **common)
+    raise ValueError(f"Unknown validation {config.validation!r}; use 'public', 'svt' or 'naive'.")
+
+
+def _store(family: FamilyStore, member: Member, ledger, model_report: ModelReport, data: DedupData) -> ModelReport:
+    model = member.model
+    model_report.model = model
+    model_report.val_utility_after = public_utility(model, data.public_val, data.score_fn)
+    if data.public_test is not None:
+        model_report.test_utility_after = public_utility(model, data.public_test, data.score_fn)
+    rows_before = family.blocks.index.total_rows
+    privacy = ledger.to_metadata() if ledger is not None else member.privacy
+    constitution = family.add_model(member.name, model, tokenizer=member.tokenizer,
+                                    files_from=member.files_from, privacy=privacy,
+                                    dedup=model_report.card_fields(member.privacy))
+    model_report.own_bytes = stored_bytes_of(family, constitution, rows_before)
+    model_report.original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model_report
+
+
+def _config_dict(config: DedupConfig) -> dict[str, Any]:
+    return {
+        "block_size": config.block_size, "threshold": config.threshold, "strategy": config.strategy,
+        "strategy_options": config.strategy_options, "saliency": config.plan.saliency,
+        "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
+        "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
+        "noise": "TEST ONLY: seeded noise" if config.noise_seed is not None else "secure",
+    }

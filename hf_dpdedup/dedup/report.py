@@ -1,0 +1,214 @@
+"""Deduplication reports: per model and per family, as JSON, a readable table and a PNG plot.
+
+Compression follows the paper: a target's *own* stored bytes (rows it added to the store plus its
+extras file) divided by its original size; the family figure divides everything stored (shards,
+index, member folders) by the original bytes of all members. Utilities printed here are public
+(validation or test); private figures never appear unnoised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..privacy import PrivacyMetadata
+from ..store.constitution import Constitution
+from ..store.family import FamilyStore
+from ..store.format import EXTRAS_FILE
+
+
+def stored_bytes_of(family: FamilyStore, constitution: Constitution, rows_before: int) -> int:
+    """Bytes a member added: its new rows (first stored by it) plus its extras file."""
+    row_bytes = family.blocks.block_size * family.blocks.dtype.itemsize
+    new_rows = {r for r in constitution.all_rows if r >= rows_before}
+    extras = (family.member_path(constitution.name) / EXTRAS_FILE).stat().st_size
+    return len(new_rows) * row_bytes + extras
+
+
+@dataclass
+class ModelReport:
+    name: str
+    role: str  # "base" | "target" | "dropped"
+    epsilon_before: float
+    delta_before: float
+    n_blocks: int = 0
+    from_base: int = 0
+    from_self: int = 0
+    candidates: int = 0
+    validations: int = 0
+    halted: bool = False
+    floor: float | None = None
+    base: str | None = None
+    val_utility_before: float | None = None
+    val_utility_after: float | None = None
+    test_utility_before: float | None = None
+    test_utility_after: float | None = None
+    own_bytes: int = 0
+    original_bytes: int = 0
+    seconds: float = 0.0
+    ledger: Any = None  # privacy.LedgerReport
+    charges: list = field(default_factory=list, repr=False)
+    model: Any = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, member, role: str, n_blocks: int) -> "ModelReport":
+        return cls(member.name, role, member.privacy.epsilon, member.privacy.delta, n_blocks=n_blocks)
+
+    @classmethod
+    def dropped(cls, name: str, epsilon: float, val_utility: float) -> "ModelReport":
+        return cls(name, "dropped", epsilon, 0.0, val_utility_before=val_utility)
+
+    def record_search(self, result, candidates: int, floor: float | None) -> None:
+        counts = Counter(r.source for r in result.accepted)
+        self.from_base, self.from_self = counts["base"], counts["self"]
+        self.candidates, self.validations, self.halted, self.floor = candidates, result.validations, result.halted, floor
+
+    @property
+    def own_blocks(self) -> int:
+        return self.n_blocks - self.from_base - self.from_self
+
+    @property
+    def compression(self) -> float | None:
+        return self.own_bytes / self.original_bytes if self.original_bytes else None
+
+    @property
+    def epsilon_after(self) -> float:
+        return self.ledger.epsilon if self.ledger is not None else self.epsilon_before
+
+    @property
+    def svt_epsilon(self) -> float:
+        return sum(c.epsilon for c in self.charges if c.kind == "svt")
+
+    def card_fields(self, original: PrivacyMetadata) -> dict[str, Any]:
+        """What goes into the constitution's ``dedup`` block (and from there into the model card)."""
+        return {
+            "role": self.role,
+            "base": self.base,
+            "original_privacy": original.to_dict(),
+            "ledger": self.ledger.to_dict() if self.ledger is not None else None,
+            "epsilon_after": {
+                "loose": self.ledger.epsilon_loose if self.ledger is not None else original.epsilon,
+                "tight": self.ledger.epsilon_tight if self.ledger is not None else None,
+            },
+            "svt_epsilon": self.svt_epsilon,
+            "blocks": {"total": self.n_blocks, "from_base": self.from_base, "from_self": self.from_self},
+            "validations": self.validations,
+            "public_test_accuracy": {"before": self.test_utility_before, "after": self.test_utility_after},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "role": self.role, "base": self.base,
+            "blocks": self.n_blocks, "from_base": self.from_base, "from_self": self.from_self,
+            "own_blocks": self.own_blocks, "candidates": self.candidates, "validations": self.validations,
+            "halted": self.halted, "floor": self.floor,
+            "val_utility_before": self.val_utility_before, "val_utility_after": self.val_utility_after,
+            "test_utility_before": self.test_utility_before, "test_utility_after": self.test_utility_after,
+            "own_bytes": self.own_bytes, "original_bytes": self.original_bytes, "compression": self.compression,
+            "epsilon_before": self.epsilon_before, "delta_before": self.delta_before,
+            "epsilon_after": self.epsilon_after,
+            "epsilon_after_loose": self.ledger.epsilon_loose if self.ledger is not None else None,
+            "epsilon_after_tight": self.ledger.epsilon_tight if self.ledger is not None else None,
+            "delta_after": self.ledger.delta if self.ledger is not None else self.delta_before,
+            "svt_epsilon": self.svt_epsilon, "seconds": self.seconds,
+        }
+
+
+@dataclass
+class FamilyReport:
+    config: dict[str, Any]
+    models: list[ModelReport] = field(default_factory=list)
+    family_stored_bytes: int = 0
+
+    @property
+    def targets(self) -> list[ModelReport]:
+        return [m for m in self.models if m.role == "target"]
+
+    def summary(self) -> dict[str, Any]:
+        stored = [m for m in self.models if m.role != "dropped"]
+        original = sum(m.original_bytes for m in stored)
+        targets = self.targets
+        target_original = sum(m.original_bytes for m in targets)
+        drops = [m.test_utility_before - m.test_utility_after for m in stored
+                 if m.test_utility_before is not None and m.test_utility_after is not None]
+        return {
+            "targets_compression": sum(m.own_bytes for m in targets) / target_original if target_original else None,
+            "family_stored_over_original": self.family_stored_bytes / original if original else None,
+            "family_stored_bytes": self.family_stored_bytes,
+            "family_original_bytes": original,
+            "validations": sum(m.validations for m in targets),
+            "max_validations_per_target": max((m.validations for m in targets), default=0),
+            "max_public_test_drop": max(drops, default=None),
+            "fairness_holds": fairness_holds(stored),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "summary": self.summary(), "models": [m.to_dict() for m in self.models]}
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "dedup_report.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (folder / "dedup_report.txt").write_text(self.table() + "\n")
+        self.plot(folder / "dedup_report.png")
+
+    def table(self) -> str:
+        head = (f"{'model':<22}{'role':<8}{'blocks':>7}{'base':>6}{'self':>6}{'own':>6}{'valid.':>7}"
+                f"{'compr.':>8}{'test before':>12}{'test after':>11}{'ε before':>9}{'ε after':>9}{'ε svt':>7}{'s':>7}")
+        lines = [head]
+        for m in self.models:
+            comp = f"{m.compression:.1%}" if m.compression is not None else "-"
+            lines.append(
+                f"{m.name:<22}{m.role:<8}{m.n_blocks:>7}{m.from_base:>6}{m.from_self:>6}{m.own_blocks:>6}"
+                f"{m.validations:>7}{comp:>8}{_fmt(m.test_utility_before):>12}{_fmt(m.test_utility_after):>11}"
+                f"{m.epsilon_before:>9.3g}{m.epsilon_after:>9.3g}{m.svt_epsilon:>7.3g}{m.seconds:>7.1f}"
+            )
+        s = self.summary()
+        lines.append("")
+        lines.append(
+            "targets' compression {}; family stored/original {}; validations {} (max {} per target); "
+            "max public-test drop {}; fairness holds: {}".format(
+                _pct(s["targets_compression"]), _pct(s["family_stored_over_original"]), s["validations"],
+                s["max_validations_per_target"], _fmt(s["max_public_test_drop"]), s["fairness_holds"])
+        )
+        if self.config.get("noise", "secure") != "secure":
+            lines.append(self.config["noise"])
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        points = [(m.compression, m.test_utility_before - m.test_utility_after, m.name) for m in self.targets
+                  if m.compression is not None and m.test_utility_after is not None]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for comp, drop, name in points:
+            ax.scatter(comp * 100, drop * 100)
+            ax.annotate(name, (comp * 100, drop * 100), fontsize=8)
+        ax.set_xlabel("own stored bytes / original (%)")
+        ax.set_ylabel("public test accuracy drop (points)")
+        ax.set_title("Compression vs. accuracy drop per target")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def fairness_holds(models: list[ModelReport]) -> bool:
+    """Higher ε ⇒ at least equal public-test utility after dedup (when test data was given)."""
+    known = [m for m in models if m.test_utility_after is not None]
+    return all(not (a.epsilon_before > b.epsilon_before and a.test_utility_after < b.test_utility_after)
+               for a in known for b in known)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"

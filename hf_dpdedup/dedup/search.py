@@ -1,0 +1,163 @@
+"""Search strategies: which planned replacements to keep, with as few validations as possible.
+
+Every strategy walks the same ordered sequence of :class:`~.live.Replacement` (least salient
+block first), applies groups of them in place on the live model, asks the validator, and reverts
+rejected groups exactly. They stop early when the validator halts (the SVT cut-off). The result is
+the set of replacements left applied on the model.
+
+* ``greedy``: fixed groups of N (the paper's GreedyN).
+* ``binary``: take the first half of what remains; a group that fails is split in two and its
+  halves are tried (down to ``min_group``); the right half is only tried when the left half mostly
+  passed, because blocks further right are more salient.
+* ``halving`` (successive halving): the next group is always half of the current sequence; a success
+  moves on to everything that remains, a failure halves the group again.
+* ``mcts``: the paper's Monte-Carlo tree search baseline over include/skip decisions per group of g.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from .live import LiveBlocks, Replacement
+from .validate import Validator
+
+
+@dataclass
+class SearchResult:
+    accepted: list[Replacement] = field(default_factory=list)
+    validations: int = 0
+    halted: bool = False
+
+
+class _Trial:
+    """Applies groups on the live model and keeps or reverts them by the validator's answer."""
+
+    def __init__(self, live: LiveBlocks, validator: Validator, model) -> None:
+        self.live, self.validator, self.model = live, validator, model
+        self.result = SearchResult()
+
+    @property
+    def halted(self) -> bool:
+        return self.validator.halted
+
+    def try_group(self, group: list[Replacement]) -> bool:
+        if not group or self.halted:
+            return False
+        undo = self.live.apply(group)
+        self.result.validations += 1
+        if self.validator.accepts(self.model):
+            self.result.accepted.extend(group)
+            return True
+        self.live.revert(undo)
+        return False
+
+    def finish(self) -> SearchResult:
+        self.result.halted = self.halted
+        return self.result
+
+
+def greedy(trial: _Trial, sequence: list[Replacement], *, n: int = 10) -> None:
+    for start in range(0, len(sequence), n):
+        if trial.halted:
+            return
+        trial.try_group(sequence[start : start + n])
+
+
+def binary(trial: _Trial, sequence: list[Replacement], *, min_group: int = 4) -> None:
+    def solve(segment: list[Replacement]) -> int:
+        if not segment or trial.halted:
+            return 0
+        if trial.try_group(segment):
+            return len(segment)
+        if len(segment) <= min_group:
+            return 0
+        mid = len(segment) // 2
+        kept = solve(segment[:mid])
+        if kept > mid // 2:  # the left half mostly passed: the right half is worth a look
+            kept += solve(segment[mid:])
+        return kept
+
+    remaining = sequence
+    while remaining and not trial.halted:
+        mid = math.ceil(len(remaining) / 2)
+        left, remaining = remaining[:mid], remaining[mid:]
+        if solve(left) <= len(left) // 2:
+            return  # mostly salient from here on
+
+
+def halving(trial: _Trial, sequence: list[Replacement], *, min_group: int = 4) -> None:
+    current, rest = sequence, []
+    while len(current) >= min_group and not trial.halted:
+        mid = max(1, len(current) // 2)
+        left = current[:mid]
+        rest = current[mid:] + rest
+        if trial.try_group(left):
+            current, rest = rest, []
+        else:
+            current = left
+
+
+def mcts(
+    trial: _Trial, sequence: list[Replacement], *, group: int = 20, episodes: int = 20, seed: int = 0
+) -> None:
+    """UCT over include/skip per group; each episode validates one candidate set (its reward is the
+    share of blocks it replaces if accepted, else 0); the best accepted set is applied at the end."""
+    groups = [sequence[i : i + group] for i in range(0, len(sequence), group)]
+    rng = random.Random(seed)
+    stats: dict[tuple[bool, ...], list[float]] = {}  # prefix -> [visits, total reward]
+    best: tuple[float, tuple[bool, ...]] = (0.0, ())
+    for _ in range(episodes):
+        if trial.halted:
+            break
+        prefix: tuple[bool, ...] = ()
+        while len(prefix) < len(groups) and all(prefix + (c,) in stats for c in (True, False)):
+            parent = stats.get(prefix, [1.0, 0.0])[0]
+            prefix += (max((True, False), key=lambda c: _uct(stats[prefix + (c,)], parent)),)
+        if len(prefix) < len(groups):
+            untried = [c for c in (True, False) if prefix + (c,) not in stats]
+            prefix += (rng.choice(untried),)
+        choice = prefix + tuple(rng.random() < 0.5 for _ in range(len(groups) - len(prefix)))
+        chosen = [r for g, take in zip(groups, choice) if take for r in g]
+        undo = trial.live.apply(chosen)
+        trial.result.validations += 1
+        ok = bool(chosen) and trial.validator.accepts(trial.model)
+        trial.live.revert(undo)
+        reward = len(chosen) / max(1, len(sequence)) if ok else 0.0
+        if ok and reward > best[0]:
+            best = (reward, choice)
+        for depth in range(len(prefix) + 1):  # the root too: its visits drive UCT's exploration term
+            node = stats.setdefault(prefix[:depth], [0.0, 0.0])
+            node[0] += 1
+            node[1] += reward
+    chosen = [r for g, take in zip(groups, best[1]) if take for r in g]
+    if chosen:  # already validated when it was found
+        trial.live.apply(chosen)
+        trial.result.accepted.extend(chosen)
+
+
+def _uct(node: list[float], parent_visits: float, c: float = 1.4) -> float:
+    visits, total = node
+    return total / visits + c * math.sqrt(math.log(max(parent_visits, 1.0)) / visits)
+
+
+STRATEGIES = {"greedy": greedy, "binary": binary, "halving": halving, "mcts": mcts}
+
+
+def run_search(
+    strategy: str,
+    model,
+    live: LiveBlocks,
+    sequence: list[Replacement],
+    validator: Validator,
+    **options,
+) -> SearchResult:
+    """Run ``strategy`` over ``sequence``; accepted replacements stay applied on ``model``."""
+    try:
+        search = STRATEGIES[strategy]
+    except KeyError:
+        raise ValueError(f"Unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}.") from None
+    trial = _Trial(live, validator, model)
+    search(trial, sequence, **options)
+    return trial.finish()

@@ -1,0 +1,337 @@
+"""Model cards for pushed members and block stores (``huggingface_hub.ModelCard``).
+
+A member card's YAML metadata has the Hub's own keys (``library_name: hf_dpdedup``, ``base_model``
+with ``base_model_relation: finetune``, ``tags``, ``pipeline_tag``, ``model-index`` for *public*
+test metrics only) and a namespaced block ``hf_dpdedup`` with the privacy and deduplication record::
+
+    hf_dpdedup:
+      format: hf_dpdedup/1
+      member: <name>
+      privacy:
+        original: {epsilon, delta, accountant}       # from the constitution's ``privacy``
+        after_dedup: {loose: {epsilon, delta}, tight: {epsilon, delta} | null, accountant}
+        svt_epsilon: <ε spent on private validation through SVT>
+        datasets: [<private training data set ids>]
+      dedup: {base, compression, blocks, validations}  # what the record holds
+      block_store: {repo_id, revision, store_id, block_size, dtype}
+      family: {members, stored_fraction}
+
+The prose (``model_cards/dp_member_card.md``) explains the budget to a reader who is not a DP expert.
+
+Keys read from the constitution's ``dedup`` record (all optional; the card renders what is there, so
+the deduplication engine fills them as it computes them):
+
+- ``base``: name of the member whose blocks this one borrows (the deduplication base);
+- ``original_privacy``: the ``PrivacyMetadata`` dict the model was trained with (the constitution's
+  own ``privacy`` is then the cost after deduplication, which ``model.dedup_info`` reports);
+- ``base_model``: Hub id of the pretrained model the family was fine-tuned from;
+- ``epsilon_after``: ``{"loose": ε, "tight": ε | None}`` and ``delta_after``: δ (or ``{"loose", "tight"}``);
+  alternatively ``ledger``: a ``LedgerReport.to_dict()``, from which both are read;
+- ``svt_epsilon``: ε spent by the Sparse Vector Technique on private validation data;
+- ``compression``: stored blocks of this member ÷ its original blocks (a fraction);
+- ``blocks``: ``{"total", "from_base", "from_self", "own"}`` block counts; ``validations``: int;
+- ``public_test``: ``{"dataset": hub id, "dataset_name", "config", "split", "metric", "before",
+  "after"}`` measured on a *public* test set (only these reach ``model-index``);
+  the shorter ``public_test_accuracy: {"before", "after"}`` is shown in the prose only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..store.constitution import Constitution
+from ..store.format import FORMAT, StoreIndex
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
+MEMBER_TEMPLATE = TEMPLATES / "dp_member_card.md"
+TAGS = ["differential-privacy", "deduplicated", "hf_dpdedup"]
+CARD_KEY = "hf_dpdedup"
+
+_TASKS = {  # architecture suffix -> pipeline tag
+    "ForSequenceClassification": "text-classification",
+    "ForImageClassification": "image-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForMaskedLM": "fill-mask",
+    "ForCausalLM": "text-generation",
+    "LMHeadModel": "text-generation",
+}
+
+
+def pipeline_tag(architecture: str | None) -> str | None:
+    return next((tag for suffix, tag in _TASKS.items() if architecture and architecture.endswith(suffix)), None)
+
+
+def member_card(
+    constitution: Constitution,
+    *,
+    repo_id: str,
+    store_repo: str,
+    store_commit: str,
+    endpoint: str = "https://huggingface.co",
+    base_model: str | None = None,
+    family: dict[str, Any] | None = None,
+    license: str | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """The model card of a pushed member (deterministic: the same inputs give the same bytes)."""
+    dedup = constitution.dedup or {}
+    privacy = _original_privacy(constitution)
+    base_model = base_model or dedup.get("base_model")
+    task = pipeline_tag(constitution.architecture)
+    block = _card_block(constitution, store_repo, store_commit, family)
+    results = _eval_results(dedup, task)
+    data = ModelCardData(
+        library_name="hf_dpdedup",
+        license=license,
+        base_model=base_model,
+        tags=list(TAGS),
+        pipeline_tag=task,
+        eval_results=results,
+        model_name=repo_id.split("/")[-1] if results else None,
+        **({"base_model_relation": "finetune"} if base_model else {}),
+        **{CARD_KEY: block},
+    )
+    n_blocks = sum(len(t.rows) for t in constitution.tensors)
+    return ModelCard.from_template(
+        data,
+        template_path=str(template_path or MEMBER_TEMPLATE),
+        title=f"{repo_id.split('/')[-1]}: a differentially private, deduplicated model",
+        summary=_summary(constitution, base_model),
+        repo_id=repo_id,
+        architecture=constitution.architecture or "PreTrainedModel",
+        pipeline_tag=task,
+        store_repo=store_repo,
+        store_url=f"{endpoint.rstrip('/')}/{store_repo}/tree/{store_commit}",
+        store_commit=store_commit,
+        store_id=constitution.block_store.store_id,
+        privacy_prose=_privacy_prose(privacy, dedup),
+        privacy_rows=_privacy_rows(block["privacy"]),
+        privacy_notes=_privacy_notes(block["privacy"]),
+        dedup_prose=_dedup_prose(constitution, dedup, family),
+        results_prose=_results_prose(dedup),
+        format=FORMAT,
+        n_tensors=len(constitution.tensors),
+        n_blocks=n_blocks,
+        block_size=constitution.block_size,
+        dtype=constitution.dtype,
+    )
+
+
+def store_card(index: StoreIndex, *, repo_id: str, members: list[str] | None = None) -> ModelCard:
+    """The card of a block store repo (independent of its members, so adding one changes nothing)."""
+    data = ModelCardData(
+        library_name="hf_dpdedup",
+        tags=[*TAGS, "block-store"],
+        **{CARD_KEY: {"format": FORMAT, "kind": "block_store", "store_id": index.store_id,
+                      "block_size": index.block_size, "dtype": index.dtype, "rows": index.total_rows,
+                      "shards": len(index.shards)}},
+    )
+    stored = sum(s.bytes for s in index.shards)
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# {repo_id.split('/')[-1]}\n\n"
+        "This repo is the **block store** of a family of differentially private models deduplicated with "
+        "[hf_dpdedup](https://github.com/hf-dpdedup/hf_dpdedup). It holds weight blocks "
+        f"({index.total_rows} rows of {index.block_size} {index.dtype} values, {len(index.shards)} shards, "
+        f"{stored / 2**20:.1f} MiB); each member model is a repo of its own whose "
+        "`dedup_constitution.json` names the blocks it is made of and pins a commit of this repo. "
+        "Load a member, not this repo: `hf_dpdedup.DedupedModel.from_pretrained(\"<member repo>\")`.\n\n"
+        "Rows are only ever appended; every shard's sha256 is recorded in `block_store.json` and checked "
+        "on download.\n"
+    )
+    return ModelCard(text)
+
+
+def card_metadata(card: ModelCard) -> dict[str, Any]:
+    """The ``hf_dpdedup`` block of a card (e.g. ``ModelCard.load(repo_id)``)."""
+    return dict(card.data.to_dict().get(CARD_KEY) or {})
+
+
+# --- the namespaced block --------------------------------------------------------------------------
+def _original_privacy(constitution: Constitution) -> dict:
+    """The budget the model was trained with. A deduplicated member's constitution ``privacy`` is its
+    cost *after* deduplication (what it ships with); the trained one is ``dedup["original_privacy"]``."""
+    return (constitution.dedup or {}).get("original_privacy") or constitution.privacy or {}
+
+
+def _card_block(constitution: Constitution, store_repo: str, store_commit: str, family: dict | None) -> dict:
+    dedup = constitution.dedup or {}
+    privacy = _original_privacy(constitution)
+    block: dict[str, Any] = {
+        "format": FORMAT,
+        "member": constitution.name,
+        "privacy": _drop_none({
+            "original": _drop_none({"epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
+                                    "accountant": privacy.get("accountant")}) or None,
+            "after_dedup": _after_dedup(dedup),
+            "svt_epsilon": dedup.get("svt_epsilon"),
+            "datasets": list(privacy.get("datasets") or []) or None,
+        }),
+        "dedup": _drop_none({k: dedup.get(k) for k in ("base", "compression", "blocks", "validations")}) or None,
+        "block_store": {"repo_id": store_repo, "revision": store_commit,
+                        "store_id": constitution.block_store.store_id,
+                        "block_size": constitution.block_size, "dtype": constitution.dtype},
+        "family": family or None,
+    }
+    return _drop_none(block)
+
+
+def _after_dedup(dedup: dict) -> dict | None:
+    ledger = dedup.get("ledger") or {}
+    after = dedup.get("epsilon_after")
+    after = {"loose": after} if isinstance(after, (int, float, str)) else dict(after or {})
+    delta = dedup.get("delta_after")
+    deltas = dict(delta) if isinstance(delta, dict) else {"loose": delta, "tight": delta}
+    figures = {}
+    for kind in ("loose", "tight"):
+        from_ledger = ledger.get(kind) or {}
+        eps = _first(after.get(kind), from_ledger.get("epsilon"))
+        if eps is not None:
+            figures[kind] = _drop_none({"epsilon": eps, "delta": _first(deltas.get(kind), from_ledger.get("delta"))})
+    if not figures:
+        return None
+    return {**figures, "accountant": dedup.get("accountant") or "hf_dpdedup-ledger"}
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _eval_results(dedup: dict, task: str | None) -> list[EvalResult] | None:
+    test = dedup.get("public_test")
+    if not (task and isinstance(test, dict) and test.get("dataset") and test.get("after") is not None):
+        return None
+    return [EvalResult(
+        task_type=task,
+        dataset_type=test["dataset"],
+        dataset_name=test.get("dataset_name") or test["dataset"],
+        dataset_config=test.get("config"),
+        dataset_split=test.get("split"),
+        metric_type=test.get("metric") or "accuracy",
+        metric_value=float(test["after"]),
+    )]
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# --- prose -----------------------------------------------------------------------------------------
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "—"
+    if x == "inf" or (isinstance(x, float) and math.isinf(x)):
+        return "∞ (not private)"
+    return f"{float(x):.4g}"
+
+
+def _summary(constitution: Constitution, base_model: str | None) -> str:
+    origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}) " if base_model else ""
+    return (
+        f"A `{constitution.architecture or 'transformers'}` model {origin}with differentially private "
+        "training (DP-SGD), stored as part of a family of models trained on the same private data at "
+        "different privacy budgets. Weight blocks it shares with other members are stored once "
+        "([hf_dpdedup](https://github.com/hf-dpdedup/hf_dpdedup)); loading it gives back an ordinary "
+        "`transformers` model."
+    )
+
+
+def _privacy_prose(privacy: dict, dedup: dict) -> str:
+    if not privacy:
+        return "No privacy metadata was recorded for this model: treat it as **not** privacy-protected."
+    eps, delta = privacy.get("epsilon"), privacy.get("delta")
+    datasets = ", ".join(f"`{d}`" for d in privacy.get("datasets") or []) or "its training data"
+    text = (
+        f"This model was trained with differential privacy on {datasets}, with budget ε = {_fmt(eps)} and "
+        f"δ = {_fmt(delta)}. In plain words: adding or removing any single training example changes the "
+        f"probability of any outcome of training by at most a factor e^ε ≈ {_efactor(eps)} (up to a small "
+        "probability δ of exceeding it). Smaller ε means stronger protection: the model reveals little "
+        "about any one person in the training data, whatever else an attacker knows."
+    )
+    after = _after_dedup(dedup)
+    if after:
+        private_checks = bool(dedup.get("svt_epsilon"))
+        text += (
+            "\n\nDeduplication replaced some of its weight blocks with blocks of another model trained on the "
+            "same data" + (", and checked accuracy on private validation data through a noisy mechanism "
+                           "(Sparse Vector Technique)" if private_checks else "")
+            + ". A model built from another model's blocks carries that model's training too, so the budget "
+            "that holds **for the model as shipped** is the *after deduplication* row below. The loose "
+            "figure adds up the budgets of everything it was built from (always valid)"
+            + ("; the tight one composes the same mechanisms with Rényi DP." if after.get("tight") else ".")
+        )
+    return text
+
+
+def _efactor(eps: Any) -> str:
+    try:
+        value = math.exp(float(eps))
+    except (TypeError, ValueError, OverflowError):
+        return "∞"
+    return f"{value:.3g}" if math.isfinite(value) else "∞"
+
+
+def _privacy_rows(privacy: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    if privacy.get("original"):
+        o = privacy["original"]
+        rows.append(("as trained" + (f" ({o['accountant']} accountant)" if o.get("accountant") else ""),
+                     _fmt(o.get("epsilon")), _fmt(o.get("delta"))))
+    after = privacy.get("after_dedup") or {}
+    for kind in ("loose", "tight"):
+        if after.get(kind):
+            rows.append((f"after deduplication, {kind}", _fmt(after[kind].get("epsilon")), _fmt(after[kind].get("delta"))))
+    return rows or [("not recorded", "—", "—")]
+
+
+def _privacy_notes(privacy: dict) -> str:
+    notes = []
+    if privacy.get("svt_epsilon"):
+        notes.append(f"Of the after-deduplication budget, ε = {_fmt(privacy['svt_epsilon'])} was spent on "
+                     "private validation queries (Sparse Vector Technique).")
+    elif privacy.get("after_dedup"):
+        notes.append("No private data was queried during deduplication (accuracy was checked on public data).")
+    if not privacy.get("after_dedup"):
+        notes.append("Only exact deduplication was applied (byte-identical blocks stored once): no weight "
+                     "changed, so the budget is the one the model was trained with.")
+    return " ".join(notes)
+
+
+def _dedup_prose(constitution: Constitution, dedup: dict, family: dict | None) -> str:
+    total = sum(len(t.rows) for t in constitution.tensors)
+    blocks = dedup.get("blocks") or {}
+    parts = [f"The model's weights are {total} blocks of {constitution.block_size} values."]
+    if blocks.get("from_base") is not None and dedup.get("base"):
+        parts.append(f"{blocks['from_base']} of them were replaced by the most similar blocks of member "
+                     f"`{dedup['base']}` (the family's deduplication base)"
+                     + (f" and {blocks['from_self']} by other blocks of this model" if blocks.get("from_self") else "")
+                     + ", while accuracy stayed within the family's threshold.")
+    elif dedup.get("base"):
+        parts.append(f"Blocks were borrowed from member `{dedup['base']}` (the deduplication base).")
+    if dedup.get("compression") is not None:
+        parts.append(f"This model needs {100 * float(dedup['compression']):.1f} % of its original blocks of its own.")
+    if family and family.get("stored_fraction") is not None:
+        parts.append(f"The whole family of {family.get('members', '?')} models is stored in "
+                     f"{100 * float(family['stored_fraction']):.1f} % of the bytes of its separate copies.")
+    if not dedup:
+        parts.append("Blocks byte-identical to blocks of other members are stored once (exact deduplication).")
+    return " ".join(parts)
+
+
+def _results_prose(dedup: dict) -> str:
+    test = dedup.get("public_test") or {}
+    acc = dedup.get("public_test_accuracy") or {}
+    before = test.get("before", acc.get("before"))
+    after = test.get("after", acc.get("after"))
+    if after is None:
+        return ""
+    where = f" on the public test set `{test['dataset']}`" if test.get("dataset") else " on a public test set"
+    metric = test.get("metric") or "accuracy"
+    text = f"{metric.capitalize()}{where}: {_fmt(after)} after deduplication"
+    return text + (f" ({_fmt(before)} before)." if before is not None else ".") + (
+        " Figures on private data are never published unnoised."
+    )

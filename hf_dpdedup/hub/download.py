@@ -1,0 +1,240 @@
+"""Resolve members and block stores on the Hub, through ``huggingface_hub``'s cache.
+
+A member repo is small (config, tokenizer files, ``dedup_constitution.json``, ``extras.safetensors``,
+``README.md``): it is fetched whole with ``snapshot_download``. Its constitution names the block
+store repo and a *pinned commit sha*; from that commit only ``block_store.json`` and the shards
+holding the member's rows are fetched (``hf_hub_download`` per file). Files are addressed by commit
+sha, so a shard shared by several members is downloaded once and then served from the cache, and
+``HF_HUB_OFFLINE=1`` / ``local_files_only=True`` work from the cache alone. huggingface_hub writes
+each download to a temporary ``.incomplete`` file and renames it, so a cut download never leaves a
+half file in the cache. Shards are checked against the sha256 the store index records, once per
+cached blob (see :func:`verify_cached`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from ..errors import (
+    ChecksumMismatchError,
+    HubAuthError,
+    HubChecksumError,
+    HubDownloadError,
+    HubFileNotFoundError,
+    HubOfflineError,
+    HubRepoNotFoundError,
+    PinnedRevisionError,
+)
+from ..store.block_store import BlockStore
+from ..store.constitution import Constitution, StoreRef
+from ..store.format import CONSTITUTION_FILE, INDEX_FILE, ShardInfo
+from ..store.io import atomic_write_json, mark_verified, verify_files
+
+# huggingface_hub 2.x speaks httpx2, 1.x httpx: catch whichever transport errors it can raise
+TRANSPORT_ERRORS = tuple(
+    importlib.import_module(m).HTTPError for m in ("httpx2", "httpx") if importlib.util.find_spec(m)
+)
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """The ``from_pretrained`` keywords that reach huggingface_hub (same meaning as there)."""
+
+    revision: str | None = None
+    cache_dir: str | Path | None = None
+    token: str | bool | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+    endpoint: str | None = None
+
+    def common(self) -> dict:
+        return {
+            "cache_dir": self.cache_dir,
+            "token": self.token,
+            "local_files_only": self.local_files_only,
+            "force_download": self.force_download,
+            "endpoint": self.endpoint,
+        }
+
+
+def is_repo_id(name: str) -> bool:
+    """``namespace/name`` (what the Hub calls a repo id), as opposed to a local path."""
+    return bool(_REPO_ID.match(name)) and ".." not in name
+
+
+def download_member(repo_id: str, options: HubOptions) -> Path:
+    """The member repo's snapshot folder in the cache (downloaded if needed)."""
+    where = f"member repo {repo_id!r}" + (f" at revision {options.revision!r}" if options.revision else "")
+    with hub_errors(where, repo_id):
+        folder = Path(snapshot_download(repo_id, revision=options.revision, **options.common()))
+    if not (folder / CONSTITUTION_FILE).is_file():
+        raise HubFileNotFoundError(
+            f"Hub repo {repo_id!r} has no {CONSTITUTION_FILE}: it is not an hf_dpdedup member. Load plain "
+            "models with transformers (AutoModel.from_pretrained), or check the repo id (members are "
+            "pushed with hf_dpdedup.push_family_to_hub / `hf-dpdedup push`)."
+        )
+    return folder
+
+
+def fetch_store(constitution: Constitution, options: HubOptions, *, verify: bool = True) -> Path:
+    """Download ``block_store.json`` and the shards the member needs, at the pinned commit; verify
+    them; return the (partial) store snapshot folder, which opens as an ordinary store folder."""
+    ref = constitution.block_store
+    revision = pinned_revision(ref, constitution.name)
+    where = f"block store repo {ref.repo_id!r} at commit {revision}"
+
+    def get(filename: str) -> Path:
+        with hub_errors(where, ref.repo_id, pinned=revision):
+            return Path(hf_hub_download(ref.repo_id, filename, revision=revision, **options.common()))
+
+    folder = get(INDEX_FILE).parent
+    store = BlockStore.open(folder)
+    shards = store.shards_for_rows(constitution.all_rows)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(shards)))) as pool:
+        list(pool.map(get, [s.file for s in shards]))
+    if verify:
+        try:
+            verify_cached(folder, shards)
+        except ChecksumMismatchError as exc:
+            raise HubChecksumError(
+                f"{exc} It came from {where}: the cached copy is damaged or the repo was altered. Load "
+                "again with force_download=True; if that fails too, the store repo itself is damaged: "
+                "re-push the family (`hf-dpdedup push`)."
+            ) from exc
+    return folder
+
+
+VERIFIED_DIR = "hf_dpdedup-verified"
+
+
+def verify_cached(folder: Path, shards: list[ShardInfo]) -> None:
+    """Check each shard's sha256 once per cached blob, not once per process.
+
+    huggingface_hub writes a blob once (download to a temporary file, then rename) and never rewrites
+    it in place, so a blob whose identity (inode, size, mtime) is unchanged still has the bytes that
+    were hashed. A small marker per verified blob, in the repo's cache folder beside ``blobs/`` (where
+    huggingface_hub keeps its own ``trees/`` and ``.no_exist/``), records that identity; a later process
+    trusts a matching marker and hashes only blobs that are new or changed."""
+    todo = []
+    for shard in shards:
+        blob = (folder / shard.file).resolve()
+        record = _read_marker(blob)
+        if record is not None and record == _marker_record(blob, shard.sha256):
+            mark_verified(folder / shard.file, shard.sha256)
+        else:
+            todo.append((folder / shard.file, shard.sha256, "block shard"))
+    verify_files(todo)
+    for path, sha256, _ in todo:
+        _write_marker(path.resolve(), sha256)
+
+
+def _marker_path(blob: Path) -> Path | None:
+    # only for blobs in a huggingface_hub cache (symlinked snapshots); a copied file has no blob
+    return blob.parent.parent / VERIFIED_DIR / blob.name if blob.parent.name == "blobs" else None
+
+
+def _marker_record(blob: Path, sha256: str) -> dict:
+    st = blob.stat()
+    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _read_marker(blob: Path) -> dict | None:
+    marker = _marker_path(blob)
+    try:
+        return json.loads(marker.read_text()) if marker is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(blob: Path, sha256: str) -> None:
+    marker = _marker_path(blob)
+    if marker is None:
+        return
+    try:
+        atomic_write_json(marker, _marker_record(blob, sha256))
+    except OSError:  # a read-only cache: verification just happens again next time
+        pass
+
+
+def pinned_revision(ref: StoreRef, member: str) -> str:
+    if ref.repo_id is None:
+        raise PinnedRevisionError(f"Member {member!r} names no block store repo; re-push it with `hf-dpdedup push`.")
+    if ref.revision is None or not COMMIT_SHA.match(ref.revision):
+        raise PinnedRevisionError(
+            f"Member {member!r} points at block store revision {ref.revision!r} of {ref.repo_id!r}, which is "
+            "not a commit sha: a branch moves, so the member could load blocks it was not built from. "
+            "Re-push the family with `hf-dpdedup push` (it pins the store's commit sha)."
+        )
+    return ref.revision
+
+
+@contextlib.contextmanager
+def hub_errors(where: str, repo_id: str, *, pinned: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub / network errors into typed errors that say what to do next."""
+    try:
+        yield
+    except RevisionNotFoundError as exc:
+        if pinned is not None:
+            raise PinnedRevisionError(
+                f"The {where} does not exist any more (its history was rewritten or the repo re-created), "
+                "and it is not in the local cache. Re-push the family with `hf-dpdedup push` so its members "
+                "pin an existing store commit, or ask the repo owner."
+            ) from exc
+        raise HubRepoNotFoundError(f"The {where} does not exist: check the revision (branch, tag or commit sha).") from exc
+    except GatedRepoError as exc:
+        raise HubAuthError(f"The {where} is gated: request access on the Hub, then pass token=.") from exc
+    except RepositoryNotFoundError as exc:
+        raise HubRepoNotFoundError(
+            f"No local folder and no Hub repo for the {where}. Check the spelling; a private repo needs "
+            "token= (or `hf auth login`); a local member folder must contain dedup_constitution.json."
+        ) from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise HubOfflineError(
+            f"The {where} is not in the local cache and the Hub cannot be used (offline mode "
+            "HF_HUB_OFFLINE=1 or local_files_only=True, or the Hub is unreachable). Load it once online "
+            "(unset HF_HUB_OFFLINE), or pass the right cache_dir=."
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise HubFileNotFoundError(
+            f"The {where} lacks a file the member needs ({exc.__class__.__name__}): the repo is incomplete. "
+            "Re-push the family with `hf-dpdedup push`."
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise HubAuthError(
+                f"The Hub refused access to the {where} (HTTP {status}): pass a token with read access "
+                "(token=... or `hf auth login`)."
+            ) from exc
+        raise HubDownloadError(
+            f"Downloading the {where} failed (HTTP {status}): {exc}. Nothing partial was kept in the cache; "
+            "run the same call again to resume."
+        ) from exc
+    except (*TRANSPORT_ERRORS, OSError) as exc:
+        if isinstance(exc, (ChecksumMismatchError, HubOfflineError)):
+            raise
+        raise HubDownloadError(
+            f"Downloading the {where} failed midway ({type(exc).__name__}: {exc}). Nothing partial was "
+            "kept in the cache; run the same call again to resume (files already complete are reused)."
+        ) from exc

@@ -1,0 +1,264 @@
+"""Push a family to the Hub: the block store repo first, then one repo per member.
+
+Repo names: the block store goes to ``<namespace>/<family_name>-blocks`` (``family_name`` defaults
+to the family folder's name) and member ``<name>`` to ``<namespace>/<name>``. Each member's
+``dedup_constitution.json`` is rewritten so its ``block_store`` is
+``{"store_id", "path": null, "repo_id": "<namespace>/<family_name>-blocks", "revision": "<commit sha>"}``,
+the store commit that was just pushed (or found up to date), never a branch.
+
+Guarantees:
+
+- **one commit per repo**, and only when something changed: each file is compared with the remote
+  tree (git blob sha1 for regular files, sha256 for LFS/Xet files) first, so re-pushing an unchanged
+  family makes no commit at all;
+- **store first**: a member is pinned only to a store commit that exists and holds all of its rows
+  (rows are append-only, so every later store commit holds them too);
+- **atomic and resumable**: a commit applies all of its files or none, and ``parent_commit`` makes a
+  concurrent push fail instead of being overwritten. After a failure midway every repo still holds its
+  previous, loadable commit; running the same push again skips what is already up to date.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils.sha import git_hash
+
+from ..errors import HubAuthError, PushError
+from ..store.constitution import StoreRef
+from ..store.family import FamilyStore
+from ..store.format import CONSTITUTION_FILE, INDEX_FILE
+from ..store.member import check_member_name
+from .cards import member_card, store_card
+from .download import TRANSPORT_ERRORS
+
+Source = bytes | Path
+
+
+@dataclass(frozen=True)
+class RepoPush:
+    """One repo after a push: its head commit, and whether this push made that commit."""
+
+    repo_id: str
+    commit: str
+    changed: bool
+    files: tuple[str, ...] = ()  # the files this push uploaded
+
+
+@dataclass(frozen=True)
+class PushResult:
+    store: RepoPush
+    members: dict[str, RepoPush] = field(default_factory=dict)
+
+    @property
+    def commits_made(self) -> int:
+        return int(self.store.changed) + sum(m.changed for m in self.members.values())
+
+
+def store_repo_id(namespace: str, family_name: str) -> str:
+    return f"{namespace}/{family_name}-blocks"
+
+
+def push_family_to_hub(
+    store: FamilyStore | str | os.PathLike,
+    namespace: str,
+    *,
+    family_name: str | None = None,
+    members: Sequence[str] | None = None,
+    private: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Push a family folder (block store + members) to ``namespace`` on the Hub.
+
+    Args:
+        store: a :class:`FamilyStore` or the path of a family folder.
+        namespace: the user or organisation that will own the repos.
+        family_name: the block store repo is ``<namespace>/<family_name>-blocks`` (default: the
+            family folder's name).
+        members: push only these members (default: all).
+        private: create new repos as private (existing repos keep their visibility).
+        token: a token with write access to ``namespace`` (default: the saved login).
+        endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
+        base_model: Hub id of the pretrained model the family was fine-tuned from (model cards).
+        license: license id for the model cards.
+
+    Example:
+        >>> result = push_family_to_hub("family", "my-org", family_name="minilm-sst2")
+        >>> result.members["eps4"].repo_id, result.store.commit
+        ('my-org/eps4', '6f1c…')
+    """
+    family = store if isinstance(store, FamilyStore) else FamilyStore.open(store)
+    family_name = check_member_name(family_name or family.root.resolve().name)
+    names = list(members) if members is not None else family.members()
+    for name in names:
+        check_member_name(name)
+    api = HfApi(endpoint=endpoint, token=token)
+    store_repo = store_repo_id(namespace, family_name)
+    message = commit_message or "Push with hf_dpdedup"
+
+    index = family.blocks.index
+    store_files: dict[str, Source] = {INDEX_FILE: family.blocks.path / INDEX_FILE}
+    store_files.update({s.file: family.blocks.path / s.file for s in index.shards})
+    store_files["README.md"] = str(store_card(index, repo_id=store_repo)).encode()
+    hashes = {s.file: s.sha256 for s in index.shards}
+    with push_errors(store_repo, pushed=[]):
+        ensure_repo(api, store_repo, private=private)
+        store_push = sync_repo(api, store_repo, store_files, f"{message}: block store", known_sha256=hashes)
+
+    family_stats = _family_stats(family)
+    result = PushResult(store_push)
+    for name in names:
+        repo_id = f"{namespace}/{name}"
+        with push_errors(repo_id, pushed=[store_repo, *(m.repo_id for m in result.members.values())]):
+            ensure_repo(api, repo_id, private=private)
+            files = member_files(
+                family, name, repo_id=repo_id, store_repo=store_repo, store_commit=store_push.commit,
+                endpoint=api.endpoint, base_model=base_model, license=license, family_stats=family_stats,
+            )
+            result.members[name] = sync_repo(api, repo_id, files, f"{message}: member {name}")
+    return result
+
+
+def member_files(
+    family: FamilyStore,
+    name: str,
+    *,
+    repo_id: str,
+    store_repo: str,
+    store_commit: str,
+    endpoint: str,
+    base_model: str | None = None,
+    license: str | None = None,
+    family_stats: dict[str, Any] | None = None,
+) -> dict[str, Source]:
+    """What member ``name``'s repo holds: its folder, with the constitution pinned to the store commit
+    and a model card."""
+    folder = family.member_path(name)
+    constitution = family.constitution(name)
+    pinned = StoreRef(constitution.block_store.store_id, path=None, repo_id=store_repo, revision=store_commit)
+    constitution = replace(constitution, block_store=pinned)
+    files: dict[str, Source] = {
+        f.name: f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
+    }
+    files[CONSTITUTION_FILE] = (json.dumps(constitution.to_dict(), indent=2) + "\n").encode()
+    card = member_card(
+        constitution, repo_id=repo_id, store_repo=store_repo, store_commit=store_commit, endpoint=endpoint,
+        base_model=base_model, family=family_stats, license=license,
+    )
+    files["README.md"] = str(card).encode()
+    return files
+
+
+def ensure_repo(api: HfApi, repo_id: str, *, private: bool) -> None:
+    """Create ``repo_id`` unless it exists. (Looked up first: ``create_repo(exist_ok=True)`` answers
+    an existing repo with a URL that huggingface_hub rejects for hosts other than huggingface.co.)"""
+    try:
+        api.repo_info(repo_id)
+    except RepositoryNotFoundError:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+
+
+def sync_repo(
+    api: HfApi,
+    repo_id: str,
+    files: dict[str, Source],
+    message: str,
+    *,
+    known_sha256: dict[str, str] | None = None,
+) -> RepoPush:
+    """Make ``repo_id``'s main branch hold ``files`` in one commit, or none if it already does."""
+    head = api.repo_info(repo_id).sha
+    remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=head, recursive=True) if isinstance(f, RepoFile)}
+    changed = [p for p, src in files.items() if not _same_file(remote.get(p), src, (known_sha256 or {}).get(p))]
+    if not changed:
+        return RepoPush(repo_id, head, changed=False)
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=_source(files[p])) for p in changed]
+    info = api.create_commit(repo_id, operations, commit_message=message, parent_commit=head)
+    return RepoPush(repo_id, info.oid, changed=True, files=tuple(changed))
+
+
+def _same_file(remote: RepoFile | None, source: Source, sha256: str | None) -> bool:
+    if remote is None or remote.size != _size(source):
+        return False
+    if remote.lfs is not None:  # LFS / Xet files are compared by the sha256 of their content
+        return remote.lfs.sha256 == (sha256 or _sha256(source))
+    return remote.blob_id == git_hash(_read(source))
+
+
+def _size(source: Source) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _read(source: Source) -> bytes:
+    return source if isinstance(source, bytes) else source.read_bytes()
+
+
+def _sha256(source: Source) -> str:
+    return hashlib.sha256(_read(source)).hexdigest()
+
+
+def _source(source: Source) -> bytes | str:
+    return source if isinstance(source, bytes) else str(source)
+
+
+def _family_stats(family: FamilyStore) -> dict[str, Any]:
+    """Stored bytes of the whole family (shards, index, member folders) against its members'
+    original weight bytes (every tensor of every member, as separate copies would hold them)."""
+    names = family.members()
+    original = 0
+    for name in names:
+        c = family.constitution(name)
+        itemsize = family.blocks.dtype.itemsize
+        original += sum(t.numel for t in c.tensors) * itemsize
+        extras = family.member_path(name) / "extras.safetensors"
+        original += extras.stat().st_size if extras.is_file() else 0
+    stored = family.stored_bytes()
+    return {"members": len(names), "stored_bytes": stored, "original_bytes": original,
+            "stored_fraction": round(stored / original, 4) if original else None}
+
+
+@contextlib.contextmanager
+def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
+    """Typed errors for a push that failed at ``repo_id`` (``pushed``: repos already up to date)."""
+    done = f" Already up to date: {', '.join(pushed)}." if pushed else ""
+    try:
+        yield
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403) or isinstance(exc, RepositoryNotFoundError):
+            raise HubAuthError(
+                f"The Hub refused to write to {repo_id!r} (HTTP {status}): the token needs *write* access to "
+                f"the namespace {repo_id.split('/')[0]!r}. Create a write token (Hub settings → Access "
+                f"Tokens), then pass token=... / --token or run `hf auth login`.{done}"
+            ) from exc
+        if status == 412:
+            raise PushError(
+                f"Someone else committed to {repo_id!r} during this push, so nothing was written there. "
+                f"Run the push again.{done}"
+            ) from exc
+        raise PushError(_midway(repo_id, f"HTTP {status}: {exc}", done)) from exc
+    except (*TRANSPORT_ERRORS, OSError) as exc:
+        if isinstance(exc, (HubAuthError, PushError)):
+            raise
+        raise PushError(_midway(repo_id, f"{type(exc).__name__}: {exc}", done)) from exc
+
+
+def _midway(repo_id: str, cause: str, done: str) -> str:
+    return (
+        f"Pushing {repo_id!r} failed midway ({cause}). Nothing half-written is visible: each repo is updated "
+        f"by one atomic commit, so every repo still holds its previous, loadable commit.{done} Run the same "
+        "push again to resume: repos already up to date are skipped."
+    )

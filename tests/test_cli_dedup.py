@@ -1,0 +1,61 @@
+"""``hf-dpdedup dedup`` end to end on tiny member folders with real SST-2 sentences."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import transformers
+
+from hf_dpdedup import DedupedModel
+from hf_dpdedup.cli import main
+from hf_dpdedup.privacy import PrivacyMetadata
+
+from conftest import SST2_DIR, minilm_path
+
+
+def write_members(tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    cfg = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    folders = []
+    for eps, noise in ((1.0, 0.3), (4.0, 0.0)):
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * p.std() * torch.randn_like(p))
+        folder = tmp_path / f"eps-{eps:g}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "privacy.json").write_text(json.dumps(PrivacyMetadata(eps, 1e-5, ("sst2-train",)).to_dict()))
+        folders.append(folder)
+    lines = (SST2_DIR / "dev.tsv").read_text().splitlines()
+    (tmp_path / "val.tsv").write_text("\n".join(lines[:121]) + "\n")
+    (tmp_path / "test.tsv").write_text("\n".join([lines[0]] + lines[121:241]) + "\n")
+    return folders
+
+
+def test_dedup_command_writes_a_store_and_a_report(tmp_path, capsys):
+    folders = write_members(tmp_path)
+    out = tmp_path / "store"
+    code = main(["dedup", *map(str, folders), "--out", str(out), "--val", str(tmp_path / "val.tsv"),
+                 "--test", str(tmp_path / "test.tsv"), "--threshold", "0.05", "--block-size", "4096",
+                 "--strategy", "halving"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "eps-4" in printed and "fairness holds" in printed
+    report = json.loads((out / "report" / "dedup_report.json").read_text())
+    assert [m["role"] for m in report["models"]] == ["base", "target"]
+    assert (out / "report" / "dedup_report.png").is_file()
+    loaded = DedupedModel.from_pretrained(out / "members" / "eps-4")
+    assert (out / "members" / "eps-4" / "tokenizer.json").is_file()
+    assert loaded.dedup_info.epsilon == 5.0  # 4 + the base's 1
+
+
+def test_dedup_command_needs_privacy_metadata(tmp_path, capsys):
+    folders = write_members(tmp_path)
+    (folders[1] / "privacy.json").unlink()
+    code = main(["dedup", *map(str, folders), "--out", str(tmp_path / "s"), "--val", str(tmp_path / "val.tsv")])
+    assert code == 2
+    assert "privacy.json" in capsys.readouterr().err

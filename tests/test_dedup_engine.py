@@ -1,0 +1,150 @@
+"""The whole engine on a tiny family: store contents, utilities, fairness, ledger, firewall."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hf_dpdedup import DedupedModel
+from hf_dpdedup.dedup.plan import PlanConfig
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family, fairness_filter
+from hf_dpdedup.dedup.tasks import classification_score
+from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
+
+from conftest import tiny_model
+
+BLOCK = 128
+
+
+def make_family():
+    """teacher = the ε-8 member; lower-ε members are the teacher plus more noise. Labels are the
+    teacher's predictions, so utility rises with ε (the fairness rule holds before dedup)."""
+    teacher = tiny_model("bert", seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (600, 12), generator=g)
+    with torch.no_grad():
+        labels = teacher(input_ids=ids).logits.argmax(-1)
+    members = []
+    for eps, noise in ((1.0, 0.6), (2.0, 0.25), (8.0, 0.0)):
+        m = tiny_model("bert", seed=0)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(noise * p.std() * torch.randn(p.shape, generator=g))
+        members.append(Member(f"eps{eps:g}", m, PrivacyMetadata(eps, 1e-5, ("toy-train",))))
+    batches = [{"input_ids": ids[i : i + 100], "labels": labels[i : i + 100]} for i in range(0, 600, 100)]
+    return members, batches
+
+
+def originals(members):
+    return {m.name: {k: v.clone() for k, v in m.model.state_dict().items()} for m in members}
+
+
+@pytest.fixture
+def public_run(tmp_path):
+    members, batches = make_family()
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    config = DedupConfig(block_size=BLOCK, threshold=0.03, strategy="binary")
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    return members, data, config, report, tmp_path
+
+
+def test_public_dedup_stores_a_loadable_family_within_the_threshold(public_run):
+    members, data, config, report, tmp_path = public_run
+    by_name = {m.name: m for m in report.models}
+    assert [m.role for m in report.models] == ["base", "target", "target"]
+    for m in report.targets:
+        assert m.from_base + m.from_self > 0, m.name  # something was deduplicated
+        assert m.from_base + m.from_self + m.own_blocks == m.n_blocks
+        assert m.val_utility_after >= m.val_utility_before - config.threshold - 1e-12
+        assert m.validations > 0
+    # interactive floor: higher ε never ends below the lower-ε model on the validation data
+    assert by_name["eps8"].val_utility_after >= by_name["eps2"].val_utility_after - 1e-12
+    assert by_name["eps2"].val_utility_after >= by_name["eps1"].val_utility_after - 1e-12
+    # what is stored is what was validated, bit for bit
+    for member in members:
+        loaded = DedupedModel.from_pretrained(tmp_path / "store" / "members" / member.name)
+        for k, v in member.model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), (member.name, k)
+
+
+def test_compression_counts_only_new_rows(public_run):
+    _, _, _, report, _ = public_run
+    summary = report.summary()
+    for m in report.targets:
+        assert 0 < m.compression < 1
+    assert 0 < summary["targets_compression"] < 1
+    assert summary["family_stored_over_original"] < 3  # three models stored in less than three copies
+
+
+def test_ledger_charges_base_and_the_interactive_chain(public_run):
+    _, _, _, report, _ = public_run
+    by_name = {m.name: m for m in report.models}
+    assert by_name["eps1"].epsilon_after == 1.0  # the base is stored as is
+    assert by_name["eps2"].ledger.epsilon_loose == pytest.approx(3.0)  # 2 + base 1
+    # eps8's floor is a function of eps2's result: it is charged eps8 + base + eps2
+    assert by_name["eps8"].ledger.epsilon_loose == pytest.approx(11.0)
+    assert by_name["eps8"].ledger.epsilon <= by_name["eps8"].ledger.epsilon_loose
+
+
+def test_report_files(public_run, tmp_path):
+    _, _, _, report, _ = public_run
+    report.save(tmp_path / "rep")
+    data = json.loads((tmp_path / "rep" / "dedup_report.json").read_text())
+    assert data["summary"]["fairness_holds"] in (True, False)
+    assert len(data["models"]) == 3
+    assert (tmp_path / "rep" / "dedup_report.png").stat().st_size > 1000
+    assert "eps8" in (tmp_path / "rep" / "dedup_report.txt").read_text()
+
+
+def test_constitution_carries_the_privacy_after_dedup(public_run):
+    _, _, _, _, tmp_path = public_run
+    loaded = DedupedModel.from_pretrained(tmp_path / "store" / "members" / "eps2")
+    assert loaded.dedup_info.epsilon == pytest.approx(3.0)
+    assert loaded.dedup_info.dedup["base"] == "eps1"
+    assert loaded.dedup_info.dedup["original_privacy"]["epsilon"] == 2.0
+
+
+@pytest.mark.parametrize("validation", ["svt", "naive"])
+def test_private_validation_never_reads_unnoised(tmp_path, validation):
+    members, batches = make_family()
+    rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
+            "labels": torch.cat([b["labels"] for b in batches[:3]])}
+    private = PrivateDataset(rows, dataset_id="toy-train", batch_size=100)
+    data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:], private_val=private)
+    config = DedupConfig(block_size=BLOCK, threshold=0.03, strategy="binary", validation=validation,
+                         svt_epsilon=1.0, svt_cutoff=3, naive_epsilon=0.1, noise_seed=7)
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    assert private.raw_accesses == 0
+    assert private.charged_reads > 0
+    eps2 = {m.name: m for m in report.models}["eps2"]
+    spent = sum(c.epsilon for c in eps2.charges if c.datasets == ("toy-train",) and c.kind != "training")
+    assert spent > 0
+    # everything on one data set: the loose figure is the plain sum of distinct charges
+    distinct = {c.source_id: c.epsilon for c in eps2.charges}
+    assert eps2.ledger.epsilon_loose == pytest.approx(sum(distinct.values()))
+    if validation == "svt":
+        assert eps2.svt_epsilon == pytest.approx(1.0)
+    assert "TEST ONLY" in report.table()
+
+
+def test_fairness_pre_filter_drops_dominated_members():
+    members, _ = make_family()
+    utility = {"eps1": 0.7, "eps2": 0.65, "eps8": 0.9}
+    kept, dropped = fairness_filter(members, utility)
+    assert [m.name for m in dropped] == ["eps2"]
+    assert [m.name for m in kept] == ["eps1", "eps8"]
+
+
+@pytest.mark.parametrize("strategy,options", [("greedy", {"n": 10}), ("halving", {"min_group": 4}),
+                                              ("mcts", {"group": 20, "episodes": 8})])
+def test_every_strategy_runs_end_to_end(tmp_path, strategy, options):
+    members, batches = make_family()
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    config = DedupConfig(block_size=BLOCK, threshold=0.03, strategy=strategy, strategy_options=options,
+                         plan=PlanConfig(metric="cosine"))
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    for m in report.targets:
+        assert m.val_utility_after >= m.val_utility_before - 0.03 - 1e-12

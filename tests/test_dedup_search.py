@@ -1,0 +1,116 @@
+"""Search strategies on a planted oracle, and exact revert of in-place edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_dpdedup.dedup.live import LiveBlocks, Replacement
+from hf_dpdedup.dedup.search import run_search
+
+from conftest import tiny_model
+
+BLOCK = 64
+
+
+class PlantedOracle:
+    """Accepts a model iff none of the 'bad' blocks is changed from its original values."""
+
+    def __init__(self, live: LiveBlocks, bad: set[int], halt_after: int | None = None):
+        self.live, self.bad = live, bad
+        self.original = {b: live.read(b) for b in bad}
+        self.validations = 0
+        self.rejections = 0
+        self.halt_after = halt_after
+
+    @property
+    def halted(self) -> bool:
+        return self.halt_after is not None and self.rejections >= self.halt_after
+
+    def accepts(self, model) -> bool:
+        self.validations += 1
+        ok = all(torch.equal(self.live.read(b), v) for b, v in self.original.items())
+        self.rejections += not ok
+        return ok
+
+
+def setup(bad: set[int], halt_after=None):
+    model = tiny_model("bert")
+    live = LiveBlocks(model, BLOCK)
+    assert live.n_blocks == 352
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    sequence = [Replacement(i, "base", i, torch.full((BLOCK,), float(i))) for i in range(live.n_blocks)]
+    return model, live, original, sequence, PlantedOracle(live, bad, halt_after)
+
+
+def changed_blocks(live: LiveBlocks, sequence) -> set[int]:
+    return {r.block for r in sequence if torch.equal(live.read(r.block)[: 1], r.row[:1])}
+
+
+@pytest.mark.parametrize("strategy,options", [
+    ("greedy", {"n": 10}), ("greedy", {"n": 1}), ("binary", {"min_group": 2}),
+    ("halving", {"min_group": 2}), ("mcts", {"group": 20, "episodes": 20}),
+])
+def test_strategies_never_keep_a_bad_block_and_agree_with_the_model(strategy, options):
+    bad = {40, 41, 120, 121, 122, 300}
+    model, live, _, sequence, oracle = setup(bad)
+    result = run_search(strategy, model, live, sequence, oracle, **options)
+    kept = {r.block for r in result.accepted}
+    assert not kept & bad
+    assert result.validations == oracle.validations
+    assert changed_blocks(live, sequence) == kept  # what is reported is what is applied
+    assert oracle.accepts(model)  # the final model passes
+
+
+def test_greedy_validation_count_and_result_on_planted_oracle():
+    bad = {5, 25}
+    model, live, _, sequence, oracle = setup(bad)
+    n = live.n_blocks
+    result = run_search("greedy", model, live, sequence, oracle, n=10)
+    assert result.validations == -(-n // 10)
+    assert {r.block for r in result.accepted} == set(range(n)) - set(range(0, 10)) - set(range(20, 30))
+
+
+def test_binary_and_halving_use_few_validations_and_find_the_clean_prefix():
+    n_bad_from = 300  # every block from 300 on is salient (bad): the clean prefix is 0..299
+    model, live, _, sequence, oracle = setup(set())
+    oracle.bad = set(range(n_bad_from, live.n_blocks))
+    oracle.original = {b: live.read(b) for b in oracle.bad}
+    for strategy in ("binary", "halving"):
+        model, live, _, sequence, _ = setup(set())
+        oracle = PlantedOracle(live, set(range(n_bad_from, live.n_blocks)))
+        result = run_search(strategy, model, live, sequence, oracle, min_group=4)
+        kept = {r.block for r in result.accepted}
+        assert result.validations <= 30, (strategy, result.validations)
+        assert len(kept) >= n_bad_from - 8, (strategy, len(kept))
+        assert not kept & oracle.bad
+
+
+def test_rejected_groups_are_reverted_bit_exactly():
+    model, live, original, sequence, oracle = setup(set(range(0, 352)))  # every block is bad
+    result = run_search("binary", model, live, sequence, oracle, min_group=1)
+    assert result.accepted == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_search_stops_when_the_validator_halts():
+    model, live, _, sequence, oracle = setup(set(range(0, 352)), halt_after=3)
+    result = run_search("greedy", model, live, sequence, oracle, n=5)
+    assert result.halted and oracle.rejections == 3 and result.validations == 3
+
+
+def test_unknown_strategy():
+    model, live, _, sequence, oracle = setup(set())
+    with pytest.raises(ValueError, match="binary"):
+        run_search("random", model, live, sequence, oracle)
+
+
+def test_live_blocks_see_tied_weights_once_and_edit_in_place():
+    model = tiny_model("gpt2")
+    live = LiveBlocks(model, BLOCK)
+    assert "lm_head.weight" in live.layout.aliases
+    undo = live.apply([Replacement(0, "base", 0, torch.zeros(BLOCK))])
+    assert torch.count_nonzero(model.lm_head.weight.view(-1)[:BLOCK]) == 0  # tied: same storage
+    live.revert(undo)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
