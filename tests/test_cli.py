@@ -66,7 +66,7 @@ def test_console_script_entry_point_runs():
 def test_demo_runs_offline_and_reloads_bit_exact(tmp_path):
     from hf_dpdedup.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", block_size=65536)
+    result = run_demo(tmp_path / "demo", block_size=65536, train_size=600, eval_size=120)
     assert result["bit_identical"]
     summary = result["summary"]
     assert len(summary["members"]) == 3

@@ -148,3 +148,23 @@ def test_every_strategy_runs_end_to_end(tmp_path, strategy, options):
     report = deduplicate_family(members, data, config, tmp_path / "store")
     for m in report.targets:
         assert m.val_utility_after >= m.val_utility_before - 0.03 - 1e-12
+
+
+def test_tight_figure_is_at_the_targets_delta_and_never_below_its_own_epsilon(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    from hf_dpdedup.privacy import AccountantStep
+
+    members, batches = make_family()
+    for member, sigma in zip(members, (2.0, 1.2, 0.7)):
+        history = (AccountantStep(sigma, 0.02, 300),)
+        accountant = RDPAccountant()
+        accountant.history = [h.as_opacus() for h in history]
+        eps = accountant.get_epsilon(1e-5)
+        member.privacy = PrivacyMetadata(eps, 1e-5, ("toy-train",), "rdp", history)
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    report = deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
+    for m in report.targets:
+        assert m.ledger.epsilon_tight is not None
+        assert m.ledger.delta == pytest.approx(1e-5)  # same δ as the member was trained at
+        assert m.epsilon_before < m.ledger.epsilon <= m.ledger.epsilon_loose

@@ -46,7 +46,7 @@ def format_summary(summary: dict) -> str:
             lines.append(
                 f"{m['name']:<24}{str(m['architecture'] or '-'):<34}{m['block_tensors']:>8}{m['extras']:>7}"
                 f"{m['blocks']:>8}{str(m.get('unique_rows', '-')):>8}{str(m.get('shared_rows', '-')):>8}"
-                f"{_bytes(m['block_tensor_bytes']):>12}{(str(eps) if eps is not None else '-'):>8}"
+                f"{_bytes(m['block_tensor_bytes']):>12}{(f'{eps:.3g}' if eps is not None else '-'):>8}"
             )
     if summary.get("kind") == "family":
         ratio = summary["exact_dedup_ratio"]

@@ -24,9 +24,11 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DivergedProcessesError
 from ..privacy import Charge, LaplaceSampler, PrivacyMetadata, PrivateDataset, account, release_utility
+from ..privacy.private_data import current_collective
 from ..store.family import FamilyStore
-from .live import LiveBlocks
+from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of
 from .search import run_search
@@ -100,28 +102,51 @@ def group_members(members: list[Member]) -> list[list[Member]]:
     return list(groups.values())
 
 
+@dataclass
+class Outcome:
+    """One member's result before storing: its report and the replacements applied to its model."""
+
+    member: Member
+    report: ModelReport
+    accepted: list[Replacement] = field(default_factory=list)
+
+    @property
+    def stored(self) -> bool:
+        return self.report.role != "dropped"
+
+
 def deduplicate_family(
     members: list[Member], data: DedupData, config: DedupConfig, out: str | Path
 ) -> FamilyReport:
     """Deduplicate ``members`` into a new family store at ``out``; return the report."""
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Member names must be unique, got {names}.")
-    family = FamilyStore.create(out, block_size=config.block_size,
-                                dtype=next(members[0].model.parameters()).dtype)
+    check_unique_names(members)
+    family = new_family_store(out, members, config)
     report = FamilyReport(config=_config_dict(config))
     for group in group_members(members):
-        _dedup_group(group, data, config, family, report)
+        for outcome in dedup_group(group, data, config):
+            report.models.append(store_outcome(family, outcome))
     report.family_stored_bytes = family.stored_bytes()
     return report
 
 
-def _dedup_group(group: list[Member], data: DedupData, config: DedupConfig, family: FamilyStore,
-                 report: FamilyReport) -> None:
+def check_unique_names(members: list[Member]) -> None:
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Member names must be unique, got {names}.")
+
+
+def new_family_store(out: str | Path, members: list[Member], config: DedupConfig) -> FamilyStore:
+    return FamilyStore.create(out, block_size=config.block_size, dtype=next(members[0].model.parameters()).dtype)
+
+
+def dedup_group(group: list[Member], data: DedupData, config: DedupConfig) -> list[Outcome]:
+    """Search one group (same architecture and data): models are edited in place, nothing is stored.
+
+    Outcomes come in storing order: dropped members, the base, then the targets by ascending ε.
+    """
     val_utility = {m.name: public_utility(m.model, data.public_val, data.score_fn) for m in group}
     kept, dropped = fairness_filter(group, val_utility)
-    for m in dropped:
-        report.models.append(ModelReport.dropped(m.name, m.privacy.epsilon, val_utility[m.name]))
+    outcomes = [Outcome(m, ModelReport.dropped(m.name, m.privacy.epsilon, val_utility[m.name])) for m in dropped]
     kept.sort(key=lambda m: (m.privacy.epsilon, m.name))
     base = next((m for m in kept if m.name == config.base), None) if config.base else kept[0]
     if base is None:
@@ -130,18 +155,19 @@ def _dedup_group(group: list[Member], data: DedupData, config: DedupConfig, fami
     base_matrix = base_live.matrix()
     base_report = _start(base, "base", base_live.n_blocks, data)
     base_report.charges = [Charge.from_metadata(base.name, base.privacy)]
-    report.models.append(_store(family, base, None, base_report, data))
+    outcomes.append(Outcome(base, _finish(base, base_report, data)))
     floor_source: ModelReport | None = base_report if config.interactive else None
     targets = [m for m in kept if m is not base]
     for target in tqdm(targets, desc=f"dedup against {base.name}", unit="model", disable=None):
-        result = _dedup_target(target, base, base_matrix, floor_source, data, config, family)
-        report.models.append(result)
+        outcome = _dedup_target(target, base, base_matrix, floor_source, data, config)
+        outcomes.append(outcome)
         if config.interactive:
-            floor_source = result
+            floor_source = outcome.report
+    return outcomes
 
 
 def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
-                  data: DedupData, config: DedupConfig, family: FamilyStore) -> ModelReport:
+                  data: DedupData, config: DedupConfig) -> Outcome:
     start = time.perf_counter()
     live = LiveBlocks(target.model, config.block_size)
     model_report = _start(target, "target", live.n_blocks, data)
@@ -154,13 +180,31 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     validator = _validator(target, data, config, floor)
     sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=data.calibration,
                                  loss_fn=data.calibration_loss)
+    _check_same_plan(target.name, sequence)
     result = run_search(config.strategy, target.model, live, sequence, validator, **config.strategy_options)
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges
-    model_report.ledger = account(charges)
+    # Convert the tight (RDP) figure at the target's own δ, so ε before and after are comparable:
+    # composition can then only raise ε (the loose sum, at the summed δ, is reported beside it).
+    model_report.ledger = account(charges, target_delta=target.privacy.delta or None)
     model_report.seconds = time.perf_counter() - start
-    return _store(family, target, model_report.ledger, model_report, data)
+    return Outcome(target, _finish(target, model_report, data), list(result.accepted))
+
+
+def _check_same_plan(name: str, sequence: list[Replacement]) -> None:
+    """Across processes, every process must search the same plan (saliency and matching are
+    deterministic; this catches a nondeterministic kernel before it silently desynchronises them)."""
+    collective = current_collective()
+    if collective.size == 1:
+        return
+    mine = [(r.block, r.source, r.source_block) for r in sequence]
+    if collective.from_main(lambda: mine) != mine:
+        raise DivergedProcessesError(
+            f"Process {collective.rank} planned other replacements for {name!r} than the main process "
+            "(nondeterministic saliency or similarity kernels?). Use deterministic kernels "
+            "(torch.use_deterministic_algorithms(True)) or run with one process."
+        )
 
 
 def _start(member: Member, role: str, n_blocks: int, data: DedupData) -> ModelReport:
@@ -198,13 +242,24 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, floor: floa
     raise ValueError(f"Unknown validation {config.validation!r}; use 'public', 'svt' or 'naive'.")
 
 
-def _store(family: FamilyStore, member: Member, ledger, model_report: ModelReport, data: DedupData) -> ModelReport:
+def _finish(member: Member, model_report: ModelReport, data: DedupData) -> ModelReport:
+    """Public utilities after the search (the next model's floor may need them)."""
+    model_report.model = member.model
+    model_report.val_utility_after = public_utility(member.model, data.public_val, data.score_fn)
+    if data.public_test is not None:
+        model_report.test_utility_after = public_utility(member.model, data.public_test, data.score_fn)
+    return model_report
+
+
+def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
+    """Write a searched member into the store (a dropped one only gets its report back)."""
+    member, model_report = outcome.member, outcome.report
+    if not outcome.stored:
+        return model_report
     model = member.model
     model_report.model = model
-    model_report.val_utility_after = public_utility(model, data.public_val, data.score_fn)
-    if data.public_test is not None:
-        model_report.test_utility_after = public_utility(model, data.public_test, data.score_fn)
     rows_before = family.blocks.index.total_rows
+    ledger = model_report.ledger
     privacy = ledger.to_metadata() if ledger is not None else member.privacy
     constitution = family.add_model(member.name, model, tokenizer=member.tokenizer,
                                     files_from=member.files_from, privacy=privacy,
