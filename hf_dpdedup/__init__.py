@@ -30,6 +30,8 @@ _LAZY = {
     "FamilyStore": "store",
     "push_family_to_hub": "hub",
     "pipeline": "hub",
+    "ServingPool": "serving",
+    "deduplicate_family": "dedup.planner",
 }
 
 __all__ = ["HfDpDedupError", "__version__", *_LAZY]
@@ -37,6 +39,8 @@ __all__ = ["HfDpDedupError", "__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling import DedupedModel, DedupInfo
     from .hub import pipeline, push_family_to_hub
+    from .dedup.planner import deduplicate_family
+    from .serving import ServingPool
     from .store import FORMAT, BlockStore, FamilyStore
 
 

@@ -115,3 +115,37 @@ class HubAuthError(HubError):
 
 class PushError(HubError):
     """A push that failed midway; every repo still holds its previous (loadable) commit: re-run it."""
+
+
+# --- serving ---------------------------------------------------------------------------------------
+class ServingError(HfDpDedupError):
+    """A serving pool request that cannot be answered."""
+
+
+class UnknownMemberError(ServingError, LookupError):
+    """A member id the pool does not serve (not in the family, or not in the pool's ``members=``)."""
+
+
+class ServingBudgetError(ServingError, ValueError):
+    """A memory budget too small for the family's shared blocks plus the largest member's own tensors."""
+
+
+class ServingTimeoutError(ServingError, TimeoutError):
+    """Memory for a member did not free up in time: every resident member stayed busy."""
+
+
+class ServingRequestError(ServingError, ValueError):
+    """A malformed inference request (e.g. an HTTP body without ``inputs`` or ``text``)."""
+
+
+# --- distributed -----------------------------------------------------------------------------------
+class DistributedDedupError(HfDpDedupError, RuntimeError):
+    """A multi-process deduplication that cannot run or was aborted; no store was written."""
+
+
+class PeerFailureError(DistributedDedupError):
+    """Another process died or stopped answering (killed, crashed, timed out) during a distributed run."""
+
+
+class DivergedProcessesError(DistributedDedupError):
+    """Processes that must compute the same thing (plan, decisions) computed different things."""

@@ -69,6 +69,6 @@ def test_demo_runs_offline_and_reloads_bit_exact(tmp_path):
     result = run_demo(tmp_path / "demo", block_size=65536, train_size=600, eval_size=120)
     assert result["bit_identical"]
     summary = result["summary"]
-    assert len(summary["members"]) == 3
-    # members differ only in their top layer and head: most rows are shared
-    assert summary["store"]["shard_bytes"] < 0.5 * summary["logical_block_bytes"]
+    assert len(summary["members"]) >= 2  # the fairness pre-filter may drop a member of this tiny family
+    one_model = summary["logical_block_bytes"] / len(summary["members"])
+    assert summary["store"]["shard_bytes"] < 1.2 * one_model  # members share all but their heads

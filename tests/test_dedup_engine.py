@@ -168,3 +168,39 @@ def test_tight_figure_is_at_the_targets_delta_and_never_below_its_own_epsilon(tm
         assert m.ledger.epsilon_tight is not None
         assert m.ledger.delta == pytest.approx(1e-5)  # same δ as the member was trained at
         assert m.epsilon_before < m.ledger.epsilon <= m.ledger.epsilon_loose
+
+
+def test_member_record_feeds_the_model_card(tmp_path):
+    from hf_dpdedup.hub.cards import member_card
+    from hf_dpdedup.store.member import read_constitution
+
+    members, batches = make_family()
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:],
+                     public_test_dataset="toy/public-test")
+    deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
+    record = read_constitution(tmp_path / "s" / "members" / "eps8").dedup
+    assert 0 < record["compression"] < 1
+    assert record["public_test"]["dataset"] == "toy/public-test"
+    assert record["public_test"]["after"] == pytest.approx(record["public_test_accuracy"]["after"])
+    card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
+                       store_repo="ns/fam-blocks", store_commit="a" * 40)
+    assert card.data.eval_results[0].dataset_type == "toy/public-test"
+    assert "of its original blocks" in card.text
+
+
+def test_agreement_validation_bounds_the_share_of_changed_predictions(tmp_path):
+    from hf_dpdedup.dedup.tasks import classification_predict
+
+    members, batches = make_family()
+    reference = {m.name: [classification_predict(m.model, b) for b in batches[:3]] for m in members}
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:],
+                     predict_fn=classification_predict)
+    config = DedupConfig(block_size=BLOCK, threshold=0.02, agreement=True, interactive=False)
+    report = deduplicate_family(members, data, config, tmp_path / "s")
+    for m in report.targets:
+        model = next(x.model for x in members if x.name == m.name)
+        changed = sum(int((classification_predict(model, b) != r).sum()) for b, r in zip(batches[:3], reference[m.name]))
+        assert changed <= 0.02 * 300
+        assert m.from_base + m.from_self > 0
+    with pytest.raises(ValueError, match="interactive=False"):
+        DedupConfig(agreement=True)

@@ -6,7 +6,7 @@ For this family ``train.tsv`` is split (seed 7) into a public slice (pre-trainin
 vocabulary) and a private part, which is split again into a private training subset and a
 disjoint private validation part (for the dedup engine's SVT). ``dev.tsv`` sentences are the
 public validation, ``test.tsv`` sentences the public test. A GPT-2-style causal LM (2 layers,
-hidden 128, vocabulary 2,048 trained offline with ``tokenizers``) is pre-trained without DP on the
+hidden 64, vocabulary 1,024 trained offline with ``tokenizers``) is pre-trained without DP on the
 public slice, then every member is DP fine-tuned from it on the private training subset. The token
 and position embeddings (tied to the LM head) are frozen; the transformer blocks and the final
 LayerNorm are DP-trained. Utility: mean per-sentence next-token accuracy
@@ -37,11 +37,11 @@ DATA = HERE.parents[2] / "shared" / "data" / "sst2"
 SEED = 7
 EPSILONS = [1.0, 2.0, 4.0, 6.0, 8.0]
 DELTA = 1e-5
-N_PUBLIC, N_PRIVATE_TRAIN, N_PRIVATE_VAL = 20_000, 16_384, 2_000
-MAX_LENGTH, VOCAB = 24, 2048
-PRETRAIN_EPOCHS = 3
+N_PUBLIC, N_PRIVATE_TRAIN, N_PRIVATE_VAL = 20_000, 8_192, 2_000
+MAX_LENGTH, VOCAB = 20, 1024
+PRETRAIN_EPOCHS = 4
 CONFIG = DPConfig(
-    epsilon=1.0, delta=DELTA, epochs=2, batch_size=1024, lr=2.0, optimizer="sgd", momentum=0.9,
+    epsilon=1.0, delta=DELTA, epochs=2, batch_size=512, lr=0.1, optimizer="sgd", momentum=0.9,
     max_grad_norm=1.0, grad_sample_mode="ghost", seed=SEED,
 )
 
@@ -103,7 +103,7 @@ def build_model(tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     seed_everything(SEED)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=MAX_LENGTH, n_embd=128, n_layer=2, n_head=4,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=MAX_LENGTH, n_embd=64, n_layer=2, n_head=4,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
@@ -117,10 +117,10 @@ def forward(module: nn.Module, batch):
 
 
 def pretrain(model: nn.Module, packed: torch.Tensor, epochs: int = PRETRAIN_EPOCHS) -> None:
-    """Non-private pre-training on the public slice (AdamW, batch 64)."""
+    """Non-private pre-training on the public slice (AdamW, batch 128)."""
     torch.manual_seed(SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(TensorDataset(packed), batch_size=64, shuffle=True)
+    loader = torch.utils.data.DataLoader(TensorDataset(packed), batch_size=128, shuffle=True)
     criterion = SequenceCrossEntropy()
     model.train()
     for _ in range(epochs):
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         epsilons=args.epsilons, config=CONFIG, out=args.out,
         dataset_id=f"glue/sst2:train.tsv#lm-private-train(seed={SEED},n={N_PRIVATE_TRAIN})",
         trained_names=trained, processor=tokenizer,
-        extra_args={"base": "GPT-2 (2x128) pre-trained on a public slice of SST-2 train (no DP)",
+        extra_args={"base": "GPT-2 (2x64) pre-trained on a public slice of SST-2 train (no DP)",
                     "utility": "mean per-sentence next-token accuracy",
                     "pretrain_public_test_utility": pre, "splits": {k: len(v) for k, v in splits.items()}},
     )

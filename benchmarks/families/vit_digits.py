@@ -37,7 +37,7 @@ EPSILONS = [1.0, 2.0, 4.0, 6.0, 8.0]
 DELTA = 1e-5
 PRETRAIN_EPOCHS = 40
 CONFIG = DPConfig(
-    epsilon=1.0, delta=DELTA, epochs=40, batch_size=256, lr=1.0, optimizer="sgd", momentum=0.9,
+    epsilon=1.0, delta=DELTA, epochs=20, batch_size=256, lr=0.02, optimizer="sgd", momentum=0.9,
     max_grad_norm=1.0, grad_sample_mode="ghost", seed=SEED,
 )
 

@@ -14,7 +14,7 @@ import sys
 from ..errors import HfDpDedupError
 
 # module name inside hf_dpdedup.cli, in the order `--help` lists them
-_COMMANDS = ("inspect", "demo", "train_family", "dedup", "push")
+_COMMANDS = ("inspect", "demo", "train_family", "dedup", "push", "serve_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

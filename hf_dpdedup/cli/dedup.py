@@ -2,6 +2,9 @@
 
 Each MODEL is a transformers folder with a ``privacy.json`` (written by ``train-family``: ε, δ,
 data set ids, accountant history). Utility data are GLUE-style TSV files (``label``, ``sentence``).
+
+Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is distributed with
+:mod:`hf_dpdedup.distributed`: ``torchrun --nproc_per_node 4 -m hf_dpdedup.cli dedup ...``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="text-classification", choices=["text-classification", "causal-lm"])
     p.add_argument("--val", required=True, help="public validation TSV")
     p.add_argument("--test", help="public test TSV for reported accuracies")
+    p.add_argument("--test-dataset-id", help="Hub id of the public test set, for model-card results (e.g. stanfordnlp/sst2)")
     p.add_argument("--private-val", help="private validation TSV (used only through SVT / naive Laplace)")
     p.add_argument("--private-id", help="data set id of the private validation set (default: the members' training id)")
     p.add_argument("--validation", default="public", choices=["public", "svt", "naive"])
@@ -39,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-interactive", action="store_true", help="no floor from the previous model")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
+    d = p.add_argument_group("distributed (under torchrun / accelerate launch)")
+    d.add_argument("--parallel", default="auto", choices=["auto", "data", "groups"],
+                   help="auto: one team of processes per model group; data: all on each model; groups: one per process")
+    d.add_argument("--cpu", action="store_true", help="run on CPU with gloo even where GPUs exist")
+    d.add_argument("--timeout", type=float, default=3600.0, help="seconds a process waits for a silent peer")
+    d.add_argument("--device-map", help="load each member with this Accelerate device map (e.g. auto) over "
+                                        "this process' GPUs: for members larger than one device")
     p.set_defaults(func=run)
 
 
@@ -54,6 +65,7 @@ def strategy_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import transformers
 
+    from .. import distributed
     from ..dedup.plan import PlanConfig
     from ..dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
     from ..dedup.tasks import SCORES, private_tsv, tsv_batches
@@ -66,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{folder} has no privacy.json: every member needs its ε, δ and data set id "
                 "(train-family writes it; see hf_dpdedup.privacy.PrivacyMetadata)."
             )
-        config = transformers.AutoConfig.from_pretrained(folder)
-        klass = getattr(transformers, (config.architectures or ["AutoModelForSequenceClassification"])[0])
-        model = klass.from_pretrained(folder).eval()
+        model = distributed.load_member_model(folder, device_map=args.device_map)
         members.append(Member(folder.name, model, load_privacy(folder), files_from=folder))
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.models[0])
     kw = {"max_length": args.max_length}
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         public_val=tsv_batches(tokenizer, args.val, args.task, **kw),
         public_test=tsv_batches(tokenizer, args.test, args.task, **kw) if args.test else None,
         private_val=private,
+        public_test_dataset=args.test_dataset_id,
     )
     config = DedupConfig(
         block_size=args.block_size, threshold=args.threshold, strategy=args.strategy,
@@ -89,7 +100,13 @@ def run(args: argparse.Namespace) -> int:
         validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
         naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
     )
-    report = deduplicate_family(members, data, config, args.out)
+    if distributed.launched_distributed():
+        report = distributed.deduplicate_family_distributed(members, data, config, args.out, parallel=args.parallel,
+                                                            cpu=args.cpu, timeout_s=args.timeout)
+        if report is None:  # not the main process: the main one saves and prints
+            return 0
+    else:
+        report = deduplicate_family(members, data, config, args.out)
     report.save(args.report or Path(args.out) / "report")
     print(report.table())
     return 0

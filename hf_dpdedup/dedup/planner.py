@@ -3,7 +3,8 @@
 Semantics (DESIGN "The deduplication algorithm"):
 
 1. members are grouped by architecture signature (tensor names, shapes, dtypes) and training data;
-2. fairness pre-filter: a member with a higher ε but a lower (public) utility than another is dropped;
+2. fairness pre-filter: a member with a higher ε but a lower public utility than another is dropped
+   (utility on the public test set when given — the figure buyers see —, else on public validation);
 3. the base is the smallest-ε member unless named; it is stored as is;
 4. targets go in ascending ε order; with ``interactive`` the floor of model i is
    ``max(U'_{i-1}, U_i − t)`` so a higher-ε model never ends below a lower-ε one;
@@ -28,11 +29,12 @@ from ..errors import DivergedProcessesError
 from ..privacy import Charge, LaplaceSampler, PrivacyMetadata, PrivateDataset, account, release_utility
 from ..privacy.private_data import current_collective
 from ..store.family import FamilyStore
+from ..store.member import update_dedup_record
 from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of
 from .search import run_search
-from .validate import NaiveValidator, PublicValidator, SVTValidator, public_utility
+from .validate import NaiveValidator, PublicValidator, SVTValidator, agreement_batches, public_utility
 
 
 @dataclass
@@ -56,6 +58,9 @@ class DedupData:
     private_val: PrivateDataset | None = None
     calibration: list[Any] | None = None  # public batches with labels, for gradient saliency
     calibration_loss: Callable[[Any, Any], Any] | None = None  # default: model(**batch).loss
+    public_test_dataset: str | None = None  # Hub id of the public test set (e.g. "stanfordnlp/sst2")
+    predict_fn: Callable[[Any, Any], Any] | None = None  # per-example predictions, for agreement validation
+    public_test_split: str = "test"
 
 
 @dataclass
@@ -71,6 +76,14 @@ class DedupConfig:
     naive_epsilon: float = 0.1
     floor_epsilon: float = 0.1  # charged release of U'_{i-1} when validation is private
     interactive: bool = True
+    # Validate on agreement with the target's own predictions instead of on labels: the "drop" is the
+    # share of public validation examples whose prediction changed, which bounds the accuracy change
+    # on any data set and is a far less noisy signal than the accuracy on a small validation set.
+    agreement: bool = False
+
+    def __post_init__(self) -> None:
+        if self.agreement and self.interactive:
+            raise ValueError("agreement validation compares each model with itself: use interactive=False.")
     base: str | None = None
     noise_seed: int | None = None  # seeded noise: tests only, marked in every report
 
@@ -144,9 +157,13 @@ def dedup_group(group: list[Member], data: DedupData, config: DedupConfig) -> li
 
     Outcomes come in storing order: dropped members, the base, then the targets by ascending ε.
     """
-    val_utility = {m.name: public_utility(m.model, data.public_val, data.score_fn) for m in group}
-    kept, dropped = fairness_filter(group, val_utility)
-    outcomes = [Outcome(m, ModelReport.dropped(m.name, m.privacy.epsilon, val_utility[m.name])) for m in dropped]
+    # Fairness is about the utilities buyers are shown: the public test set's when there is one.
+    on_test = data.public_test is not None
+    fair_data = data.public_test if on_test else data.public_val
+    utility = {m.name: public_utility(m.model, fair_data, data.score_fn) for m in group}
+    kept, dropped = fairness_filter(group, utility)
+    outcomes = [Outcome(m, ModelReport.dropped(m.name, m.privacy.epsilon, utility[m.name], on_test=on_test))
+                for m in dropped]
     kept.sort(key=lambda m: (m.privacy.epsilon, m.name))
     base = next((m for m in kept if m.name == config.base), None) if config.base else kept[0]
     if base is None:
@@ -228,8 +245,13 @@ def _previous_floor(previous: ModelReport, data: DedupData, config: DedupConfig)
 
 def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None):
     t = config.threshold
+    if config.validation == "public" and config.agreement:
+        batches = agreement_batches(data.public_val, target.model, data.predict_fn)
+        return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=t)
     if config.validation == "public":
         return PublicValidator(data.public_val, data.score_fn, reference=target.model, allowed_drop=t, floor=floor)
+    if config.agreement:
+        raise ValueError("agreement validation needs public validation data (validation='public').")
     if data.private_val is None:
         raise ValueError(f"validation={config.validation!r} needs private validation data (DedupData.private_val).")
     common = dict(reference=target.model, allowed_drop=t, floor=floor, sampler=config.sampler(),
@@ -248,6 +270,8 @@ def _finish(member: Member, model_report: ModelReport, data: DedupData) -> Model
     model_report.val_utility_after = public_utility(member.model, data.public_val, data.score_fn)
     if data.public_test is not None:
         model_report.test_utility_after = public_utility(member.model, data.public_test, data.score_fn)
+        model_report.public_test_name = data.public_test_dataset
+        model_report.public_test_split = data.public_test_split
     return model_report
 
 
@@ -266,6 +290,9 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
                                     dedup=model_report.card_fields(member.privacy))
     model_report.own_bytes = stored_bytes_of(family, constitution, rows_before)
     model_report.original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # Figures known only once the rows are stored go into the member's record afterwards.
+    update_dedup_record(family.member_path(member.name),
+                        {"compression": model_report.compression, "public_test": model_report.public_test()})
     return model_report
 
 

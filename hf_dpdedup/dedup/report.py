@@ -49,6 +49,8 @@ class ModelReport:
     own_bytes: int = 0
     original_bytes: int = 0
     seconds: float = 0.0
+    public_test_name: str | None = None  # Hub id of the public test set, when known
+    public_test_split: str = "test"
     ledger: Any = None  # privacy.LedgerReport
     charges: list = field(default_factory=list, repr=False)
     model: Any = field(default=None, repr=False)
@@ -58,8 +60,10 @@ class ModelReport:
         return cls(member.name, role, member.privacy.epsilon, member.privacy.delta, n_blocks=n_blocks)
 
     @classmethod
-    def dropped(cls, name: str, epsilon: float, val_utility: float) -> "ModelReport":
-        return cls(name, "dropped", epsilon, 0.0, val_utility_before=val_utility)
+    def dropped(cls, name: str, epsilon: float, utility: float, *, on_test: bool) -> "ModelReport":
+        if on_test:
+            return cls(name, "dropped", epsilon, 0.0, test_utility_before=utility)
+        return cls(name, "dropped", epsilon, 0.0, val_utility_before=utility)
 
     def record_search(self, result, candidates: int, floor: float | None) -> None:
         counts = Counter(r.source for r in result.accepted)
@@ -81,6 +85,13 @@ class ModelReport:
     @property
     def svt_epsilon(self) -> float:
         return sum(c.epsilon for c in self.charges if c.kind == "svt")
+
+    def public_test(self) -> dict[str, Any] | None:
+        """The public test result for a model card's ``model-index`` (needs the data set's Hub id)."""
+        if not self.public_test_name or self.test_utility_after is None:
+            return None
+        return {"dataset": self.public_test_name, "split": self.public_test_split, "metric": "accuracy",
+                "before": self.test_utility_before, "after": self.test_utility_after}
 
     def card_fields(self, original: PrivacyMetadata) -> dict[str, Any]:
         """What goes into the constitution's ``dedup`` block (and from there into the model card)."""

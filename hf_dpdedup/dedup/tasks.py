@@ -26,6 +26,10 @@ def classification_score(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return classification_correct(model(**inputs).logits, batch["labels"])
 
 
+def classification_predict(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.argmax(dim=-1)
+
+
 def token_accuracy_score(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return next_token_accuracy(model(**inputs).logits, batch["input_ids"], batch["attention_mask"])
@@ -76,6 +80,10 @@ def cls_head_score(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return classification_correct(logits, batch["labels"])
 
 
+def cls_head_predict(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return BertTopClsHead(model)(batch["residual"], batch["context"]).argmax(dim=-1)
+
+
 def cls_head_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = BertTopClsHead(model)(batch["residual"], batch["context"])
     return torch.nn.functional.cross_entropy(logits, batch["labels"])
@@ -93,6 +101,7 @@ class ClsHeadTask:
 
     score_fn = staticmethod(cls_head_score)
     loss_fn = staticmethod(cls_head_loss)
+    predict_fn = staticmethod(cls_head_predict)
 
     def __init__(self, model, tokenizer, *, max_length: int = 64) -> None:
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length

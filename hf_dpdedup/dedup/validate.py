@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from ..privacy import LaplaceSampler, NaiveLaplaceValidator, PrivateDataset, SVTSession
+from ..privacy.private_data import current_collective, shard_range
 
 ScoreFn = Callable[[Any, Any], Any]
 
@@ -32,22 +33,53 @@ class Validator(Protocol):
 
 @torch.no_grad()
 def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> float:
-    """Mean per-example score on public data (never call this with private data)."""
+    """Mean per-example score on public data (never call this with private data).
+
+    Inside a ``collective_scope`` each process scores its contiguous shard of the batches; the
+    per-batch sums are then added in batch order, so the result is bit-identical to one process.
+    """
     if isinstance(batches, PrivateDataset):
         batches.evaluate()  # raises PrivateDataAccessError and counts the attempt
+    batches = list(batches)
+    collective = current_collective()
+    mine = shard_range(len(batches), collective.rank, collective.size)
+    sums, counts = [0.0] * len(batches), [0] * len(batches)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     try:
-        for batch in batches:
-            scores = torch.as_tensor(score_fn(model, batch), dtype=torch.float64).clamp(0, 1)
-            total += float(scores.sum())
-            count += scores.numel()
+        for i in mine:
+            scores = torch.as_tensor(score_fn(model, batches[i]), dtype=torch.float64).clamp(0, 1)
+            sums[i], counts[i] = float(scores.sum()), scores.numel()
     finally:
         model.train(was_training)
+    if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
+        sums, counts = collective.sum(sums), collective.sum(counts)
+    total, count = 0.0, 0
+    for batch_sum, batch_count in zip(sums, counts):
+        total += batch_sum
+        count += batch_count
     if count == 0:
         raise ValueError("The public validation data is empty: pass at least one batch.")
     return total / count
+
+
+@torch.no_grad()
+def agreement_batches(batches: list[Any], reference: torch.nn.Module, predict_fn: Callable[[Any, Any], Any] | None) -> list[Any]:
+    """Public batches relabelled with ``reference``'s own predictions (``batch["labels"]``).
+
+    Scored with the task's correctness score, a candidate's utility is then its agreement with the
+    reference, so ``1 − agreement`` is the share of examples whose prediction the edits changed.
+    """
+    if predict_fn is None:
+        raise ValueError("agreement validation needs DedupData.predict_fn (per-example predictions).")
+    if isinstance(batches, PrivateDataset):
+        batches.evaluate()  # raises PrivateDataAccessError: private data never leaves its mechanisms
+    was_training = reference.training
+    reference.eval()
+    try:
+        return [{**batch, "labels": torch.as_tensor(predict_fn(reference, batch))} for batch in batches]
+    finally:
+        reference.train(was_training)
 
 
 class PublicValidator:

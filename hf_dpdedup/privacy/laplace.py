@@ -8,7 +8,9 @@
   ε_q. k validations cost k·ε_q (loose); SVT costs its ε once however many validations it makes.
 
 Noise is exact discrete Laplace on integer sums (see :mod:`.noise`); the released float is a
-post-processing of an exact integer, so no floating-point leak.
+post-processing of an exact integer, so no floating-point leak. Across processes
+(``collective_scope``) the integer sums are added over the shards and only the main process draws
+the noise; the others receive the released value or the decision.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from .private_data import (
     SCORE_GRID,
     PrivateDataset,
     ScoreFn,
+    current_collective,
     mechanism_id,
     open_grant,
-    quantized_scores,
+    quantized_total,
     revoke_grant,
 )
 
@@ -63,17 +66,22 @@ def release_utility(
     """Charge ε to ``dataset`` and release U(model) + Lap(1/(|D|·ε)), clamped to [0, 1]."""
     eps = check_epsilon(epsilon)
     sampler = sampler if sampler is not None else LaplaceSampler.secure()
-    source_id = mechanism_id("laplace", dataset, label)
+    collective = current_collective()
+    source_id = collective.from_main(lambda: mechanism_id("laplace", dataset, label))
     charge = Charge(source_id, (dataset.dataset_id,), eps, 0.0, "laplace", seeded=sampler.seeded)
     grant = open_grant(dataset, charge)
     try:
-        total = int(quantized_scores(dataset, grant, model, score_fn).sum())
+        total = quantized_total(dataset, grant, model, score_fn)
     finally:
         revoke_grant(dataset, grant)
     scale_units = Fraction(SCORE_GRID) / Fraction(eps)  # one example moves the sum by ≤ SCORE_GRID
     units = len(dataset) * SCORE_GRID
-    noisy = Fraction(total + sampler.discrete_laplace(scale_units), units)
-    value = float(min(max(noisy, Fraction(0)), Fraction(1)))
+
+    def noisy_value() -> float:
+        noisy = Fraction(total + sampler.discrete_laplace(scale_units), units)
+        return float(min(max(noisy, Fraction(0)), Fraction(1)))
+
+    value = collective.from_main(noisy_value)
     return NoisyRelease(value, eps, float(scale_units / units), charge, sampler.seeded)
 
 
@@ -108,12 +116,13 @@ class NaiveLaplaceValidator:
         units = Fraction(len(dataset) * SCORE_GRID)
         self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
         self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
-        self._label = mechanism_id("naive", dataset, label)
+        self._collective = current_collective()
+        self._label = self._collective.from_main(lambda: mechanism_id("naive", dataset, label))
         self.charges: list[Charge] = []
         self.queries = 0
         # The reference is read now (the engine edits it in place later), under the first query's charge.
         self._pending = self._open_query()
-        self._reference_total = int(quantized_scores(dataset, self._pending, reference, score_fn).sum())
+        self._reference_total = quantized_total(dataset, self._pending, reference, score_fn)
 
     @property
     def epsilon_spent(self) -> float:
@@ -127,7 +136,7 @@ class NaiveLaplaceValidator:
         """Charge ε_q, release q + Lap(2/(|D|·ε_q)) and accept iff it is below the allowed drop."""
         grant, self._pending = self._pending or self._open_query(), None
         try:
-            total = int(quantized_scores(self._dataset, grant, candidate, self._score_fn).sum())
+            total = quantized_total(self._dataset, grant, candidate, self._score_fn)
         finally:
             revoke_grant(self._dataset, grant)
         self.queries += 1
@@ -135,7 +144,9 @@ class NaiveLaplaceValidator:
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
         scale_units = Fraction(2 * SCORE_GRID) / Fraction(self._eps)
-        return query + self._sampler.discrete_laplace(scale_units) < self._threshold
+        # main process only: the noise never exists on the others, they receive the answer
+        return self._collective.from_main(
+            lambda: bool(query + self._sampler.discrete_laplace(scale_units) < self._threshold))
 
     def _open_query(self) -> Any:
         charge = Charge(f"{self._label}/q{len(self.charges) + 1}", (self._dataset.dataset_id,), self._eps, 0.0,

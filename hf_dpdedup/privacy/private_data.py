@@ -17,6 +17,11 @@ Scores: ``score_fn(model, batch)`` returns one score per example. Inside the mec
 are made safe — NaN → 0, clipped to [0, 1] — and quantised to integers ``floor(s · SCORE_GRID)``,
 so every private sum is an exact integer with known sensitivity and the noise can be exact.
 The data set size ``len(D)`` is treated as public (it is printed in model cards anyway).
+
+Distribution: inside :func:`collective_scope`, a mechanism's pass over the data
+(:func:`quantized_total`) scores only this process' contiguous shard of batches and sums the
+integer partial sums across processes; noise and decisions come from the main process only
+(:meth:`Collective.from_main`). Without a scope the single-process :data:`SINGLE_PROCESS` is used.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import secrets
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, NoReturn
+from contextvars import ContextVar
+from typing import Any, Iterator, NoReturn, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,6 +42,60 @@ from .charge import Charge, sum_rounded_up
 SCORE_GRID = 2**16  # per-example scores become integers in [0, SCORE_GRID]
 
 ScoreFn = Callable[[Any, Any], Any]
+T = TypeVar("T")
+
+
+# --- distribution seam -----------------------------------------------------------------------------
+class Collective(Protocol):
+    """The processes that evaluate one model together (see ``hf_dpdedup.distributed``)."""
+
+    rank: int  # this process' position among them
+    size: int  # how many they are
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def sum(self, values: list[int] | list[float]) -> list:
+        """Element-wise sum over the processes (exact for integers; floats: one non-zero addend each)."""
+
+    def from_main(self, compute: Callable[[], T]) -> T:
+        """``compute()`` on the main process only; every process returns its result."""
+
+
+class _SingleProcess:
+    rank, size, is_main = 0, 1, True
+
+    def sum(self, values):
+        return list(values)
+
+    def from_main(self, compute):
+        return compute()
+
+
+SINGLE_PROCESS: Collective = _SingleProcess()
+_ACTIVE: ContextVar[Collective] = ContextVar("hf_dpdedup_collective", default=SINGLE_PROCESS)
+
+
+def current_collective() -> Collective:
+    return _ACTIVE.get()
+
+
+@contextmanager
+def collective_scope(collective: Collective):
+    """Make the mechanisms and public evaluations in this block run across ``collective``."""
+    token = _ACTIVE.set(collective)
+    try:
+        yield collective
+    finally:
+        _ACTIVE.reset(token)
+
+
+def shard_range(n_items: int, rank: int, size: int) -> range:
+    """Contiguous shard ``rank`` of ``size`` over ``range(n_items)``; the first ``n_items % size``
+    shards get one more item. The shards partition the range exactly (no padding, no repeats)."""
+    per, extra = divmod(n_items, size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
 
 
 class _Grant:
@@ -202,17 +262,36 @@ def revoke_grant(dataset: PrivateDataset, grant: _Grant) -> None:
 
 def quantized_scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> np.ndarray:
     """Per-example scores of ``model`` on the data, as integers in [0, SCORE_GRID]. Grant required."""
+    n_batches = -(-dataset._size // dataset._batch_size)
+    return _scores(dataset, grant, model, score_fn, range(n_batches))
+
+
+def quantized_total(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> int:
+    """Σ of the quantised scores over the whole data set, computed across the current collective.
+
+    Each process scores its contiguous shard of batches (batches are cut exactly as in one
+    process, so every score is computed on the same batch) and the integer partial sums are added.
+    """
+    collective = current_collective()
+    n_batches = -(-dataset._size // dataset._batch_size)
+    local = int(_scores(dataset, grant, model, score_fn, shard_range(n_batches, collective.rank, collective.size)).sum())
+    return int(collective.sum([local])[0])
+
+
+def _scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn, batches: range) -> np.ndarray:
     vault = _VAULT[dataset]
     if grant is None or grant.revoked or grant not in vault.grants:
         dataset._refuse("a read without a valid grant")
     dataset._charged_reads += 1
-    out = np.empty(dataset._size, dtype=np.int64)
+    size, batch_size = dataset._size, dataset._batch_size
+    first = batches.start * batch_size
+    out = np.empty(max(0, min(batches.stop * batch_size, size) - first), dtype=np.int64)
     failure = None
     try:
         with _inference(model):
-            for start, batch in _batches(vault.examples, dataset._size, dataset._batch_size, dataset._collate):
-                stop = min(start + dataset._batch_size, dataset._size)
-                out[start:stop] = _quantize(score_fn(model, batch), stop - start)
+            for start, batch in _batches(vault.examples, size, batch_size, dataset._collate, batches):
+                stop = min(start + batch_size, size)
+                out[start - first : stop - first] = _quantize(score_fn(model, batch), stop - start)
     except PrivacyError:
         raise
     except Exception as exc:  # noqa: BLE001 - the message may quote private data: keep only the type
@@ -236,8 +315,9 @@ def _quantize(scores: Any, expected: int) -> np.ndarray:
     return np.floor(values * SCORE_GRID).astype(np.int64)
 
 
-def _batches(examples: Any, size: int, batch_size: int, collate: Callable[[list[Any]], Any] | None):
-    for start in range(0, size, batch_size):
+def _batches(examples: Any, size: int, batch_size: int, collate: Callable[[list[Any]], Any] | None,
+             batches: range):
+    for start in (b * batch_size for b in batches):
         stop = min(start + batch_size, size)
         if isinstance(examples, Mapping):
             yield start, {k: v[start:stop] for k, v in examples.items()}

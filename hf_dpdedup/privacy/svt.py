@@ -13,6 +13,10 @@ This is Lyu, Su & Li (VLDB 2017), Alg. 1 with the 2c factor for queries that are
 Internally all quantities are exact integers in units of 1/(|D|·SCORE_GRID) and the noise is
 exact discrete Laplace with the same scales, so the proof's shift arguments hold verbatim.
 
+Across processes (``collective_scope``), the private sums are added over the processes' shards,
+and ρ, every ν and every answer come from the main process only: the others receive the answer.
+The mechanism, its noise and its charge are those of one process.
+
 A public floor (``floor``, e.g. the previous model's released utility) turns the query into
 ``max(U(M) − U(M'), T + floor − U(M'))``: too big a drop *or* below the floor. Each term has
 sensitivity ≤ 2/|D|, so the max does too.
@@ -33,9 +37,10 @@ from .private_data import (
     SCORE_GRID,
     PrivateDataset,
     ScoreFn,
+    current_collective,
     mechanism_id,
     open_grant,
-    quantized_scores,
+    quantized_total,
     revoke_grant,
 )
 
@@ -141,12 +146,15 @@ class SVTSession:
         units = Fraction(len(dataset) * SCORE_GRID)
         self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
         self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
-        source_id = mechanism_id("svt", dataset, label)
+        self._collective = current_collective()
+        source_id = self._collective.from_main(lambda: mechanism_id("svt", dataset, label))
         self.charge = Charge(source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
                              seeded=self._sampler.seeded)
         self._grant = open_grant(dataset, self.charge)
-        self._reference_total = int(quantized_scores(dataset, self._grant, reference, score_fn).sum())
-        self._rho = self._sampler.discrete_laplace(self.parameters.threshold_scale_units)
+        self._reference_total = quantized_total(dataset, self._grant, reference, score_fn)
+        # Only the main process holds ρ and draws ν; the others learn nothing but the answers.
+        self._rho = (self._sampler.discrete_laplace(self.parameters.threshold_scale_units)
+                     if self._collective.is_main else None)
         self.queries = 0
         self.above_count = 0
 
@@ -174,18 +182,21 @@ class SVTSession:
                 f"SVT session {self.charge.source_id!r} has halted after {self.above_count} 'too big a drop' "
                 f"answers (cut-off {self.parameters.cutoff}); stop deduplicating this model."
             )
-        total = int(quantized_scores(self._dataset, self._grant, candidate, self._score_fn).sum())
+        total = quantized_total(self._dataset, self._grant, candidate, self._score_fn)
         query = Fraction(self._reference_total - total)
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
-        nu = self._sampler.discrete_laplace(self.parameters.query_scale_units)
-        too_big = query + nu >= self._threshold + self._rho
+        too_big = self._collective.from_main(lambda: self._too_big(query))
         self.queries += 1
         if too_big:
             self.above_count += 1
             if self.above_count >= self.parameters.cutoff:
                 self.close()
         return not too_big
+
+    def _too_big(self, query: Fraction) -> bool:
+        nu = self._sampler.discrete_laplace(self.parameters.query_scale_units)
+        return bool(query + nu >= self._threshold + self._rho)
 
     def close(self) -> None:
         """End the session (its ε stays charged); later queries raise SVTHaltedError."""

@@ -125,6 +125,16 @@ def _write_side_files(tmp: Path, source: MemberSource) -> None:
         )
 
 
+def update_dedup_record(member_dir: Path, updates: dict[str, Any]) -> Constitution:
+    """Merge ``updates`` (``None`` values dropped) into a member's ``dedup`` record, atomically."""
+    constitution = read_constitution(member_dir)
+    record = {**(constitution.dedup or {}), **{k: v for k, v in updates.items() if v is not None}}
+    data = constitution.to_dict()
+    data["dedup"] = record
+    atomic_write_json(member_dir / CONSTITUTION_FILE, data)
+    return Constitution.from_dict(data)
+
+
 # --- reading -----------------------------------------------------------------------------------------
 def read_constitution(member_dir: Path) -> Constitution:
     return Constitution.from_dict(read_json(member_dir / CONSTITUTION_FILE, "dedup_constitution.json"))

@@ -3,7 +3,8 @@
 Public API:
 
 * :func:`train_text_family` — a sequence-classification family, saved as transformers folders
-  with ``privacy.json`` and ``training_args.json`` per member.
+  with ``privacy.json`` and ``training_args.json`` per member (the ``train-family`` command).
+* :func:`train_members` — the task-independent family loop (used by the benchmark families).
 * :func:`train_dp` / :class:`DPConfig` / :class:`DPResult` — one Opacus DP-SGD run on any module.
 * :class:`LARS` — layer-wise adaptive rate scaling, usable under Opacus.
 * :mod:`.tasks` — per-example utility scores (in [0, 1]) the dedup engine validates with.
@@ -12,15 +13,16 @@ Public API:
 
 from .data import TextClassificationData, load_digits_halves, read_tsv, split_indices, split_private
 from .family import MemberSummary, check_family_request, train_members
-from .text import load_base, train_text_family
 from .lars import LARS
 from .members import changed_tensors, load_privacy, member_dirname, save_member
-from .opacus_train import DPConfig, DPResult, train_dp, validate_budget
+from .opacus_train import DPConfig, DPResult, calibrate_noise, train_dp, validate_budget
 from .tasks import classification_correct, mean_score, next_token_accuracy
+from .text import load_base, train_text_family
 
 __all__ = [
-    "DPConfig", "DPResult", "LARS", "MemberSummary", "TextClassificationData", "changed_tensors",
-    "check_family_request", "classification_correct", "load_digits_halves", "load_privacy",
-    "mean_score", "member_dirname", "next_token_accuracy", "read_tsv", "save_member", "split_indices",
-    "split_private", "train_dp", "train_members", "train_text_family", "validate_budget", "load_base",
+    "DPConfig", "DPResult", "LARS", "MemberSummary", "TextClassificationData", "calibrate_noise",
+    "changed_tensors", "check_family_request", "classification_correct", "load_base",
+    "load_digits_halves", "load_privacy", "mean_score", "member_dirname", "next_token_accuracy",
+    "read_tsv", "save_member", "split_indices", "split_private", "train_dp", "train_members",
+    "train_text_family", "validate_budget",
 ]

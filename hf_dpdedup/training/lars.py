@@ -1,7 +1,7 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman & Ginsburg, 2017).
 
 Large-batch SGD with one learning rate per tensor, scaled by the trust ratio
-``η · ‖w‖ / (‖g‖ + λ‖w‖)``. DP-SGD trains with large logical batches, where LARS is reported to
+``η · ‖w‖ / ‖g + λw‖``. DP-SGD trains with large logical batches, where LARS is reported to
 beat plain SGD. It wraps cleanly under Opacus' ``DPOptimizer``, which only sets ``p.grad`` to the
 noisy clipped gradient before calling ``step``.
 """
@@ -20,7 +20,7 @@ class LARS(Optimizer):
         lr: global learning rate (multiplies the trust ratio).
         momentum: heavy-ball momentum.
         weight_decay: L2 penalty λ, added to the gradient before the update.
-        trust_coefficient: η; the per-tensor rate is ``lr · η · ‖w‖ / (‖g‖ + λ‖w‖)``.
+        trust_coefficient: η; the per-tensor rate is ``lr · η · ‖w‖ / ‖g + λw‖``.
         eps: guards the division.
         exclude_1d: tensors with one dimension (biases, norms) get neither weight decay nor the
             trust ratio, as in the paper's usual practice.

@@ -83,17 +83,17 @@ def train_text_family(
                for name, d in (("train", train), ("val", public_val), ("test", public_test))}
     labels = {name: torch.tensor(d.labels) for name, d in (("train", train), ("val", public_val), ("test", public_test))}
     if strategy == "top-cls":
-        inputs = _cached_inputs(model, encoded, out / "_cache", progress)
+        inputs = cached_inputs(model, encoded, out / "_cache", progress)
         module: nn.Module = BertTopClsHead(model)
-        forward = _forward_head
+        forward = forward_head
     else:
         inputs = {k: (v["input_ids"], v["attention_mask"]) for k, v in encoded.items()}
-        module, forward = model, _forward_model
+        module, forward = model, forward_model
     extra = {**(extra_args or {}), "base": str(base), "strategy": strategy, "max_length": max_length}
 
     def evaluate(trained: nn.Module) -> tuple[float, float]:
-        return (_accuracy(trained, forward, inputs["val"], labels["val"]),
-                _accuracy(trained, forward, inputs["test"], labels["test"]))
+        return (accuracy(trained, forward, inputs["val"], labels["val"]),
+                accuracy(trained, forward, inputs["test"], labels["test"]))
 
     return train_members(
         model=model, module=module, train_set=TensorDataset(*inputs["train"], labels["train"]),
@@ -116,7 +116,7 @@ def _freeze_embeddings(model: nn.Module) -> list[str]:
     return names
 
 
-def _cached_inputs(model, encoded, cache_dir: Path, progress) -> dict[str, tuple[torch.Tensor, ...]]:
+def cached_inputs(model, encoded, cache_dir: Path, progress) -> dict[str, tuple[torch.Tensor, ...]]:
     """[CLS] (residual, context) per split, computed once and kept on disk for the whole family."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     inputs = {}
@@ -140,20 +140,24 @@ def _cached_inputs(model, encoded, cache_dir: Path, progress) -> dict[str, tuple
 
 
 def _fingerprint(model: nn.Module, input_ids: torch.Tensor) -> str:
-    # The cache is valid for these exact inputs and frozen weights (the first layer suffices
-    # to tell bases apart cheaply together with the config).
+    """The cache is valid for these exact inputs, this config and these frozen weights."""
     h = hashlib.sha256(input_ids.numpy().tobytes())
     h.update(model.config.to_json_string().encode())
-    h.update(model.get_input_embeddings().weight.detach().numpy()[:64].tobytes())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _forward_head(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_head(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of a :class:`BertTopClsHead` on a cached ``(residual, context, labels)`` batch."""
     residual, context, labels = batch
     return module(residual.float(), context.float()), labels
 
 
-def _forward_model(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_model(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of a full classifier on ``(input_ids, attention_mask, labels)``."""
     input_ids, attention_mask, labels = batch
     model = getattr(module, "_module", module)  # Opacus' GradSampleModule wraps the model
     accepted = inspect.signature(model.forward).parameters
@@ -162,7 +166,8 @@ def _forward_model(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def _accuracy(module, forward, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, batch_size: int = 512) -> float:
+def accuracy(module, forward, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Mean of :func:`classification_correct` over ``inputs`` (eval mode, no gradients)."""
     module.eval()
     scores = []
     for start in range(0, len(labels), batch_size):

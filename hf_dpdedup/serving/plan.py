@@ -1,0 +1,145 @@
+"""Member plans: what the pool needs to know about a member before composing it.
+
+A plan is read once per member when the pool opens (constitution, config, model class) and names
+every tensor by a :class:`TensorKey`: block tensors by their row ids, extras by the sha256 of their
+bytes. Two members whose tensor has the same key hold the same values, so the pool gives them one
+shared tensor object. The plan also carries an *architecture signature*: members with equal
+signatures have interchangeable module trees, so one's model can be re-pointed to the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..blocks import parse_dtype
+from ..errors import BlockLayoutError
+from ..store.constitution import Constitution
+from ..store.format import EXTRAS_FILE
+from ..store.io import verify_file
+from ..store.member import read_constitution
+
+#: config fields that differ between members of one architecture without changing the module tree
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "architectures", "_commit_hash")
+
+
+@dataclass(frozen=True)
+class TensorKey:
+    """Identity of a tensor's values: ``("rows", row ids)`` or ``("extra", sha256)``, shape, dtype."""
+
+    kind: str
+    ident: tuple[int, ...] | str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's values."""
+        return math.prod(self.shape) * parse_dtype_any(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """Everything needed to compose member ``name`` from the pool's row memory."""
+
+    name: str
+    path: Path
+    constitution: Constitution
+    config: Any  # transformers PretrainedConfig
+    klass: type
+    signature: str
+    tensors: dict[str, TensorKey]  # block tensors and extras, canonical names only
+    aliases: dict[str, str]  # tied name -> canonical name
+
+    @cached_property
+    def keys(self) -> frozenset[TensorKey]:
+        """The member's distinct tensor keys."""
+        return frozenset(self.tensors.values())
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of this member as one ordinary model (each distinct tensor once)."""
+        return sum(k.nbytes for k in self.tensors.values())
+
+    @property
+    def rows(self) -> list[int]:
+        return self.constitution.all_rows
+
+
+def parse_dtype_any(name: str) -> torch.dtype:
+    """A dtype by name: block dtypes, and any other torch dtype an extra may have (int64, bool...)."""
+    try:
+        return parse_dtype(name)
+    except BlockLayoutError:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise
+        return dtype
+
+
+def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan:
+    """Read member ``name``'s folder into a :class:`MemberPlan` (extras are hashed, not kept)."""
+    from transformers import AutoConfig
+
+    from ..modeling import _model_class
+
+    constitution = read_constitution(member_dir)
+    config = AutoConfig.from_pretrained(member_dir)
+    klass = _model_class(config, constitution.architecture)
+    tensors = {
+        t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors
+    }
+    tensors.update(extra_keys(member_dir, constitution, verify=verify))
+    return MemberPlan(
+        name=name,
+        path=member_dir,
+        constitution=constitution,
+        config=config,
+        klass=klass,
+        signature=_signature(klass, config, tensors, constitution.aliases),
+        tensors=tensors,
+        aliases=dict(constitution.aliases),
+    )
+
+
+def extra_keys(member_dir: Path, constitution: Constitution, *, verify: bool = True) -> dict[str, TensorKey]:
+    """The key of each extra tensor: the sha256 of its bytes (so equal extras share one tensor)."""
+    keys: dict[str, TensorKey] = {}
+    with _open_extras(member_dir, constitution, verify) as fh:
+        for name in constitution.extras:
+            tensor = fh.get_tensor(name)
+            digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            keys[name] = TensorKey("extra", digest, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    return keys
+
+
+def read_extras(
+    member_dir: Path, constitution: Constitution, names: list[str], *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """Extras ``names`` of a member, each in its own (aligned) memory."""
+    with _open_extras(member_dir, constitution, verify) as fh:
+        return {n: fh.get_tensor(n).clone() for n in names}
+
+
+def _open_extras(member_dir: Path, constitution: Constitution, verify: bool):
+    path = member_dir / EXTRAS_FILE
+    if verify:
+        verify_file(path, constitution.extras_sha256, what="extras file")
+    return safe_open(path, framework="pt")
+
+
+def _signature(klass: type, config: Any, tensors: dict[str, TensorKey], aliases: dict[str, str]) -> str:
+    """Equal for members whose models have the same class, config and tensor shapes."""
+    cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG}
+    layout = sorted((n, list(k.shape), k.dtype) for n, k in tensors.items())
+    raw = json.dumps([klass.__module__, klass.__qualname__, cfg, layout, sorted(aliases.items())],
+                     sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()
