@@ -112,7 +112,23 @@ class PublicValidator:
         return self.last_utility >= self.minimum
 
 
-class SVTValidator:
+class _MechanismValidator:
+    """A charged private-data mechanism behind the validator interface (counts validations)."""
+
+    def __init__(self, mechanism: SVTSession | NaiveLaplaceValidator) -> None:
+        self.mechanism = mechanism
+        self.validations = 0
+
+    @property
+    def halted(self) -> bool:
+        return getattr(self.mechanism, "halted", False)
+
+    def accepts(self, model: torch.nn.Module) -> bool:
+        self.validations += 1
+        return self.mechanism.accepts(model)
+
+
+class SVTValidator(_MechanismValidator):
     """Private validation through one SVT session per target model (see ``privacy.svt``)."""
 
     def __init__(
@@ -128,26 +144,17 @@ class SVTValidator:
         sampler: LaplaceSampler | None = None,
         label: str | None = None,
     ) -> None:
-        self.session = SVTSession(
+        super().__init__(SVTSession(
             dataset, reference=reference, score_fn=score_fn, epsilon=epsilon, cutoff=cutoff,
             allowed_drop=allowed_drop, floor=floor, sampler=sampler, label=label,
-        )
-        self.validations = 0
-
-    @property
-    def halted(self) -> bool:
-        return self.session.halted
+        ))
 
     @property
     def charges(self) -> list:
-        return [self.session.charge]
-
-    def accepts(self, model: torch.nn.Module) -> bool:
-        self.validations += 1
-        return self.session.accepts(model)
+        return [self.mechanism.charge]  # the whole session's ε, charged once
 
 
-class NaiveValidator:
+class NaiveValidator(_MechanismValidator):
     """Private validation where every query is its own charged Laplace release (baseline)."""
 
     def __init__(
@@ -162,20 +169,11 @@ class NaiveValidator:
         sampler: LaplaceSampler | None = None,
         label: str | None = None,
     ) -> None:
-        self.inner = NaiveLaplaceValidator(
+        super().__init__(NaiveLaplaceValidator(
             dataset, reference=reference, score_fn=score_fn, epsilon_per_query=epsilon_per_query,
             allowed_drop=allowed_drop, floor=floor, sampler=sampler, label=label,
-        )
-        self.validations = 0
-
-    @property
-    def halted(self) -> bool:
-        return False
+        ))
 
     @property
     def charges(self) -> list:
-        return list(self.inner.charges)
-
-    def accepts(self, model: torch.nn.Module) -> bool:
-        self.validations += 1
-        return self.inner.accepts(model)
+        return list(self.mechanism.charges)  # one charge per query
