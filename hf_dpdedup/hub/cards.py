@@ -46,7 +46,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..store.constitution import Constitution
 from ..store.format import FORMAT, StoreIndex
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "model_cards"
+# Shipped inside the package (so installed wheels have it); ``model_cards/`` links to it.
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 MEMBER_TEMPLATE = TEMPLATES / "dp_member_card.md"
 TAGS = ["differential-privacy", "deduplicated", "hf_dpdedup"]
 CARD_KEY = "hf_dpdedup"
