@@ -140,15 +140,12 @@ def test_package_internals_that_read_private_data_are_used_only_by_mechanisms():
     """Static guard: only the mechanism modules may call the firewall's read path."""
     root = Path(hf_dpdedup.__file__).parent
     allowed = {root / "privacy" / f for f in ("private_data.py", "svt.py", "laplace.py")}
-    guarded = {"quantized_scores", "open_grant", "revoke_grant", "_VAULT", "_Grant"}
+    guarded = {"quantized_scores", "quantized_total", "_scores", "open_grant", "revoke_grant", "_VAULT", "_Grant"}
     offenders = []
     for path in root.rglob("*.py"):
         if path in allowed:
             continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except SyntaxError:
-            continue  # another module's work in progress; its own tests catch it
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
         names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
