@@ -6,7 +6,7 @@ Runs, each on a fresh copy of the family (dedup edits models in place):
 - ``strategies``: binary search, successive halving, GreedyN (10/20/40), MCTS (20 blocks), public
   validation (dev.tsv), accuracy-drop threshold 1.5 points;
 - ``private``: binary search with private validation through SVT (ε_svt = 1, c = 3) and the naive
-  accounting baseline (every query a Laplace release, ε_q = 0.1);
+  accounting baseline (every query a Laplace release, ε_q = 0.1), on agreement and on labels;
 - ``ablation``: block size (3), saliency measure (4), distance (L1, L2, cosine).
 
 Speed: the family's members differ only in the top layer's post-attention block, pooler and
@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "families"))
 
-from common import write_results  # noqa: E402
+from common import RESULTS_DIR, write_results  # noqa: E402
 from hf_dpdedup.dedup.plan import PlanConfig  # noqa: E402
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import ClsHeadTask  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> None:
                        predict_fn=task.predict_fn)
 
     def private_data() -> DedupData:
-        return DedupData(task.score_fn, public_val=val, public_test=tst,
+        return DedupData(task.score_fn, public_val=val, public_test=tst, predict_fn=task.predict_fn,
                          private_val=task.private(list(private_val.texts), list(private_val.labels),
                                                   dataset_id=dataset_id))
 
@@ -114,8 +114,7 @@ def main() -> None:
         # Public runs validate on agreement with each target's own predictions on dev.tsv (see
         # DedupConfig.agreement): accuracy on 872 dev sentences is too noisy a proxy for this family
         # (it falls with ε while test accuracy rises), see the "*_labels" runs for that mode.
-        if kw.get("validation", "public") == "public" and "agreement" not in kw:
-            kw["agreement"] = True
+        kw.setdefault("agreement", True)  # private runs too: scored inside the mechanisms
         kw.setdefault("interactive", False)
         kw.setdefault("plan", PlanConfig())
         kw["plan"] = PlanConfig(**{**kw["plan"].__dict__, "only_tensors": task.tensors})
@@ -133,6 +132,8 @@ def main() -> None:
     if "private" in args.runs:
         runs["svt"] = (None, config(validation="svt", svt_epsilon=1.0, svt_cutoff=3))
         runs["naive"] = (None, config(validation="naive", naive_epsilon=0.1))
+        runs["svt_labels"] = (None, config(validation="svt", svt_epsilon=1.0, svt_cutoff=3, agreement=False))
+        runs["naive_labels"] = (None, config(validation="naive", naive_epsilon=0.1, agreement=False))
     if "ablation" in args.runs:
         for bs in (4096, 16384, 65536):
             runs[f"block{bs}"] = (public, config(block_size=bs))
@@ -144,6 +145,9 @@ def main() -> None:
     for label, (data, cfg) in runs.items():
         row = run_one(label, members, data or private_data(), cfg, task.tensors)
         figures.update({f"{label}.{k}": v for k, v in row.items()})
+    previous = RESULTS_DIR / "dedup.json"  # a partial --runs keeps the other runs' figures
+    if previous.is_file() and set(args.runs) != {"strategies", "private", "ablation"}:
+        figures = {**json.loads(previous.read_text()), **figures}
     write_results("dedup", figures)
 
 

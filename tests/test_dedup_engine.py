@@ -204,3 +204,21 @@ def test_agreement_validation_bounds_the_share_of_changed_predictions(tmp_path):
         assert m.from_base + m.from_self > 0
     with pytest.raises(ValueError, match="interactive=False"):
         DedupConfig(agreement=True)
+
+
+def test_private_agreement_through_svt_never_reads_unnoised(tmp_path):
+    from hf_dpdedup.dedup.tasks import classification_predict
+
+    members, batches = make_family()
+    rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
+            "labels": torch.cat([b["labels"] for b in batches[:3]])}
+    private = PrivateDataset(rows, dataset_id="toy-train", batch_size=100)
+    data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:],
+                     private_val=private, predict_fn=classification_predict)
+    # |D| = 300: the SVT noise (scale 2cΔ/ε₂ ≈ 0.05) needs a threshold well above it to accept anything
+    config = DedupConfig(block_size=BLOCK, threshold=0.25, validation="svt", agreement=True, interactive=False,
+                         svt_epsilon=1.0, svt_cutoff=3, noise_seed=3)
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    assert private.raw_accesses == 0 and private.charged_reads > 0
+    assert all(m.svt_epsilon == pytest.approx(1.0) for m in report.targets)
+    assert any(m.from_base + m.from_self > 0 for m in report.targets)

@@ -17,6 +17,7 @@ Semantics (DESIGN "The deduplication algorithm"):
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,14 @@ from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of
 from .search import run_search
-from .validate import NaiveValidator, PublicValidator, SVTValidator, agreement_batches, public_utility
+from .validate import (
+    NaiveValidator,
+    PublicValidator,
+    SVTValidator,
+    agreement_batches,
+    agreement_score,
+    public_utility,
+)
 
 
 @dataclass
@@ -250,17 +258,19 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, floor: floa
         return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=t)
     if config.validation == "public":
         return PublicValidator(data.public_val, data.score_fn, reference=target.model, allowed_drop=t, floor=floor)
-    if config.agreement:
-        raise ValueError("agreement validation needs public validation data (validation='public').")
     if data.private_val is None:
         raise ValueError(f"validation={config.validation!r} needs private validation data (DedupData.private_val).")
     common = dict(reference=target.model, allowed_drop=t, floor=floor, sampler=config.sampler(),
                   label=f"{config.validation}-{target.name}")
+    # On private data, agreement is scored inside the mechanism against a frozen copy of the target
+    # (the live target is edited in place); no prediction on private data ever leaves it.
+    score_fn = (agreement_score(copy.deepcopy(target.model).eval(), data.predict_fn) if config.agreement
+                else data.score_fn)
     if config.validation == "svt":
-        return SVTValidator(data.private_val, data.score_fn, epsilon=config.svt_epsilon,
+        return SVTValidator(data.private_val, score_fn, epsilon=config.svt_epsilon,
                             cutoff=config.svt_cutoff, **common)
     if config.validation == "naive":
-        return NaiveValidator(data.private_val, data.score_fn, epsilon_per_query=config.naive_epsilon, **common)
+        return NaiveValidator(data.private_val, score_fn, epsilon_per_query=config.naive_epsilon, **common)
     raise ValueError(f"Unknown validation {config.validation!r}; use 'public', 'svt' or 'naive'.")
 
 
