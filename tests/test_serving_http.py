@@ -34,9 +34,10 @@ def url(family):
 
 
 def request(url: str, body: object | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    assert url.startswith("http://127.0.0.1:"), url  # loopback only
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as resp:  # 127.0.0.1
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
