@@ -27,7 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DivergedProcessesError
-from ..privacy import Charge, LaplaceSampler, PrivacyMetadata, PrivateDataset, account, release_utility
+from ..privacy import (
+    Charge,
+    LaplaceSampler,
+    NaiveLaplaceValidator,
+    PrivacyMetadata,
+    PrivateDataset,
+    SVTSession,
+    account,
+    release_utility,
+)
 from ..privacy.private_data import current_collective
 from ..store.family import FamilyStore
 from ..store.member import update_dedup_record
@@ -35,14 +44,7 @@ from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of
 from .search import run_search
-from .validate import (
-    NaiveValidator,
-    PublicValidator,
-    SVTValidator,
-    agreement_batches,
-    agreement_score,
-    public_utility,
-)
+from .validate import MechanismValidator, PublicValidator, agreement_batches, agreement_score, public_utility
 
 
 @dataclass
@@ -260,17 +262,18 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, floor: floa
         return PublicValidator(data.public_val, data.score_fn, reference=target.model, allowed_drop=t, floor=floor)
     if data.private_val is None:
         raise ValueError(f"validation={config.validation!r} needs private validation data (DedupData.private_val).")
-    common = dict(reference=target.model, allowed_drop=t, floor=floor, sampler=config.sampler(),
-                  label=f"{config.validation}-{target.name}")
     # On private data, agreement is scored inside the mechanism against a frozen copy of the target
     # (the live target is edited in place); no prediction on private data ever leaves it.
     score_fn = (agreement_score(copy.deepcopy(target.model).eval(), data.predict_fn) if config.agreement
                 else data.score_fn)
+    common = dict(reference=target.model, score_fn=score_fn, allowed_drop=t, floor=floor,
+                  sampler=config.sampler(), label=f"{config.validation}-{target.name}")
     if config.validation == "svt":
-        return SVTValidator(data.private_val, score_fn, epsilon=config.svt_epsilon,
-                            cutoff=config.svt_cutoff, **common)
+        return MechanismValidator(SVTSession(data.private_val, epsilon=config.svt_epsilon,
+                                             cutoff=config.svt_cutoff, **common))
     if config.validation == "naive":
-        return NaiveValidator(data.private_val, score_fn, epsilon_per_query=config.naive_epsilon, **common)
+        return MechanismValidator(NaiveLaplaceValidator(data.private_val, epsilon_per_query=config.naive_epsilon,
+                                                        **common))
     raise ValueError(f"Unknown validation {config.validation!r}; use 'public', 'svt' or 'naive'.")
 
 

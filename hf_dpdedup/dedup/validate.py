@@ -4,8 +4,9 @@ All validators share one interface (``accepts(model) -> bool``, ``validations``,
 search strategies never know whether the data behind it is public or private:
 
 * :class:`PublicValidator`: plain utility on public data (free, exact);
-* :class:`SVTValidator`: private data through the Sparse Vector Technique (ε charged once per model);
-* :class:`NaiveValidator`: private data, each query a charged Laplace release (the baseline).
+* :class:`MechanismValidator` around an ``SVTSession``: private data through the Sparse Vector
+  Technique (ε charged once per model), or around a ``NaiveLaplaceValidator``: each query a charged
+  Laplace release (the baseline).
 
 Utility is always a mean of per-example scores in [0, 1] given by ``score_fn(model, batch)``.
 """
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from ..privacy import LaplaceSampler, NaiveLaplaceValidator, PrivateDataset, SVTSession
+from ..privacy import NaiveLaplaceValidator, PrivateDataset, SVTSession
 from ..privacy.private_data import current_collective, shard_range
 
 ScoreFn = Callable[[Any, Any], Any]
@@ -127,8 +128,9 @@ class PublicValidator:
         return self.last_utility >= self.minimum
 
 
-class _MechanismValidator:
-    """A charged private-data mechanism behind the validator interface (counts validations)."""
+class MechanismValidator:
+    """A charged private-data mechanism (:class:`SVTSession` or :class:`NaiveLaplaceValidator`)
+    behind the validator interface: counts validations, exposes its charges for the ledger."""
 
     def __init__(self, mechanism: SVTSession | NaiveLaplaceValidator) -> None:
         self.mechanism = mechanism
@@ -138,57 +140,10 @@ class _MechanismValidator:
     def halted(self) -> bool:
         return getattr(self.mechanism, "halted", False)
 
+    @property
+    def charges(self) -> list:
+        return list(self.mechanism.charges)
+
     def accepts(self, model: torch.nn.Module) -> bool:
         self.validations += 1
         return self.mechanism.accepts(model)
-
-
-class SVTValidator(_MechanismValidator):
-    """Private validation through one SVT session per target model (see ``privacy.svt``)."""
-
-    def __init__(
-        self,
-        dataset: PrivateDataset,
-        score_fn: ScoreFn,
-        *,
-        reference: torch.nn.Module,
-        allowed_drop: float,
-        epsilon: float,
-        cutoff: int,
-        floor: float | None = None,
-        sampler: LaplaceSampler | None = None,
-        label: str | None = None,
-    ) -> None:
-        super().__init__(SVTSession(
-            dataset, reference=reference, score_fn=score_fn, epsilon=epsilon, cutoff=cutoff,
-            allowed_drop=allowed_drop, floor=floor, sampler=sampler, label=label,
-        ))
-
-    @property
-    def charges(self) -> list:
-        return [self.mechanism.charge]  # the whole session's ε, charged once
-
-
-class NaiveValidator(_MechanismValidator):
-    """Private validation where every query is its own charged Laplace release (baseline)."""
-
-    def __init__(
-        self,
-        dataset: PrivateDataset,
-        score_fn: ScoreFn,
-        *,
-        reference: torch.nn.Module,
-        allowed_drop: float,
-        epsilon_per_query: float,
-        floor: float | None = None,
-        sampler: LaplaceSampler | None = None,
-        label: str | None = None,
-    ) -> None:
-        super().__init__(NaiveLaplaceValidator(
-            dataset, reference=reference, score_fn=score_fn, epsilon_per_query=epsilon_per_query,
-            allowed_drop=allowed_drop, floor=floor, sampler=sampler, label=label,
-        ))
-
-    @property
-    def charges(self) -> list:
-        return list(self.mechanism.charges)  # one charge per query

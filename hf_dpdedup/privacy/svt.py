@@ -164,6 +164,11 @@ class SVTSession:
         return self._grant.revoked
 
     @property
+    def charges(self) -> tuple[Charge, ...]:
+        """Every charge of this mechanism: the session's whole ε, once (cf. the naive validator)."""
+        return (self.charge,)
+
+    @property
     def epsilon_spent(self) -> float:
         """The session's whole ε, charged once when it opened."""
         return self.charge.epsilon

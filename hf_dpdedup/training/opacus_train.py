@@ -149,17 +149,22 @@ def train_dp(
     return DPResult(epsilon, noise_multiplier, sample_rate, steps, time.perf_counter() - started, meta, losses)
 
 
+def _step(module, batch, forward, criterion, optimizer) -> float:
+    """One physical step: gradients of this batch's loss, then the optimizer (DP or not)."""
+    optimizer.zero_grad()
+    outputs, targets = forward(module, batch)
+    loss = criterion(outputs, targets)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
 def _train_plain(module, loader, forward, criterion, optimizer, config, progress) -> list[float]:
     losses: list[float] = []
     total = config.epochs * len(loader)
     for _ in range(config.epochs):
         for batch in loader:
-            optimizer.zero_grad()
-            outputs, targets = forward(module, batch)
-            loss = criterion(outputs, targets)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(_step(module, batch, forward, criterion, optimizer))
             if progress:
                 progress(len(losses), total, losses[-1])
     return losses
@@ -201,13 +206,9 @@ def _train_private(module, loader, forward, criterion, optimizer, config, progre
                 data_loader=dp_loader, max_physical_batch_size=physical, optimizer=dp_optimizer
             ) as memory_safe_loader:
                 for batch in memory_safe_loader:
-                    dp_optimizer.zero_grad()
-                    outputs, targets = forward(dp_module, batch)
-                    loss = dp_criterion(outputs, targets)
-                    loss.backward()
-                    dp_optimizer.step()
+                    loss = _step(dp_module, batch, forward, dp_criterion, dp_optimizer)
                     if not dp_optimizer._is_last_step_skipped:  # one logical step done
-                        losses.append(float(loss.item()))
+                        losses.append(loss)
                         if progress:
                             progress(len(losses), total, losses[-1])
     _unwrap(dp_module)
