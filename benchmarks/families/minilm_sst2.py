@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from hf_dpdedup.data import builtin_path
 from hf_dpdedup.training import DPConfig, read_tsv, split_private, train_text_family
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[2] / "shared" / "data" / "sst2"
+DATA = builtin_path("sst2", "dev").parent  # SST-2 ships with the package
 SEED = 0
 VALIDATION_FRACTION = 0.05
 EPSILONS = [1.0, 2.0, 4.0, 6.0, 8.0]

@@ -2,7 +2,7 @@
 
 Example::
 
-    hf-dpdedup train-family --base path/to/bert --data ../shared/data/sst2 \\
+    hf-dpdedup train-family --base path/to/bert --data hf_dpdedup/data/sst2 \\
         --epsilons 1 2 4 6 8 --delta 1e-5 --out families/my-family
 """
 

@@ -42,7 +42,7 @@ from ..store.family import FamilyStore
 from ..store.member import update_dedup_record
 from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
-from .report import FamilyReport, ModelReport, stored_bytes_of
+from .report import FamilyReport, ModelReport, stored_bytes_of, stored_bytes_of_tensors
 from .search import confirm, run_search
 from .validate import (
     MechanismValidator,
@@ -88,7 +88,7 @@ class DedupData:
 class DedupConfig:
     block_size: int = 65536
     threshold: float = 0.015
-    strategy: str = "binary"
+    strategy: str = "gallop"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     plan: PlanConfig = field(default_factory=PlanConfig)
     validation: str = "public"  # "public" | "svt" | "naive"
@@ -210,6 +210,7 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     live = LiveBlocks(target.model, config.block_size)
     model_report = _start(target, "target", live.n_blocks, data)
     model_report.base = base.name
+    model_report.differing_tensors = differing_tensors(target.model, base.model)
     charges = [Charge.from_metadata(target.name, target.privacy), Charge.from_metadata(base.name, base.privacy)]
     floor = None
     if previous is not None:
@@ -232,6 +233,12 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     model_report.ledger = account(charges, target_delta=target.privacy.delta or None)
     model_report.seconds = time.perf_counter() - start
     return Outcome(target, _finish(target, model_report, data), list(result.accepted))
+
+
+def differing_tensors(model: torch.nn.Module, base: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the tensors whose values differ from the base's (before any replacement)."""
+    theirs = base.state_dict()
+    return tuple(n for n, t in model.state_dict().items() if n not in theirs or not torch.equal(t, theirs[n]))
 
 
 def _check_same_plan(name: str, sequence: list[Replacement]) -> None:
@@ -341,7 +348,10 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
                                     files_from=member.files_from, privacy=privacy,
                                     dedup=model_report.card_fields(member.privacy))
     model_report.own_bytes = stored_bytes_of(family, constitution, rows_before)
-    model_report.original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = model.state_dict()
+    model_report.original_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
+        family, constitution, rows_before, state, set(model_report.differing_tensors))
     # Figures known only once the rows are stored go into the member's record afterwards.
     update_dedup_record(family.member_path(member.name),
                         {"compression": model_report.compression, "public_test": model_report.public_test()})

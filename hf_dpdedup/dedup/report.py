@@ -28,6 +28,18 @@ def stored_bytes_of(family: FamilyStore, constitution: Constitution, rows_before
     return len(new_rows) * row_bytes + extras
 
 
+def stored_bytes_of_tensors(family: FamilyStore, constitution: Constitution, rows_before: int,
+                            state: dict[str, Any], names: set[str]) -> tuple[int, int]:
+    """(own stored bytes, original bytes) of the tensors ``names`` alone: their new rows, and the
+    bytes of those among them that are extras (stored whole in the member's extras file)."""
+    row_bytes = family.blocks.block_size * family.blocks.dtype.itemsize
+    blocked = {t.name: t for t in constitution.tensors}
+    new_rows = {r for n in names if n in blocked for r in blocked[n].rows if r >= rows_before}
+    extras = sum(state[n].numel() * state[n].element_size() for n in names if n not in blocked and n in state)
+    original = sum(state[n].numel() * state[n].element_size() for n in names if n in state)
+    return len(new_rows) * row_bytes + extras, original
+
+
 @dataclass
 class ModelReport:
     name: str
@@ -52,6 +64,11 @@ class ModelReport:
     rejected_by_confirmation: int = 0  # accepted by the search, reverted by the confirmation
     own_bytes: int = 0
     original_bytes: int = 0
+    # the tensors in which the member differs from the base (where exact sharing cannot help, e.g.
+    # those DP training changed), and the member's own/original bytes over them alone
+    differing_tensors: tuple[str, ...] = ()
+    own_bytes_differing: int = 0
+    original_bytes_differing: int = 0
     seconds: float = 0.0
     public_test_name: str | None = None  # Hub id of the public test set, when known
     public_test_split: str = "test"
@@ -82,6 +99,11 @@ class ModelReport:
     @property
     def compression(self) -> float | None:
         return self.own_bytes / self.original_bytes if self.original_bytes else None
+
+    @property
+    def compression_differing(self) -> float | None:
+        """Own stored bytes ÷ original over the tensors that differ from the base alone."""
+        return self.own_bytes_differing / self.original_bytes_differing if self.original_bytes_differing else None
 
     @property
     def epsilon_after(self) -> float:
@@ -126,6 +148,8 @@ class ModelReport:
             "test_utility_before": self.test_utility_before, "test_utility_after": self.test_utility_after,
             "val_utility_se": self.val_utility_se, "test_utility_se": self.test_utility_se,
             "own_bytes": self.own_bytes, "original_bytes": self.original_bytes, "compression": self.compression,
+            "compression_differing_tensors": self.compression_differing,
+            "differing_tensors": len(self.differing_tensors),
             "epsilon_before": self.epsilon_before, "delta_before": self.delta_before,
             "epsilon_after": self.epsilon_after,
             "epsilon_after_loose": self.ledger.epsilon_loose if self.ledger is not None else None,
@@ -152,8 +176,11 @@ class FamilyReport:
         target_original = sum(m.original_bytes for m in targets)
         drops = [m.test_utility_before - m.test_utility_after for m in stored
                  if m.test_utility_before is not None and m.test_utility_after is not None]
+        differing = sum(m.original_bytes_differing for m in targets)
         return {
             "targets_compression": sum(m.own_bytes for m in targets) / target_original if target_original else None,
+            "targets_compression_differing_tensors":
+                sum(m.own_bytes_differing for m in targets) / differing if differing else None,
             "family_stored_over_original": self.family_stored_bytes / original if original else None,
             "family_stored_bytes": self.family_stored_bytes,
             "family_original_bytes": original,
@@ -175,21 +202,23 @@ class FamilyReport:
 
     def table(self) -> str:
         head = (f"{'model':<22}{'role':<8}{'blocks':>7}{'base':>6}{'self':>6}{'own':>6}{'valid.':>7}"
-                f"{'compr.':>8}{'test before':>12}{'test after':>11}{'ε before':>9}{'ε after':>9}{'ε svt':>7}{'s':>7}")
+                f"{'compr.':>8}{'Δ-only':>8}{'test before':>12}{'test after':>11}{'ε before':>9}{'ε after':>9}{'ε svt':>7}{'s':>7}")
         lines = [head]
         for m in self.models:
             comp = f"{m.compression:.1%}" if m.compression is not None else "-"
+            comp_d = f"{m.compression_differing:.1%}" if m.compression_differing is not None else "-"
             lines.append(
                 f"{m.name:<22}{m.role:<8}{m.n_blocks:>7}{m.from_base:>6}{m.from_self:>6}{m.own_blocks:>6}"
-                f"{m.validations:>7}{comp:>8}{_fmt(m.test_utility_before):>12}{_fmt(m.test_utility_after):>11}"
+                f"{m.validations:>7}{comp:>8}{comp_d:>8}{_fmt(m.test_utility_before):>12}{_fmt(m.test_utility_after):>11}"
                 f"{m.epsilon_before:>9.3g}{m.epsilon_after:>9.3g}{m.svt_epsilon:>7.3g}{m.seconds:>7.1f}"
             )
         s = self.summary()
         lines.append("")
         lines.append(
-            "targets' compression {}; family stored/original {}; validations {} (max {} per target); "
-            "max public-test drop {}; fairness holds: {}".format(
-                _pct(s["targets_compression"]), _pct(s["family_stored_over_original"]), s["validations"],
+            "targets' compression {} (over the tensors that differ from the base: {}); family stored/original {}; "
+            "validations {} (max {} per target); max public-test drop {}; fairness holds: {}".format(
+                _pct(s["targets_compression"]), _pct(s["targets_compression_differing_tensors"]),
+                _pct(s["family_stored_over_original"]), s["validations"],
                 s["max_validations_per_target"], _fmt(s["max_public_test_drop"]), s["fairness_holds"])
         )
         if self.config.get("noise", "secure") != "secure":
