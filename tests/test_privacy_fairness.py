@@ -1,0 +1,101 @@
+"""The fairness verdict, and every other decision, charged to each member whose output it read.
+
+Randomized-response family (issue 13, critical 1): the private training set holds one bit ``b``;
+member ``i`` releases ``RR_εi(b)`` (``b`` with probability e^εi / (1 + e^εi), ε_i-DP) and its public
+utility *is* that released bit. All the randomness of a dedup run with public validation is then in
+the members' bits, so the distribution of everything a target's report shows (stored or not, its
+fairness verdict, its utilities, its claimed ε) is computed *exactly* for b = 0 and b = 1 by running
+the engine on all 2^3 bit patterns — a statistical test whose "seeds" are the whole sample space,
+so it has no sampling error and no tolerance but floating-point rounding. It must hold that
+
+* the claimed ε of the target is the same for every pattern (it may not depend on the data), and
+* for every outcome o, P(o | b=0) ≤ e^ε · P(o | b=1) and vice versa (the likelihood ratio of the
+  neighbouring data sets is at most e^ε).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, dedup_group
+from hf_dpdedup.privacy import PrivacyMetadata
+
+EPSILONS = {"a": 0.5, "b": 1.0, "t": 1.5}  # a: the base, b: a lower-ε sibling, t: the target
+BLOCK = 16
+
+
+class BitModel(torch.nn.Module):
+    """A "model" whose every weight is its released bit; its utility on any data is that bit."""
+
+    def __init__(self, bit: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((BLOCK,), float(bit)))
+
+
+def bit_score(model, batch):
+    return model.weight[0].detach().clamp(0, 1).expand(len(batch))
+
+
+def keep_probability(epsilon: float) -> float:
+    return math.exp(epsilon) / (1 + math.exp(epsilon))
+
+
+def target_outcome(bits: dict[str, int], config: DedupConfig):
+    members = [Member(name, BitModel(bits[name]), PrivacyMetadata(eps, 0.0, ("rr-train",)))
+               for name, eps in EPSILONS.items()]
+    data = DedupData(bit_score, public_val=[[0] * 4], public_test=[[0] * 4])
+    outcome = next(o for o in dedup_group(members, data, config) if o.member.name == "t")
+    report = outcome.report
+    shown = (outcome.stored, report.role, repr(getattr(report, "fairness", None)), report.test_utility_before,
+             report.test_utility_after, report.val_utility_after)
+    return shown, report.epsilon_after
+
+
+def outcome_distributions(config: DedupConfig):
+    """{b: {outcome: probability}} and the set of claimed ε, over all bit patterns."""
+    dist = {0: defaultdict(float), 1: defaultdict(float)}
+    claimed = set()
+    for pattern in itertools.product((0, 1), repeat=len(EPSILONS)):
+        bits = dict(zip(EPSILONS, pattern))
+        shown, epsilon = target_outcome(bits, config)
+        claimed.add(epsilon)
+        for b in (0, 1):
+            p = 1.0
+            for name, eps in EPSILONS.items():
+                p *= keep_probability(eps) if bits[name] == b else 1 - keep_probability(eps)
+            dist[b][shown] += p
+    return dist, claimed
+
+
+def worst_log_ratio(dist) -> float:
+    worst = 0.0
+    for o in set(dist[0]) | set(dist[1]):
+        p0, p1 = dist[0].get(o, 0.0), dist[1].get(o, 0.0)
+        if p0 == 0 or p1 == 0:
+            return math.inf
+        worst = max(worst, abs(math.log(p0 / p1)))
+    return worst
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+@pytest.mark.parametrize("fairness", ["flag", "drop"])
+def test_randomized_response_family_claimed_epsilon_bounds_the_likelihood_ratio(interactive, fairness):
+    config = DedupConfig(block_size=BLOCK, threshold=0.0, interactive=interactive, fairness=fairness)
+    dist, claimed = outcome_distributions(config)
+    assert worst_log_ratio(dist) <= max(claimed) * (1 + 1e-9), (worst_log_ratio(dist), sorted(claimed))
+    assert len(claimed) == 1, f"the claimed ε depends on the data: {sorted(claimed)}"
+    (epsilon,) = claimed
+    # the verdict read both lower-ε members: it is charged both, whatever it says
+    assert epsilon == pytest.approx(sum(EPSILONS.values()))
+
+
+def test_without_a_verdict_a_non_interactive_target_pays_only_what_its_search_read():
+    config = DedupConfig(block_size=BLOCK, threshold=0.0, interactive=False, fairness="off")
+    dist, claimed = outcome_distributions(config)
+    assert claimed == {EPSILONS["t"] + EPSILONS["a"]}
+    assert worst_log_ratio(dist) <= EPSILONS["t"] + EPSILONS["a"] + 1e-9
