@@ -112,7 +112,7 @@ def test_private_validation_never_reads_unnoised(tmp_path, validation):
     members, batches = make_family()
     rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
             "labels": torch.cat([b["labels"] for b in batches[:3]])}
-    private = PrivateDataset(rows, dataset_id="toy-train", batch_size=100)
+    private = PrivateDataset(rows, dataset_id="toy-train", public_size=300, batch_size=100)
     data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:], private_val=private)
     config = DedupConfig(block_size=BLOCK, threshold=0.03, strategy="binary", validation=validation,
                          svt_epsilon=1.0, svt_cutoff=3, naive_epsilon=0.1, noise_seed=7)
@@ -235,10 +235,10 @@ def test_tight_and_loose_are_at_the_same_delta_and_the_training_delta_figure_is_
         ledger = m.ledger
         assert ledger.epsilon_tight is not None
         assert ledger.delta_tight == ledger.delta_loose > 1e-5  # both at the summed δ
-        assert m.epsilon_before < ledger.epsilon_tight <= ledger.epsilon_loose
+        assert ledger.epsilon_tight <= ledger.epsilon_loose  # at one δ the min of the two is valid
         record = m.card_fields(next(x.privacy for x in members if x.name == m.name))
         assert record["delta_after"] == {"loose": ledger.delta_loose, "tight": ledger.delta_tight}
-        own = record["tight_at_training_delta"]
+        own = record["tight_at_training_delta"]  # only this one is comparable with ε before (same δ)
         assert own["delta"] == pytest.approx(1e-5) and own["epsilon"] > m.epsilon_before
 
 
@@ -284,7 +284,7 @@ def test_private_agreement_through_svt_never_reads_unnoised(tmp_path):
     members, batches = make_family()
     rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
             "labels": torch.cat([b["labels"] for b in batches[:3]])}
-    private = PrivateDataset(rows, dataset_id="toy-train", batch_size=100)
+    private = PrivateDataset(rows, dataset_id="toy-train", public_size=300, batch_size=100)
     data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:],
                      private_val=private, predict_fn=classification_predict)
     # |D| = 300: the SVT noise (scale 2cΔ/ε₂ ≈ 0.05) needs a threshold well above it to accept anything

@@ -26,7 +26,7 @@ from hf_dpdedup.privacy.private_data import _quantize, open_grant, quantized_sco
 
 def private_set(n: int = 20, **kw) -> tuple[list[int], PrivateDataset]:
     examples = list(range(n))
-    return examples, PrivateDataset(examples, dataset_id="val", **kw)
+    return examples, PrivateDataset(examples, dataset_id="val", **{"public_size": n, **kw})
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_no_attribute_exposes_the_examples():
         if name in {"evaluate", "__getitem__", "__iter__"} or name.startswith("__"):
             continue
         assert getattr(ds, name) is not examples, name
-    assert repr(ds) == "PrivateDataset(dataset_id='val', size=20, epsilon_spent=0.0)"
+    assert repr(ds) == "PrivateDataset(dataset_id='val', public_size=20, epsilon_spent=0.0)"
 
 
 def test_reads_need_a_live_grant_from_a_committed_charge():
@@ -95,11 +95,14 @@ def test_the_budget_cap_is_checked_before_charging():
 
 def test_invalid_private_sets_are_refused():
     with pytest.raises(PrivacyBudgetError, match="empty"):
-        PrivateDataset([], dataset_id="val")
+        PrivateDataset([], dataset_id="val", public_size=1)
     with pytest.raises(PrivacyBudgetError, match="one length"):
-        PrivateDataset({"x": [1, 2], "y": [1]}, dataset_id="val")
+        PrivateDataset({"x": [1, 2], "y": [1]}, dataset_id="val", public_size=2)
     with pytest.raises(PrivacyBudgetError, match="dataset_id"):
-        PrivateDataset([1], dataset_id="")
+        PrivateDataset([1], dataset_id="", public_size=1)
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(PrivacyBudgetError, match="public_size"):
+            PrivateDataset([1], dataset_id="val", public_size=bad)
 
 
 def test_scores_are_clipped_to_the_unit_interval_before_use():
@@ -158,7 +161,8 @@ def test_a_full_private_dedup_run_never_reads_unnoised_and_charges_everything():
     torch.manual_seed(0)
     x = torch.randn(400, 8)
     truth = torch.randn(8, 2)
-    private = PrivateDataset({"x": x, "y": (x @ truth).argmax(-1)}, dataset_id="sst2", batch_size=128)
+    private = PrivateDataset({"x": x, "y": (x @ truth).argmax(-1)}, dataset_id="sst2", public_size=400,
+                             batch_size=128)
 
     def score_fn(model, batch):
         return (model(batch["x"]).argmax(-1) == batch["y"]).float()

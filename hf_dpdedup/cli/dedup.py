@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import TrainingConfigError
+from ..errors import PrivacyBudgetError, TrainingConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-dataset-id", help="Hub id of the public test set, for model-card results (e.g. stanfordnlp/sst2)")
     p.add_argument("--private-val", help="private validation TSV (used only through SVT / naive Laplace)")
     p.add_argument("--private-id", help="data set id of the private validation set (default: the members' training id)")
+    p.add_argument("--private-size", type=int,
+                   help="public normaliser n of the private validation set, fixed before looking at it (e.g. the "
+                        "planned split size); its true row count is private. Required with --private-val")
     p.add_argument("--validation", default="public", choices=["public", "svt", "naive"])
     p.add_argument("--threshold", type=float, default=0.015, help="allowed utility drop (0.015 = 1.5 points)")
     p.add_argument("--strategy", default="binary", choices=["greedy", "binary", "halving", "mcts"])
@@ -84,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
     kw = {"max_length": args.max_length}
     private = None
     if args.private_val:
+        if args.private_size is None:
+            raise PrivacyBudgetError("--private-val needs --private-size N: the public size every private "
+                                     "mechanism normalises by, fixed in advance (the true row count is private).")
         dataset_id = args.private_id or members[0].privacy.datasets[0]
-        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id, **kw)
+        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id,
+                              public_size=args.private_size, **kw)
     data = DedupData(
         score_fn=SCORES[args.task],
         public_val=tsv_batches(tokenizer, args.val, args.task, **kw),

@@ -1,10 +1,11 @@
 """Laplace mechanisms on private data: a charged utility release and the naive validation baseline.
 
-* :func:`release_utility` — U(M) + Lap(1/(|D|·ε)): the mean of per-example scores in [0, 1] has
-  sensitivity 1/|D| (|D| public), so the release is ε-DP. Use it where a private utility must
+* :func:`release_utility` — U(M) + Lap(1/(n·ε)) with U = Σ scores / n and n the data set's public
+  size: adding or removing one example (score in [0, 1]) moves U by at most 1/n, so the release is
+  ε-DP under add/remove (and under replace-one). Use it where a private utility must
   drive a later decision, e.g. the interactive floor U'_{i−1} of the next model.
 * :class:`NaiveLaplaceValidator` — the baseline of the paper's §5.8: every validation is its own
-  Laplace release of the drop q (sensitivity 2/|D|), compared with the allowed drop, and charged
+  Laplace release of the drop q (sensitivity ≤ 2/n, n public), compared with the allowed drop, and charged
   ε_q. k validations cost k·ε_q (loose); SVT costs its ε once however many validations it makes.
 
 Noise is exact discrete Laplace on integer sums (see :mod:`.noise`); the released float is a
@@ -40,7 +41,7 @@ class NoisyRelease:
 
     value: float
     epsilon: float
-    scale: float  # Laplace scale in utility units, 1/(|D|·ε)
+    scale: float  # Laplace scale in utility units, 1/(n·ε) with n the public size
     charge: Charge
     seeded: bool
 
@@ -63,7 +64,7 @@ def release_utility(
     sampler: LaplaceSampler | None = None,
     label: str | None = None,
 ) -> NoisyRelease:
-    """Charge ε to ``dataset`` and release U(model) + Lap(1/(|D|·ε)), clamped to [0, 1]."""
+    """Charge ε to ``dataset`` and release U(model) + Lap(1/(n·ε)), clamped to [0, 1] (n = public size)."""
     eps = check_epsilon(epsilon)
     sampler = sampler if sampler is not None else LaplaceSampler.secure()
     collective = current_collective()
@@ -75,7 +76,7 @@ def release_utility(
     finally:
         revoke_grant(dataset, grant)
     scale_units = Fraction(SCORE_GRID) / Fraction(eps)  # one example moves the sum by ≤ SCORE_GRID
-    units = len(dataset) * SCORE_GRID
+    units = dataset.public_size * SCORE_GRID  # never |D|: the grid of released values would reveal it
 
     def noisy_value() -> float:
         noisy = Fraction(total + sampler.discrete_laplace(scale_units), units)
@@ -113,7 +114,7 @@ class NaiveLaplaceValidator:
         self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
         self._dataset = dataset
         self._score_fn = score_fn
-        units = Fraction(len(dataset) * SCORE_GRID)
+        units = Fraction(dataset.public_size * SCORE_GRID)
         self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
         self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
         self._collective = current_collective()
@@ -133,7 +134,7 @@ class NaiveLaplaceValidator:
         return self._sampler.seeded
 
     def accepts(self, candidate: Any) -> bool:
-        """Charge ε_q, release q + Lap(2/(|D|·ε_q)) and accept iff it is below the allowed drop."""
+        """Charge ε_q, release q + Lap(2/(n·ε_q)) and accept iff it is below the allowed drop."""
         grant, self._pending = self._pending or self._open_query(), None
         try:
             total = quantized_total(self._dataset, grant, candidate, self._score_fn)
