@@ -119,6 +119,7 @@ def test_private_validation_never_reads_unnoised(tmp_path, validation):
     report = deduplicate_family(members, data, config, tmp_path / "store")
     assert private.raw_accesses == 0
     assert private.charged_reads > 0
+    assert private.open_mechanisms == 0  # every session was closed, its reference sum wiped
     eps2 = {m.name: m for m in report.models}["eps2"]
     spent = sum(c.epsilon for c in eps2.charges if c.datasets == ("toy-train",) and c.kind != "training")
     assert spent > 0
@@ -294,3 +295,23 @@ def test_private_agreement_through_svt_never_reads_unnoised(tmp_path):
     assert private.raw_accesses == 0 and private.charged_reads > 0
     assert all(m.svt_epsilon == pytest.approx(1.0) for m in report.targets)
     assert any(m.from_base + m.from_self > 0 for m in report.targets)
+
+
+def test_a_seeded_run_draws_all_its_noise_from_one_sampler(tmp_path):
+    """Issue 13 (minor): a fresh Random(seed) per mechanism made every mechanism draw the same noise."""
+    calls = []
+
+    class CountingConfig(DedupConfig):
+        def sampler(self):
+            calls.append(1)
+            return super().sampler()
+
+    members, batches = make_family()
+    rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
+            "labels": torch.cat([b["labels"] for b in batches[:3]])}
+    private = PrivateDataset(rows, dataset_id="toy-train", public_size=300, batch_size=100)
+    data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:], private_val=private)
+    config = CountingConfig(block_size=BLOCK, threshold=0.03, validation="svt", noise_seed=5)
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    assert len(calls) == 1
+    assert "seconds" not in report.models[1].to_dict()  # no noise-dependent wall time is published

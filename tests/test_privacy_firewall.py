@@ -16,6 +16,7 @@ from hf_dpdedup.privacy import (
     SCORE_GRID,
     Charge,
     LaplaceSampler,
+    NaiveLaplaceValidator,
     PrivateDataset,
     SVTSession,
     account,
@@ -202,3 +203,28 @@ def test_a_full_private_dedup_run_never_reads_unnoised_and_charges_everything():
     # target1 also carries target0's mechanisms: its floor came from them
     assert reports[1].epsilon_loose == pytest.approx(1 + 3 + 2 * 0.6)
     assert reports[1].seeded and reports[1].to_dict()["noise"].startswith("TEST ONLY")
+
+
+@pytest.mark.parametrize("kind", ["svt", "naive"])
+def test_the_exact_reference_sum_is_no_attribute_of_the_mechanism_and_is_wiped_on_close(kind):
+    """Issue 13 (minor): the unnoised reference sum stays inside the firewall and dies with the session."""
+    examples, ds = private_set(40)
+    model = object()
+    score = lambda m, b: [0.75] * len(b)  # noqa: E731
+    sampler = LaplaceSampler.seeded_for_tests(0)
+    if kind == "svt":
+        mechanism = SVTSession(ds, reference=model, score_fn=score, epsilon=1.0, cutoff=2, allowed_drop=0.1,
+                               sampler=sampler)
+    else:
+        mechanism = NaiveLaplaceValidator(ds, reference=model, score_fn=score, epsilon_per_query=0.5,
+                                          allowed_drop=0.1, sampler=sampler)
+    exact = int(40 * 0.75 * SCORE_GRID)
+    assert ds.open_mechanisms == 1
+    reachable = [getattr(mechanism, name, None) for name in dir(mechanism)]
+    reachable += list(vars(mechanism).values())
+    assert exact not in [v for v in reachable if isinstance(v, int) and not isinstance(v, bool)]
+    mechanism.accepts(model)
+    mechanism.close()
+    with pytest.raises(PrivateDataAccessError):
+        mechanism.accepts(model)
+    assert ds.open_mechanisms == 0

@@ -254,7 +254,10 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=data.calibration,
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
-    result = run_search(config.strategy, target.model, live, sequence, validator, **config.strategy_options)
+    try:
+        result = run_search(config.strategy, target.model, live, sequence, validator, **config.strategy_options)
+    finally:
+        validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from ..errors import PrivateDataAccessError
 from ._checks import check_epsilon, check_unit_interval
 from .charge import Charge, sum_rounded_up
 from .noise import SEEDED_LABEL, LaplaceSampler
@@ -28,10 +29,13 @@ from .private_data import (
     PrivateDataset,
     ScoreFn,
     current_collective,
+    held_private,
+    hold_private,
     mechanism_id,
     open_grant,
     quantized_total,
     revoke_grant,
+    wipe_private,
 )
 
 
@@ -123,7 +127,8 @@ class NaiveLaplaceValidator:
         self.queries = 0
         # The reference is read now (the engine edits it in place later), under the first query's charge.
         self._pending = self._open_query()
-        self._reference_total = quantized_total(dataset, self._pending, reference, score_fn)
+        self.closed = False
+        hold_private(dataset, self, quantized_total(dataset, self._pending, reference, score_fn))
 
     @property
     def epsilon_spent(self) -> float:
@@ -135,19 +140,29 @@ class NaiveLaplaceValidator:
 
     def accepts(self, candidate: Any) -> bool:
         """Charge ε_q, release q + Lap(2/(n·ε_q)) and accept iff it is below the allowed drop."""
+        if self.closed:
+            raise PrivateDataAccessError(f"Validator {self._label!r} is closed: open a new one to query again.")
         grant, self._pending = self._pending or self._open_query(), None
         try:
             total = quantized_total(self._dataset, grant, candidate, self._score_fn)
         finally:
             revoke_grant(self._dataset, grant)
         self.queries += 1
-        query = Fraction(self._reference_total - total)
+        query = Fraction(held_private(self._dataset, self) - total)
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
         scale_units = Fraction(2 * SCORE_GRID) / Fraction(self._eps)
         # main process only: the noise never exists on the others, they receive the answer
         return self._collective.from_main(
             lambda: bool(query + self._sampler.discrete_laplace(scale_units) < self._threshold))
+
+    def close(self) -> None:
+        """No further queries; the private reference is wiped (the charges made stay charged)."""
+        if self._pending is not None:
+            revoke_grant(self._dataset, self._pending)
+            self._pending = None
+        self.closed = True
+        wipe_private(self._dataset, self)
 
     def _open_query(self) -> Any:
         charge = Charge(f"{self._label}/q{len(self.charges) + 1}", (self._dataset.dataset_id,), self._eps, 0.0,

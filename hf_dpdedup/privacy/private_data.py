@@ -115,11 +115,14 @@ class _Grant:
 
 
 class _Vault:
-    __slots__ = ("examples", "grants")
+    __slots__ = ("examples", "grants", "held")
 
     def __init__(self, examples: Any) -> None:
         self.examples = examples
         self.grants: set[_Grant] = set()
+        # Exact private figures a mechanism keeps between queries (its reference sum), by mechanism:
+        # never an attribute of the mechanism, wiped when it closes (or is garbage-collected).
+        self.held: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
 
 _VAULT: "weakref.WeakKeyDictionary[PrivateDataset, _Vault]" = weakref.WeakKeyDictionary()
@@ -212,6 +215,11 @@ class PrivateDataset:
         return self._raw_accesses
 
     @property
+    def open_mechanisms(self) -> int:
+        """Mechanisms still holding an exact private figure (not closed yet). 0 after a finished run."""
+        return len(_VAULT[self].held)
+
+    @property
     def charged_reads(self) -> int:
         """Passes over the data made by charged mechanisms."""
         return self._charged_reads
@@ -280,6 +288,26 @@ def open_grant(dataset: PrivateDataset, charge: Charge) -> _Grant:
 def revoke_grant(dataset: PrivateDataset, grant: _Grant) -> None:
     grant.revoked = True
     _VAULT[dataset].grants.discard(grant)
+
+
+def hold_private(dataset: PrivateDataset, mechanism: Any, value: int) -> None:
+    """Keep an exact private figure of ``mechanism`` (e.g. its reference sum) inside the firewall."""
+    _VAULT[dataset].held[mechanism] = int(value)
+
+
+def held_private(dataset: PrivateDataset, mechanism: Any) -> int:
+    """The figure ``mechanism`` holds; refused once it was wiped (the mechanism is closed)."""
+    try:
+        return _VAULT[dataset].held[mechanism]
+    except KeyError:
+        raise PrivacyError(
+            f"The mechanism on {dataset.dataset_id!r} is closed: its private reference was wiped. "
+            "Open a new (charged) mechanism to ask further queries."
+        ) from None
+
+
+def wipe_private(dataset: PrivateDataset, mechanism: Any) -> None:
+    _VAULT[dataset].held.pop(mechanism, None)
 
 
 def quantized_scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> np.ndarray:

@@ -39,10 +39,13 @@ from .private_data import (
     PrivateDataset,
     ScoreFn,
     current_collective,
+    held_private,
+    hold_private,
     mechanism_id,
     open_grant,
     quantized_total,
     revoke_grant,
+    wipe_private,
 )
 
 
@@ -152,7 +155,7 @@ class SVTSession:
         self.charge = Charge(source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
                              seeded=self._sampler.seeded)
         self._grant = open_grant(dataset, self.charge)
-        self._reference_total = quantized_total(dataset, self._grant, reference, score_fn)
+        hold_private(dataset, self, quantized_total(dataset, self._grant, reference, score_fn))
         # Only the main process holds ρ and draws ν; the others learn nothing but the answers.
         self._rho = (self._sampler.discrete_laplace(self.parameters.threshold_scale_units)
                      if self._collective.is_main else None)
@@ -189,7 +192,7 @@ class SVTSession:
                 f"answers (cut-off {self.parameters.cutoff}); stop deduplicating this model."
             )
         total = quantized_total(self._dataset, self._grant, candidate, self._score_fn)
-        query = Fraction(self._reference_total - total)
+        query = Fraction(held_private(self._dataset, self) - total)
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
         too_big = self._collective.from_main(lambda: self._too_big(query))
@@ -205,8 +208,10 @@ class SVTSession:
         return bool(query + nu >= self._threshold + self._rho)
 
     def close(self) -> None:
-        """End the session (its ε stays charged); later queries raise SVTHaltedError."""
+        """End the session (its ε stays charged) and wipe its private reference; later queries raise
+        SVTHaltedError."""
         revoke_grant(self._dataset, self._grant)
+        wipe_private(self._dataset, self)
 
     def to_dict(self) -> dict[str, Any]:
         """Public facts for reports: parameters, counts, noise mode (never a utility)."""
