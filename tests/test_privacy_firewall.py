@@ -228,3 +228,40 @@ def test_the_exact_reference_sum_is_no_attribute_of_the_mechanism_and_is_wiped_o
     with pytest.raises(PrivateDataAccessError):
         mechanism.accepts(model)
     assert ds.open_mechanisms == 0
+
+
+class RecordingCollective:
+    """A one-process collective that records everything a mechanism would send to the other processes."""
+
+    rank, size, is_main = 0, 2, True
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def sum(self, values):
+        return list(values)
+
+    def from_main(self, compute):
+        value = compute()
+        self.sent.append(value)
+        return value
+
+
+def test_only_decisions_and_noised_releases_cross_processes_at_run_time():
+    from hf_dpdedup.privacy.private_data import NoisedValue, collective_scope, release_from_main
+
+    _, ds = private_set(30)
+    collective = RecordingCollective()
+    score = lambda m, b: [0.5] * len(b)  # noqa: E731
+    sampler = LaplaceSampler.seeded_for_tests(4)
+    with collective_scope(collective):
+        svt = SVTSession(ds, reference=None, score_fn=score, epsilon=1.0, cutoff=2, allowed_drop=0.1, sampler=sampler)
+        svt.accepts(None)
+        naive = NaiveLaplaceValidator(ds, reference=None, score_fn=score, epsilon_per_query=0.5, allowed_drop=0.1,
+                                      sampler=sampler)
+        naive.accepts(None)
+        release_utility(ds, None, score_fn=score, epsilon=1.0, sampler=sampler)
+        with pytest.raises(PrivacyError, match="only a boolean"):
+            release_from_main(collective, lambda: 15 * SCORE_GRID)  # an unnoised sum
+    private_outputs = [v for v in collective.sent if not isinstance(v, str)]  # str: mechanism ids
+    assert private_outputs and all(type(v) is bool or isinstance(v, NoisedValue) for v in private_outputs)

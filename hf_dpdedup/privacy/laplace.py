@@ -26,6 +26,7 @@ from .charge import Charge, sum_rounded_up
 from .noise import SEEDED_LABEL, LaplaceSampler
 from .private_data import (
     SCORE_GRID,
+    NoisedValue,
     PrivateDataset,
     ScoreFn,
     current_collective,
@@ -34,6 +35,7 @@ from .private_data import (
     mechanism_id,
     open_grant,
     quantized_total,
+    release_from_main,
     revoke_grant,
     wipe_private,
 )
@@ -82,11 +84,11 @@ def release_utility(
     scale_units = Fraction(SCORE_GRID) / Fraction(eps)  # one example moves the sum by ≤ SCORE_GRID
     units = dataset.public_size * SCORE_GRID  # never |D|: the grid of released values would reveal it
 
-    def noisy_value() -> float:
+    def noisy_value() -> NoisedValue:
         noisy = Fraction(total + sampler.discrete_laplace(scale_units), units)
-        return float(min(max(noisy, Fraction(0)), Fraction(1)))
+        return NoisedValue(min(max(noisy, Fraction(0)), Fraction(1)))
 
-    value = collective.from_main(noisy_value)
+    value = float(release_from_main(collective, noisy_value))
     return NoisyRelease(value, eps, float(scale_units / units), charge, sampler.seeded)
 
 
@@ -153,8 +155,8 @@ class NaiveLaplaceValidator:
             query = max(query, self._threshold + self._floor - total)
         scale_units = Fraction(2 * SCORE_GRID) / Fraction(self._eps)
         # main process only: the noise never exists on the others, they receive the answer
-        return self._collective.from_main(
-            lambda: bool(query + self._sampler.discrete_laplace(scale_units) < self._threshold))
+        return release_from_main(
+            self._collective, lambda: bool(query + self._sampler.discrete_laplace(scale_units) < self._threshold))
 
     def close(self) -> None:
         """No further queries; the private reference is wiped (the charges made stay charged)."""

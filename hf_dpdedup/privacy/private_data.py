@@ -96,6 +96,32 @@ def collective_scope(collective: Collective):
         _ACTIVE.reset(token)
 
 
+class NoisedValue(float):
+    """A float released by a noise mechanism (the only non-boolean a mechanism may send to other processes)."""
+
+    __slots__ = ()
+
+
+def release_from_main(collective: Collective, compute: Callable[[], T]) -> T:
+    """``collective.from_main(compute)`` for outputs of private evaluation, checked at run time on both
+    sides: only a boolean decision or a :class:`NoisedValue` may cross processes (the static guard
+    matches names only; this catches an unnoised sum or score passed by mistake)."""
+
+    def checked() -> T:
+        return _check_release(compute())
+
+    return _check_release(collective.from_main(checked))
+
+
+def _check_release(value: T) -> T:
+    if type(value) is bool or isinstance(value, NoisedValue):
+        return value
+    raise PrivacyError(
+        f"A private mechanism tried to send a {type(value).__name__} to the other processes; only a boolean "
+        "decision or a NoisedValue (the output of a noise mechanism) may leave the main process."
+    )
+
+
 def shard_range(n_items: int, rank: int, size: int) -> range:
     """Contiguous shard ``rank`` of ``size`` over ``range(n_items)``; the first ``n_items % size``
     shards get one more item. The shards partition the range exactly (no padding, no repeats)."""

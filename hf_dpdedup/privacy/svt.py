@@ -44,6 +44,7 @@ from .private_data import (
     mechanism_id,
     open_grant,
     quantized_total,
+    release_from_main,
     revoke_grant,
     wipe_private,
 )
@@ -195,7 +196,7 @@ class SVTSession:
         query = Fraction(held_private(self._dataset, self) - total)
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
-        too_big = self._collective.from_main(lambda: self._too_big(query))
+        too_big = release_from_main(self._collective, lambda: self._too_big(query))
         self.queries += 1
         if too_big:
             self.above_count += 1
