@@ -99,3 +99,23 @@ def test_without_a_verdict_a_non_interactive_target_pays_only_what_its_search_re
     dist, claimed = outcome_distributions(config)
     assert claimed == {EPSILONS["t"] + EPSILONS["a"]}
     assert worst_log_ratio(dist) <= EPSILONS["t"] + EPSILONS["a"] + 1e-9
+
+
+def test_declared_overlaps_join_the_validation_set_with_the_training_set():
+    """DedupConfig.overlaps reaches the ledger: a validation set that shares people with the training set
+    is composed sequentially with it (sum), not in parallel (max)."""
+    from hf_dpdedup.privacy import PrivateDataset
+
+    def run(overlaps):
+        members = [Member(name, BitModel(1), PrivacyMetadata(eps, 0.0, ("rr-train",)))
+                   for name, eps in EPSILONS.items()]
+        private = PrivateDataset([0] * 50, dataset_id="rr-val", public_size=50)
+        data = DedupData(bit_score, public_val=[[0] * 4], private_val=private)
+        config = DedupConfig(block_size=BLOCK, threshold=0.5, interactive=False, fairness="off", validation="svt",
+                             svt_epsilon=4.0, overlaps=overlaps)
+        return next(o for o in dedup_group(members, data, config) if o.member.name == "t").report.ledger
+
+    apart, joined = run(()), run((("rr-train", "rr-val"),))
+    assert apart.epsilon_loose == pytest.approx(4.0)  # max(1.5 + 0.5, 4): disjoint data, parallel composition
+    assert joined.epsilon_loose == pytest.approx(1.5 + 0.5 + 4.0)
+    assert len(joined.components) == 1 and set(joined.datasets) == {"rr-train", "rr-val"}

@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svt-cutoff", type=int, default=3)
     p.add_argument("--naive-epsilon", type=float, default=0.1)
     p.add_argument("--no-interactive", action="store_true", help="no floor from the previous model")
+    p.add_argument("--fairness", choices=["flag", "drop", "off"], default="flag",
+                   help="flag (default): members with a higher ε but a lower public utility than a lower-ε member are "
+                        "stored and flagged; drop: leave them out of the store; off: no verdict. Any verdict charges "
+                        "each member the training of every lower-ε member it compared with")
+    p.add_argument("--overlap", nargs=2, action="append", default=[], metavar=("ID_A", "ID_B"),
+                   help="two data set ids that share individuals (composed sequentially); repeatable")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
     d = p.add_argument_group("distributed (under torchrun / accelerate launch)")
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         plan=PlanConfig(saliency=args.saliency, aggregate=args.aggregate, metric=args.metric),
         validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
         naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
+        fairness=args.fairness, overlaps=tuple(tuple(pair) for pair in args.overlap),
     )
     if distributed.launched_distributed():
         report = distributed.deduplicate_family_distributed(members, data, config, args.out, parallel=args.parallel,

@@ -185,6 +185,8 @@ class FamilyReport:
             "max_validations_per_target": max((m.validations for m in targets), default=0),
             "max_public_test_drop": max(drops, default=None),
             "fairness_holds": fairness_holds(stored),
+            "fairness_flagged": [m.name for m in self.models if m.fairness and m.fairness["flagged"]],
+            "dropped": [m.name for m in self.models if m.role == "dropped"],
         }
 
     def to_dict(self) -> dict[str, Any]:
