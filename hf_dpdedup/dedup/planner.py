@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from ..errors import DivergedProcessesError
 from ..privacy import (
+    SEEDED_LABEL,
     Charge,
     LaplaceSampler,
     NaiveLaplaceValidator,
-    SEEDED_LABEL,
     PrivacyMetadata,
     PrivateDataset,
     SVTSession,
@@ -195,7 +195,8 @@ def dedup_group(group: list[Member], data: DedupData, config: DedupConfig, *,
                 sampler: LaplaceSampler | None = None) -> list[Outcome]:
     """Search one group (same architecture and data): models are edited in place, nothing is stored.
 
-    Outcomes come in storing order: dropped members, the base, then the targets by ascending ε.
+    Outcomes come in order: the base, then the targets by ascending ε (with ``fairness="drop"`` the
+    flagged ones have role "dropped" and are not stored).
     """
     sampler = sampler if sampler is not None else config.sampler()
     verdicts = _fairness(group, data, config)
@@ -236,6 +237,8 @@ def _fairness(group: list[Member], data: DedupData, config: DedupConfig) -> dict
     fair_data = data.public_test if on_test else data.public_val
     utility = {m.name: public_utility(m.model, fair_data, data.score_fn) for m in group}
     return fairness_verdicts(group, utility, on="public test" if on_test else "public validation")
+
+
 def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
                   data: DedupData, config: DedupConfig, *, verdict: dict[str, Any] | None = None,
                   group: list[Member] | None = None, sampler: LaplaceSampler | None = None) -> Outcome:
@@ -267,8 +270,7 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
 
 
 def _account(charges: list[Charge], config: DedupConfig):
-    """The ledger, loose and tight both at each component's summed δ (so the min of the two is valid),
-    plus the RDP figure at the δ the member was trained with, labelled as such (comparable with ε before)."""
+    """The ledger: loose and tight both at each component's summed δ, so the min of the two is valid."""
     return account(charges, overlaps=config.overlaps)
 
 
