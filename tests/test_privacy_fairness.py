@@ -21,8 +21,10 @@ from collections import defaultdict
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, dedup_group
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, dedup_group, fairness_verdicts
 from hf_dpdedup.privacy import PrivacyMetadata
 
 EPSILONS = {"a": 0.5, "b": 1.0, "t": 1.5}  # a: the base, b: a lower-ε sibling, t: the target
@@ -119,3 +121,19 @@ def test_declared_overlaps_join_the_validation_set_with_the_training_set():
     assert apart.epsilon_loose == pytest.approx(4.0)  # max(1.5 + 0.5, 4): disjoint data, parallel composition
     assert joined.epsilon_loose == pytest.approx(1.5 + 0.5 + 4.0)
     assert len(joined.components) == 1 and set(joined.datasets) == {"rr-train", "rr-val"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.5, 1.0, 2.0, 4.0]), st.floats(0, 1), st.floats(0, 1)),
+                min_size=1, max_size=6))
+def test_what_a_verdict_reads_depends_on_the_budgets_only(rows):
+    """Property: for any two utility assignments, the members a verdict compared with (and is charged)
+    are the same; it flags exactly the members beaten by a lower-ε one."""
+    members = [Member(f"m{i}", None, PrivacyMetadata(eps, 0.0, ("d",))) for i, (eps, _, _) in enumerate(rows)]
+    first = fairness_verdicts(members, {f"m{i}": u for i, (_, u, _) in enumerate(rows)}, on="public test")
+    second = fairness_verdicts(members, {f"m{i}": v for i, (_, _, v) in enumerate(rows)}, on="public test")
+    for i, (eps, u, _) in enumerate(rows):
+        name = f"m{i}"
+        lower = sorted(f"m{j}" for j, (e, _, _) in enumerate(rows) if e < eps)
+        assert first[name]["compared_with"] == second[name]["compared_with"] == lower
+        assert first[name]["flagged"] == any(rows[int(o[1:])][1] > u for o in lower)
