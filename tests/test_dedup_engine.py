@@ -315,3 +315,23 @@ def test_a_seeded_run_draws_all_its_noise_from_one_sampler(tmp_path):
     report = deduplicate_family(members, data, config, tmp_path / "store")
     assert len(calls) == 1
     assert "seconds" not in report.models[1].to_dict()  # no noise-dependent wall time is published
+
+
+def test_seeded_training_is_marked_through_ledger_record_dedup_info_and_card(tmp_path):
+    """Issue 13 (critical 2): a member trained with seeded noise taints everything built from it."""
+    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from hf_dpdedup.store.member import read_constitution
+
+    members, batches = make_family()
+    members = [members[0], members[2]]
+    members[0].privacy = PrivacyMetadata(1.0, 1e-5, ("toy-train",), seeded=True)  # the base
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    report = deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
+    target = {m.name: m for m in report.models}["eps8"]
+    assert target.ledger.seeded and target.seeded and target.to_dict()["noise"] != "secure"
+    assert "not a privacy guarantee" in report.table()
+    loaded = DedupedModel.from_pretrained(tmp_path / "s" / "members" / "eps8")
+    assert loaded.dedup_info.seeded and loaded.dedup_info.privacy["seeded"]  # its own training was secure
+    card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
+                       store_repo="ns/b", store_commit="a" * 40)
+    assert card_metadata(card)["privacy"]["seeded"] and "not a privacy guarantee" in card.text
