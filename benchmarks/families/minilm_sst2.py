@@ -8,7 +8,7 @@ part (95 %) and a disjoint private validation part (5 %, for the dedup engine's 
 validation: ``dev.tsv``; reported accuracy: ``test.tsv``. Strategy ``top-cls`` (see
 ``hf_dpdedup.training.heads``): the [CLS] activations of the frozen part are cached once, then the
 top layer's post-attention block, the pooler and the classifier (~1.48 M parameters, 14 tensors)
-are DP-trained. Deterministic given the seed (seeded Opacus noise, ``secure_mode=False``).
+are DP-trained. Secure DP-SGD noise (``DPConfig`` default); the split and the head init are seeded.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import TrainingConfigError
+from ..errors import PrivacyBudgetError, TrainingConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-dataset-id", help="Hub id of the public test set, for model-card results (e.g. stanfordnlp/sst2)")
     p.add_argument("--private-val", help="private validation TSV (used only through SVT / naive Laplace)")
     p.add_argument("--private-id", help="data set id of the private validation set (default: the members' training id)")
+    p.add_argument("--private-size", type=int,
+                   help="public normaliser n of the private validation set, fixed before looking at it (e.g. the "
+                        "planned split size); its true row count is private. Required with --private-val")
     p.add_argument("--validation", default="public", choices=["public", "svt", "naive"])
     p.add_argument("--threshold", type=float, default=0.015, help="allowed utility drop (0.015 = 1.5 points)")
     p.add_argument("--strategy", default="gallop", choices=["gallop", "greedy", "binary", "halving", "mcts"])
@@ -51,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svt-cutoff", type=int, default=3)
     p.add_argument("--naive-epsilon", type=float, default=0.1)
     p.add_argument("--no-interactive", action="store_true", help="no floor from the previous model")
+    p.add_argument("--fairness", choices=["flag", "drop", "off"], default="flag",
+                   help="flag (default): members with a higher ε but a lower public utility than a lower-ε member are "
+                        "stored and flagged; drop: leave them out of the store; off: no verdict. Any verdict charges "
+                        "each member the training of every lower-ε member it compared with")
+    p.add_argument("--overlap", nargs=2, action="append", default=[], metavar=("ID_A", "ID_B"),
+                   help="two data set ids that share individuals (composed sequentially); repeatable")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
     d = p.add_argument_group("distributed (under torchrun / accelerate launch)")
@@ -95,8 +104,12 @@ def run(args: argparse.Namespace) -> int:
     kw = {"max_length": args.max_length}
     private = None
     if args.private_val:
+        if args.private_size is None:
+            raise PrivacyBudgetError("--private-val needs --private-size N: the public size every private "
+                                     "mechanism normalises by, fixed in advance (the true row count is private).")
         dataset_id = args.private_id or members[0].privacy.datasets[0]
-        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id, **kw)
+        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id,
+                              public_size=args.private_size, **kw)
     data = DedupData(
         score_fn=SCORES[args.task],
         public_val=tsv_batches(tokenizer, args.val, args.task, **kw),
@@ -112,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                         saliency=args.saliency, aggregate=args.aggregate, metric=args.metric),
         validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
         naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
+        fairness=args.fairness, overlaps=tuple(tuple(pair) for pair in args.overlap),
     )
     if distributed.launched_distributed():
         report = distributed.deduplicate_family_distributed(members, data, config, args.out, parallel=args.parallel,
