@@ -196,11 +196,10 @@ def closing_summary(built: BuiltFamily, result: dict, seconds: float) -> dict:
 
 
 def _sample_images(n: int = 32, *, with_labels: bool = False):
-    """Public test digits as PIL images (what a user hands a pipeline)."""
-    from PIL import Image
-
+    """Public test digits as greyscale pictures (height × width × 1, uint8 0–16): what a user hands
+    an image-classification pipeline. (PIL images would be converted to RGB by the pipeline.)"""
     images, labels = recipe.public_test_images()
-    picked = [Image.fromarray(images[i], mode="L") for i in range(n)]
+    picked = [images[i][:, :, None] for i in range(n)]
     return (picked, [int(y) for y in labels[:n]]) if with_labels else picked
 
 
