@@ -15,6 +15,7 @@ import os
 import struct
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,7 +25,9 @@ from safetensors import safe_open
 
 from ..blocks import check_block_size, dtype_name, parse_dtype
 from ..errors import ConstitutionError, DtypeMismatchError, StoreFormatError
+from .codec import Codec, decode_rows, encode_rows
 from .format import (
+    CODED_FORMAT,
     FORMAT,
     INDEX_FILE,
     LOCK_FILE,
@@ -32,7 +35,6 @@ from .format import (
     ShardInfo,
     StoreIndex,
     shard_file_name,
-    check_format,
 )
 from .io import atomic_write, atomic_write_json, read_json, sha256_file, verify_files
 
@@ -55,16 +57,25 @@ class BlockStore:
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, *, block_size: int, dtype: torch.dtype | str) -> "BlockStore":
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        block_size: int,
+        dtype: torch.dtype | str,
+        codec: Codec | str = Codec.NONE,
+    ) -> "BlockStore":
+        """A new, empty store; ``codec`` (see :class:`~.codec.Codec`) is how its shards are coded."""
         path = Path(path)
         check_block_size(block_size)
+        codec = Codec.parse(codec)
         dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)
         parse_dtype(dtype)
         if (path / INDEX_FILE).exists():
             raise StoreFormatError(
                 f"A block store already exists at {path}; open it with BlockStore.open to add models."
             )
-        index = StoreIndex(store_id=uuid.uuid4().hex, block_size=block_size, dtype=dtype)
+        index = StoreIndex(store_id=uuid.uuid4().hex, block_size=block_size, dtype=dtype, codec=codec)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / INDEX_FILE, index.to_dict())
         return cls(path, index)
@@ -72,9 +83,7 @@ class BlockStore:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "BlockStore":
         path = Path(path)
-        data = read_json(path / INDEX_FILE, "block_store.json")
-        check_format(data, f"block store {path}")
-        return cls(path, StoreIndex.from_dict(data))
+        return cls(path, StoreIndex.from_dict(read_json(path / INDEX_FILE, f"block_store.json of {path}")))
 
     @property
     def block_size(self) -> int:
@@ -83,6 +92,10 @@ class BlockStore:
     @property
     def dtype(self) -> torch.dtype:
         return parse_dtype(self.index.dtype)
+
+    @property
+    def codec(self) -> Codec:
+        return self.index.codec
 
     @property
     def store_id(self) -> str:
@@ -185,21 +198,17 @@ class BlockStore:
         for count in _pack(new_groups, max_rows):
             number = len(shards) + 1
             name = shard_file_name(number)
-            chunk = rows[start : start + count].contiguous()
+            chunk = encode_rows(rows[start : start + count], self.codec)
             meta = {"format": FORMAT, "first_row": str(self.index.total_rows + start)}
+            if self.codec is not Codec.NONE:
+                meta.update(format=CODED_FORMAT, codec=self.codec.value)
             atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
             shards.append(
                 ShardInfo(name, self.index.total_rows + start, count, path.stat().st_size, sha256_file(path))
             )
             start += count
-        index = StoreIndex(
-            self.index.store_id,
-            self.block_size,
-            self.index.dtype,
-            tuple(shards),
-            self.index.row_hashes + tuple(new_digests),
-        )
+        index = replace(self.index, shards=tuple(shards), row_hashes=self.index.row_hashes + tuple(new_digests))
         index.validate()
         # The switch: until this rename the old index (and everything it names) is what readers see.
         atomic_write_json(self.path / INDEX_FILE, index.to_dict())
@@ -223,12 +232,20 @@ class BlockStore:
         return [self.index.shards[i] for i in used]
 
     def read_shards(self, shards: Sequence[ShardInfo], *, verify: bool = True) -> dict[int, torch.Tensor]:
-        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor (memory-mapped)."""
+        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor: memory-mapped for
+        raw shards, decoded into memory of its own for coded ones (after its sha256 is checked)."""
         if verify:
             verify_files((self.path / s.file, s.sha256, "block shard") for s in shards)
         out: dict[int, torch.Tensor] = {}
         for shard in shards:
-            tensor = _load_shard_tensor(self.path / shard.file)
+            tensor = decode_rows(
+                _load_shard_tensor(self.path / shard.file),
+                self.codec,
+                num_rows=shard.num_rows,
+                block_size=self.block_size,
+                dtype=self.dtype,
+                what=f"Shard {shard.file}",
+            )
             if tuple(tensor.shape) != (shard.num_rows, self.block_size) or tensor.dtype != self.dtype:
                 raise StoreFormatError(
                     f"Shard {shard.file} holds a {dtype_name(tensor.dtype)} tensor of shape "
@@ -259,7 +276,7 @@ def _pack(groups: list[int], max_rows: int) -> list[int]:
     return shards
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 ALIGNMENT = 64
 
 
