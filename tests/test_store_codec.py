@@ -16,12 +16,22 @@ from hf_dpdedup.errors import (
 )
 from hf_dpdedup.store import BlockStore
 from hf_dpdedup.store.codec import decode_rows, encode_rows
+from hf_dpdedup.store.decoded_cache import CACHE_ENV
 from hf_dpdedup.store.format import CODED_FORMAT, FORMAT, INDEX_FILE, check_format
 from hf_dpdedup.store.io import forget_verified
 
 from conftest import example_inputs, tiny_model
 
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def decoded_cache(tmp_path, monkeypatch):
+    """Each test gets its own decoded-shard cache (never the user's)."""
+    folder = tmp_path / "decoded-cache"
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    forget_verified()
+    return folder
 
 
 def perturbed(model, *, tensors: int, seed: int = 0):
@@ -191,3 +201,46 @@ def test_recode_keeps_rows_and_members(tmp_path, dtype):
     assert sum(s.bytes for s in coded.blocks.index.shards) < sum(s.bytes for s in raw.blocks.index.shards)
     assert_bit_exact(base, DedupedModel.from_pretrained(coded.member_path("base")))
     assert_bit_exact(target, DedupedModel.from_pretrained(coded.member_path("target")))
+
+
+def test_first_load_fills_the_decoded_cache_and_later_loads_map_it(tmp_path, decoded_cache):
+    model = tiny_model("bert")
+    family = coded_family(tmp_path, torch.float32)
+    family.add_model("m", model)
+    shards = family.blocks.index.shards
+    assert all(s.raw_sha256 for s in shards)
+    assert not decoded_cache.exists()  # writing a store decodes nothing
+    assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
+    cached = sorted(p.name for p in decoded_cache.iterdir())
+    assert cached == sorted(f"{s.raw_sha256}.rows" for s in shards)
+    for s in shards:  # the coded shards are no longer read: the cache serves the rows
+        (family.blocks.path / s.file).write_bytes(b"gone")
+    forget_verified()
+    assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
+
+
+def test_a_damaged_cache_file_is_decoded_again_not_trusted(tmp_path, decoded_cache):
+    model = tiny_model("bert")
+    family = coded_family(tmp_path, torch.float32)
+    family.add_model("m", model)
+    DedupedModel.from_pretrained(family.member_path("m"))
+    victim = next(decoded_cache.iterdir())
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    forget_verified()
+    assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
+    assert bytes(data) != victim.read_bytes()  # rewritten from the coded shard
+
+
+def test_loads_work_with_the_cache_off_or_unwritable(tmp_path, monkeypatch):
+    model = tiny_model("bert")
+    family = coded_family(tmp_path, torch.float32)
+    family.add_model("m", model)
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(blocker / "cache"))
+    forget_verified()
+    assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))

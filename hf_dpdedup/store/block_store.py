@@ -25,7 +25,8 @@ from safetensors import safe_open
 
 from ..blocks import check_block_size, dtype_name, parse_dtype
 from ..errors import ConstitutionError, DtypeMismatchError, StoreFormatError
-from .codec import Codec, decode_rows, encode_rows
+from .codec import Codec, encode_rows
+from .decoded_cache import load_decoded
 from .format import (
     CODED_FORMAT,
     FORMAT,
@@ -36,7 +37,7 @@ from .format import (
     StoreIndex,
     shard_file_name,
 )
-from .io import atomic_write, atomic_write_json, read_json, sha256_file, verify_files
+from .io import atomic_write, atomic_write_json, read_json, sha256_bytes, sha256_file, verify_files
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
 
@@ -198,15 +199,17 @@ class BlockStore:
         for count in _pack(new_groups, max_rows):
             number = len(shards) + 1
             name = shard_file_name(number)
-            chunk = encode_rows(rows[start : start + count], self.codec)
+            raw = rows[start : start + count]
+            chunk = encode_rows(raw, self.codec)
             meta = {"format": FORMAT, "first_row": str(self.index.total_rows + start)}
+            raw_sha256 = None
             if self.codec is not Codec.NONE:
                 meta.update(format=CODED_FORMAT, codec=self.codec.value)
+                raw_sha256 = sha256_bytes(raw.contiguous().view(torch.uint8).numpy())
             atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
-            shards.append(
-                ShardInfo(name, self.index.total_rows + start, count, path.stat().st_size, sha256_file(path))
-            )
+            first = self.index.total_rows + start
+            shards.append(ShardInfo(name, first, count, path.stat().st_size, sha256_file(path), raw_sha256))
             start += count
         index = replace(self.index, shards=tuple(shards), row_hashes=self.index.row_hashes + tuple(new_digests))
         index.validate()
@@ -233,19 +236,14 @@ class BlockStore:
 
     def read_shards(self, shards: Sequence[ShardInfo], *, verify: bool = True) -> dict[int, torch.Tensor]:
         """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor: memory-mapped for
-        raw shards, decoded into memory of its own for coded ones (after its sha256 is checked)."""
+        raw shards, decoded for coded ones (once per machine: see :mod:`.decoded_cache`)."""
+        if self.codec is not Codec.NONE:
+            return {s.first_row: self._decoded(s, verify) for s in shards}
         if verify:
             verify_files((self.path / s.file, s.sha256, "block shard") for s in shards)
         out: dict[int, torch.Tensor] = {}
         for shard in shards:
-            tensor = decode_rows(
-                _load_shard_tensor(self.path / shard.file),
-                self.codec,
-                num_rows=shard.num_rows,
-                block_size=self.block_size,
-                dtype=self.dtype,
-                what=f"Shard {shard.file}",
-            )
+            tensor = _load_shard_tensor(self.path / shard.file)
             if tuple(tensor.shape) != (shard.num_rows, self.block_size) or tensor.dtype != self.dtype:
                 raise StoreFormatError(
                     f"Shard {shard.file} holds a {dtype_name(tensor.dtype)} tensor of shape "
@@ -254,6 +252,18 @@ class BlockStore:
                 )
             out[shard.first_row] = tensor
         return out
+
+    def _decoded(self, shard: ShardInfo, verify: bool) -> torch.Tensor:
+        path = self.path / shard.file
+        return load_decoded(
+            shard,
+            lambda: _load_shard_tensor(path),
+            path,
+            codec=self.codec,
+            block_size=self.block_size,
+            dtype=self.dtype,
+            verify=verify,
+        )
 
     def stored_bytes(self) -> int:
         return sum(s.bytes for s in self.index.shards) + (self.path / INDEX_FILE).stat().st_size

@@ -95,4 +95,9 @@ def decode_rows(
     decoded = _zipnn(dtype).decompress(memoryview(stream))
     if len(decoded) != expected:
         raise StoreFormatError(f"{what} decoded to {len(decoded)} bytes, not {expected}; the store is damaged.")
-    return torch.frombuffer(decoded, dtype=torch.uint8).view(dtype).view(num_rows, block_size)
+    # ZipNN allocates its output itself (no decode-into-buffer API), with no alignment guarantee:
+    # one copy into torch's 64-byte-aligned memory, so rows are views that compute like fresh
+    # tensors (and gathers from them take torch's fast path).
+    rows = torch.empty(num_rows, block_size, dtype=dtype)
+    rows.view(-1).view(torch.uint8).copy_(torch.frombuffer(decoded, dtype=torch.uint8))
+    return rows

@@ -57,7 +57,8 @@ class ShardInfo:
     first_row: int
     num_rows: int
     bytes: int
-    sha256: str
+    sha256: str  # of the file as stored
+    raw_sha256: str | None = None  # of the decoded rows, for coded shards
 
     @property
     def end_row(self) -> int:
@@ -70,6 +71,7 @@ class ShardInfo:
             "num_rows": self.num_rows,
             "bytes": self.bytes,
             "sha256": self.sha256,
+            **({"raw_sha256": self.raw_sha256} if self.raw_sha256 is not None else {}),
         }
 
     @classmethod
@@ -84,6 +86,7 @@ class ShardInfo:
             num_rows=_require(data, "num_rows", int, what),
             bytes=_require(data, "bytes", int, what),
             sha256=_require(data, "sha256", str, what),
+            raw_sha256=_require(data, "raw_sha256", str, what) if "raw_sha256" in data else None,
         )
 
 
