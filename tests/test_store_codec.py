@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_dpdedup import Codec, DedupedModel, FamilyStore
+from hf_dpdedup import Codec, DedupedModel, FamilyStore, push_family_to_hub
 from hf_dpdedup.errors import (
     ChecksumMismatchError,
     StoreFormatError,
@@ -21,6 +21,7 @@ from hf_dpdedup.store.format import CODED_FORMAT, FORMAT, INDEX_FILE, check_form
 from hf_dpdedup.store.io import forget_verified
 
 from conftest import example_inputs, tiny_model
+from hub_support import family_models, hub, logits, make_family  # noqa: F401
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -244,3 +245,15 @@ def test_loads_work_with_the_cache_off_or_unwritable(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(blocker / "cache"))
     forget_verified()
     assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
+
+
+def test_a_coded_family_round_trips_through_the_hub_fetching_only_needed_shards(hub, tmp_path):
+    models = family_models()
+    coded = make_family(tmp_path / "tiny", models).recode(tmp_path / "tiny-zipnn", codec="zipnn")
+    push_family_to_hub(coded, "alice", token="hf_write", endpoint=hub.url)
+    for name, original in models.items():
+        hub.log.clear()
+        loaded = DedupedModel.from_pretrained(f"alice/{name}", endpoint=hub.url, cache_dir=tmp_path / f"c-{name}")
+        assert torch.equal(logits(loaded), logits(original))
+        needed = {s.file for s in coded.blocks.shards_for_rows(coded.constitution(name).all_rows)}
+        assert set(hub.fetched("alice/tiny-zipnn-blocks")) == {"block_store.json"} | needed
