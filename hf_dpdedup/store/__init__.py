@@ -1,4 +1,4 @@
-"""On-disk format ``hf_dpdedup/1``: block store, member folders and the family folder."""
+"""On-disk format ``hf_dpdedup/1`` (``/2`` for coded block stores): block store, member folders, family folder."""
 
 from .block_store import BlockStore
 from .codec import Codec
