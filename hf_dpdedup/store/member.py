@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ..blocks import BlockLayout, plan_layout, tensor_from_rows, to_block_matrix
 from ..errors import ConstitutionError, StoreFormatError, StoreMismatchError
-from .block_store import ALIGNMENT, BlockStore
+from .block_store import BlockStore
 from .constitution import Constitution, StoreRef, TensorEntry
 from .format import CONSTITUTION_FILE, EXTRAS_FILE
 from .io import atomic_write_json, read_json, replace_dir, sha256_file, verify_file
@@ -199,10 +199,7 @@ def _gather(
     ids = np.asarray(rows, dtype=np.int64)
     shard_of = starts[np.searchsorted(starts, ids, side="right") - 1]
     first = int(shard_of[0])
-    # Views only of 64-byte-aligned rows (raw, memory-mapped shards); decoded shards live in
-    # allocator memory with no such guarantee, so their rows are gathered into aligned tensors.
-    aligned = matrices[first].data_ptr() % ALIGNMENT == 0
-    if may_view and aligned and (shard_of == first).all() and (np.diff(ids) == 1).all():
+    if may_view and (shard_of == first).all() and (np.diff(ids) == 1).all():
         local = int(ids[0]) - first
         return matrices[first][local : local + len(ids)]
     out = torch.empty(len(ids), store.block_size, dtype=store.dtype)
