@@ -121,6 +121,8 @@ def halving(trial: _Trial, sequence: list[Replacement], *, min_group: int = 4) -
         rest = current[mid:] + rest
         if trial.try_group(left):
             current, rest = rest, []
+        elif len(left) == len(current):
+            return  # a single replacement failed: it cannot be halved further (min_group=1)
         else:
             current = left
 
