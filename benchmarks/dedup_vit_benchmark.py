@@ -189,7 +189,7 @@ def main() -> None:
         return DedupData(classification_score, public_val=val, public_test=test, calibration=calibration,
                          public_confirm=conf if confirm else None, predict_fn=classification_predict,
                          private_val=PrivateDataset({"pixel_values": x, "labels": y}, dataset_id=DATASET_ID,
-                                                    batch_size=256) if private else None)
+                                                    batch_size=256, public_size=len(y)) if private else None)
 
     def config(**kw) -> DedupConfig:
         return DedupConfig(**{"block_size": BLOCK, "threshold": THRESHOLD, **kw})
@@ -197,7 +197,11 @@ def main() -> None:
     runs: dict[str, tuple[DedupData, DedupConfig]] = {}
     if "main" in args.runs:
         runs["old"] = (data(confirm=False), config(plan=OLD))
-        runs["default"] = (data(), config())
+        runs["default"] = (data(), config())  # gallop search
+        runs["default_non_interactive"] = (data(), config(interactive=False))
+        runs["binary"] = (data(), config(strategy="binary"))
+        runs["confirm_gallop"] = (data(), config(confirmation="gallop"))
+        runs["confirm_gallop_non_interactive"] = (data(), config(confirmation="gallop", interactive=False))
         runs["confirm_margin_1se"] = (data(), config(confirm_margin_se=1.0))
     if "ablation" in args.runs:
         for cost in ("taylor", "wanda", "delta"):

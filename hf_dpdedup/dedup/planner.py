@@ -110,6 +110,9 @@ class DedupConfig:
     # The confirmation split accepts a drop of threshold + confirm_margin_se standard errors of the
     # target's utility on it (0: the same threshold as the search).
     confirm_margin_se: float = 0.0
+    # what the confirmation keeps when it rejects the accepted set: "prefix" (the longest cheapest-
+    # first prefix that passes) or "gallop" (walk the accepted replacements, skipping rejected ones)
+    confirmation: str = "prefix"
 
     def __post_init__(self) -> None:
         if self.agreement and self.interactive:
@@ -279,7 +282,7 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     finally:
         validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
     if confirmation is not None:  # public data: no private mechanism involved
-        confirm(target.model, live, result, confirmation)
+        confirm(target.model, live, result, confirmation, mode=config.confirmation)
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges
@@ -437,7 +440,7 @@ def _config_dict(config: DedupConfig) -> dict[str, Any]:
         "saliency": config.plan.saliency,
         "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
         "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
-        "confirm_margin_se": config.confirm_margin_se,
+        "confirm_margin_se": config.confirm_margin_se, "confirmation": config.confirmation,
         "noise": SEEDED_LABEL if config.noise_seed is not None else "secure", "fairness": config.fairness,
         "overlaps": [list(p) for p in config.overlaps],
     }
