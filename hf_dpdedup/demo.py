@@ -122,7 +122,7 @@ def run_demo(out: Path, *, hub: str | None = "local", token: str | None = None, 
           f"(transformers on a plain folder: {plain_s:.3f} s)")
     if not same:
         raise SystemExit("demo failed: reloaded logits differ")
-    result = {"bit_identical": same, "load_s": dedup_s, "plain_load_s": plain_s}
+    result = {"bit_identical": same, "load_s": dedup_s, "plain_load_s": plain_s, "report": built.report}
     if hub is not None:
         result["hub"] = publish_and_load(built.family, name, original, endpoint=None if hub == "local" else hub,
                                          token=token, namespace=namespace)
