@@ -21,7 +21,8 @@ from ..privacy.metadata import PrivacyMetadata
 from .block_store import BlockStore
 from .constitution import Constitution
 from .format import CONSTITUTION_FILE, INDEX_FILE
-from .member import MemberSource, check_member_name, read_constitution, write_member
+from .io import live_dir
+from .member import MemberSource, check_member_name, member_name, read_constitution, write_member
 
 STORE_DIR = "block_store"
 MEMBERS_DIR = "members"
@@ -58,7 +59,8 @@ class FamilyStore:
         if not folder.is_dir():
             return []
         return sorted(
-            p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CONSTITUTION_FILE).is_file()
+            name for name in {member_name(p) for p in folder.iterdir()}
+            if not name.startswith(".") and (live_dir(folder / name) / CONSTITUTION_FILE).is_file()
         )
 
     def constitution(self, name: str) -> Constitution:
@@ -102,7 +104,7 @@ class FamilyStore:
         members = sum(
             f.stat().st_size
             for name in self.members()
-            for f in self.member_path(name).iterdir()
+            for f in live_dir(self.member_path(name)).iterdir()
             if f.is_file()
         )
         return self.blocks.stored_bytes() + members
