@@ -12,6 +12,7 @@ Members load from a local member folder or from a Hub repo id (``namespace/name`
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from transformers import AutoConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from .blocks import parse_dtype
 from .errors import ConstitutionError, StoreFormatError
 from .store.constitution import Constitution
 from .store.io import live_dir
@@ -127,10 +129,18 @@ class DedupedModel:
 
                 where = fetch_store(constitution, hub, verify=verify)
             store = open_member_store(folder, constitution, where)
-            state_dict = load_member_state_dict(folder, constitution, store, verify=verify)
-            config = read_config(folder)
-            klass = model_class or _model_class(config, constitution.architecture)
-            model = build_model(klass, config, state_dict, aliases=constitution.aliases, extras=constitution.extras)
+            # Checking and gathering the weights (GIL-free hashing and copies) runs beside building
+            # the empty model (Python): a first load costs about the longer of the two, not the sum.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                weights = pool.submit(load_member_state_dict, folder, constitution, store, verify=verify)
+                try:
+                    config = read_config(folder)
+                    klass = model_class or _model_class(config, constitution.architecture)
+                    skeleton = empty_model(klass, config, parse_dtype(constitution.dtype)) if constitution.tensors else None
+                finally:
+                    state_dict = weights.result()
+            model = build_model(klass, config, state_dict, aliases=constitution.aliases, extras=constitution.extras,
+                                skeleton=skeleton)
             return model, constitution, store
 
         model, constitution, store = read_consistently(member_dir, read)
@@ -202,14 +212,13 @@ def build_model(
     *,
     aliases: dict[str, str] | None = None,
     extras: tuple[str, ...] = (),
+    skeleton: PreTrainedModel | None = None,
 ) -> PreTrainedModel:
-    """Build ``klass`` with no weights and assign ``state_dict`` into it; re-tie ``aliases``.
-    (``extras``: the tensors read from extras.safetensors, named in errors about them.)"""
+    """Build ``klass`` with no weights (or take ``skeleton``, built so by :func:`empty_model`) and
+    assign ``state_dict`` into it; re-tie ``aliases``. (``extras``: the tensors read from
+    extras.safetensors, named in errors about them.)"""
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-    # Weights are assigned right after: skip transformers' weight initialisation (on meta tensors
-    # it is pure Python overhead, most of the construction time of a small model).
-    with init_empty_weights(), no_init_weights():
-        model = klass._from_config(config, dtype=dtype)
+    model = skeleton if skeleton is not None else empty_model(klass, config, dtype)
     aliases = aliases or {}
     own = {k: v for k, v in state_dict.items() if k not in aliases}
     check_shapes(model, own, extras)
@@ -231,6 +240,14 @@ def build_model(
         )
     model.eval()
     return model
+
+
+def empty_model(klass: type[PreTrainedModel], config: Any, dtype: torch.dtype | None) -> PreTrainedModel:
+    """``klass`` with meta tensors. Weights are assigned right after: transformers' weight
+    initialisation is skipped (on meta tensors it is pure Python overhead, most of the
+    construction time of a small model)."""
+    with init_empty_weights(), no_init_weights():
+        return klass._from_config(config, dtype=dtype)
 
 
 def check_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> None:

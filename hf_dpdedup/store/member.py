@@ -282,14 +282,17 @@ def _gather(
     if may_view and (shard_of == first).all() and (np.diff(ids) == 1).all():
         local = int(ids[0]) - first
         return matrices[first][local : local + len(ids)]
+    # One concatenation of the runs of consecutive rows, written straight into the output: a single
+    # kernel, no temporary (an index_select + index_copy_ pair writes every byte twice).
+    breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shard_of) != 0)) + 1
+    begins, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [len(ids)]))
+    locals_ = (ids[begins] - shard_of[begins]).tolist()
+    runs = [
+        matrices[start][local : local + n]
+        for start, local, n in zip(shard_of[begins].tolist(), locals_, (ends - begins).tolist())
+    ]
     out = torch.empty(len(ids), store.block_size, dtype=store.dtype)
-    if (shard_of == first).all():  # one shard: gather straight into the output
-        return torch.index_select(matrices[first], 0, torch.from_numpy(ids - first), out=out)
-    for start in np.unique(shard_of):
-        mask = shard_of == start
-        local = torch.from_numpy(ids[mask] - start)
-        out.index_copy_(0, torch.from_numpy(np.nonzero(mask)[0]), matrices[int(start)].index_select(0, local))
-    return out
+    return torch.cat(runs, out=out)
 
 
 def member_name(member_dir: Path) -> str:
