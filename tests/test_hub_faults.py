@@ -75,3 +75,41 @@ def test_b16_hub_500_on_repo_info_is_not_offline_mode(hub, pushed, tmp_path):
         load(hub, pushed.members["m1"].repo_id, tmp_path)
     assert not isinstance(excinfo.value, HubOfflineError)
     assert "HF_HUB_OFFLINE" not in str(excinfo.value)
+
+
+def test_verification_marker_survives_blobs_behind_links(hub, pushed, models, tmp_path):
+    """huggingface_hub with Xet keeps blobs in a shared store behind links: the marker of a verified
+    blob is still found (a new process does not hash it again) and still tied to the bytes."""
+    import os
+
+    from hf_dpdedup.errors import ChecksumMismatchError
+    from hf_dpdedup.store.io import forget_verified
+
+    member = pushed.members["m1"].repo_id
+    load(hub, member, tmp_path)
+    repo = tmp_path / "models--alice--tiny-blocks"
+    shared = tmp_path / "xet-store"
+    shared.mkdir()
+    for blob in (repo / "blobs").iterdir():  # the Xet layout: blobs/<etag> -> shared store
+        target = shared / blob.name
+        blob.rename(target)
+        blob.symlink_to(target)
+    markers = repo / "hf_dpdedup-verified"
+    for marker in markers.iterdir():
+        marker.unlink()
+    forget_verified()
+    load(hub, member, tmp_path, local_files_only=True)  # verifies and writes markers
+    written = {m.name: m.stat().st_mtime_ns for m in markers.iterdir()}
+    assert len(written) == 2  # shards 1 and 2, named after their blobs
+    forget_verified()  # a new process
+    loaded = load(hub, member, tmp_path, local_files_only=True)
+    assert {m.name: m.stat().st_mtime_ns for m in markers.iterdir()} == written  # trusted, not redone
+    assert torch.equal(logits(loaded), logits(models["m1"]))
+    victim = shared / next(iter(written))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))  # damaged in the shared store, in place
+    forget_verified()
+    with pytest.raises(ChecksumMismatchError):
+        load(hub, member, tmp_path, local_files_only=True)
+    assert not os.path.exists(victim)  # evicted: the next online load downloads it again

@@ -9,6 +9,7 @@ member was swapped while they read it and read it again, so they see one version
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
@@ -291,8 +292,23 @@ def _gather(
         matrices[start][local : local + n]
         for start, local, n in zip(shard_of[begins].tolist(), locals_, (ends - begins).tolist())
     ]
-    out = torch.empty(len(ids), store.block_size, dtype=store.dtype)
-    return torch.cat(runs, out=out)
+    return torch.cat(runs, out=empty_rows(len(ids), store.block_size, store.dtype))
+
+
+_HUGE_PAGE = 2 * 1024 * 1024
+
+
+def empty_rows(n: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``[n, width]`` tensor in memory of its own. Large ones are anonymous memory
+    advised for transparent huge pages: filling them then takes a few page faults instead of one per
+    4 KiB, which is most of the cost of gathering a scattered member (measured 3-7x faster for 90 MB
+    on this box). Where huge pages are unavailable it is ordinary memory."""
+    nbytes = n * width * dtype.itemsize
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(n, width, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype, count=n * width).view(n, width)
 
 
 def member_name(member_dir: Path) -> str:
