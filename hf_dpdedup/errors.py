@@ -121,6 +121,10 @@ class PushError(HubError):
     """A push that failed midway; every repo still holds its previous (loadable) commit: re-run it."""
 
 
+class SeededPushError(HubError, PrivacyError):
+    """A member whose noise came from a known seed (not private) was about to be published."""
+
+
 # --- serving ---------------------------------------------------------------------------------------
 class ServingError(HfDpDedupError):
     """A serving pool request that cannot be answered."""

@@ -25,6 +25,7 @@ from transformers.initialization import no_init_weights
 
 from .blocks import parse_dtype
 from .errors import ConstitutionError, StoreFormatError
+from .privacy.noise import SEEDED_LABEL
 from .store.constitution import Constitution
 from .store.io import live_dir
 from .store.member import load_member_state_dict, open_member_store, read_consistently
@@ -62,6 +63,19 @@ class DedupInfo:
     @property
     def delta(self) -> float | None:
         return None if self.privacy is None else self.privacy.get("delta")
+
+    @property
+    def seeded(self) -> bool:
+        """True when this member's training or deduplication noise came from a known seed: its ε is then
+        **not a privacy guarantee** (tests and reproductions only); ``noise`` says so in words."""
+        dedup = self.dedup or {}
+        original = dedup.get("original_privacy") or {}
+        return bool((self.privacy or {}).get("seeded") or original.get("seeded") or dedup.get("seeded"))
+
+    @property
+    def noise(self) -> str:
+        """``"secure"``, or the test-only label of a seeded member."""
+        return SEEDED_LABEL if self.seeded else "secure"
 
 
 class DedupedModel:

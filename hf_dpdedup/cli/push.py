@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     p.add_argument("--base-model", help="Hub id of the pretrained model the family was fine-tuned from")
     p.add_argument("--license", help="license id for the model cards")
+    p.add_argument("--allow-seeded", action="store_true",
+                   help="publish members built with seeded (test-only, not private) noise; refused otherwise")
     p.set_defaults(func=run)
 
 
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         endpoint=args.endpoint,
         base_model=args.base_model,
         license=args.license,
+        allow_seeded=args.allow_seeded,
     )
     for label, repo in [("store", result.store), *result.members.items()]:
         state = f"new commit ({len(repo.files)} files)" if repo.changed else "up to date"

@@ -5,6 +5,11 @@ block first), applies groups of them in place on the live model, asks the valida
 rejected groups exactly. They stop early when the validator halts (the SVT cut-off). The result is
 the set of replacements left applied on the model.
 
+* ``gallop`` (default): walk the cost-ordered sequence in groups that double after an accepted group
+  and halve after a rejected one; a rejected group of ``min_group`` is skipped. Rejections happen
+  only where the sequence turns bad, which is what the SVT's cut-off counts, and the walk goes past
+  an expensive block to the cheap ones behind it (the cost order is an estimate). At most
+  ``max_validations`` validations.
 * ``greedy``: fixed groups of N (the paper's GreedyN).
 * ``binary``: take the first half of what remains; a group that fails is split in two and its
   halves are tried (down to ``min_group``); the right half is only tried when the left half mostly
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from .live import LiveBlocks, Replacement
 from .validate import Validator
@@ -29,6 +35,10 @@ class SearchResult:
     accepted: list[Replacement] = field(default_factory=list)
     validations: int = 0
     halted: bool = False
+    # the values the accepted blocks had before, in acceptance order (what ``confirm`` reverts to)
+    undo: list[tuple[int, Any]] = field(default_factory=list, repr=False)
+    confirmations: int = 0
+    rejected_by_confirmation: int = 0
 
 
 class _Trial:
@@ -49,6 +59,7 @@ class _Trial:
         self.result.validations += 1
         if self.validator.accepts(self.model):
             self.result.accepted.extend(group)
+            self.result.undo.extend(undo)
             return True
         self.live.revert(undo)
         return False
@@ -56,6 +67,21 @@ class _Trial:
     def finish(self) -> SearchResult:
         self.result.halted = self.halted
         return self.result
+
+
+def gallop(trial: _Trial, sequence: list[Replacement], *, min_group: int = 4, max_validations: int = 25) -> None:
+    if min_group < 1 or max_validations < 1:
+        raise ValueError(f"gallop needs min_group ≥ 1 and max_validations ≥ 1, got {min_group}, {max_validations}.")
+    start, size = 0, min_group
+    while start < len(sequence) and not trial.halted and trial.result.validations < max_validations:
+        group = sequence[start : start + size]
+        if trial.try_group(group):
+            start += len(group)
+            size *= 2
+        elif size <= min_group:
+            start += len(group)  # the smallest group failed: leave it, try what follows
+        else:
+            size = max(min_group, size // 2)
 
 
 def greedy(trial: _Trial, sequence: list[Replacement], *, n: int = 10) -> None:
@@ -133,7 +159,7 @@ def mcts(
             node[1] += reward
     chosen = [r for g, take in zip(groups, best[1]) if take for r in g]
     if chosen:  # already validated when it was found
-        trial.live.apply(chosen)
+        trial.result.undo.extend(trial.live.apply(chosen))
         trial.result.accepted.extend(chosen)
 
 
@@ -142,7 +168,7 @@ def _uct(node: list[float], parent_visits: float, c: float = 1.4) -> float:
     return total / visits + c * math.sqrt(math.log(max(parent_visits, 1.0)) / visits)
 
 
-STRATEGIES = {"greedy": greedy, "binary": binary, "halving": halving, "mcts": mcts}
+STRATEGIES = {"gallop": gallop, "greedy": greedy, "binary": binary, "halving": halving, "mcts": mcts}
 
 
 def run_search(
@@ -161,3 +187,32 @@ def run_search(
     trial = _Trial(live, validator, model)
     search(trial, sequence, **options)
     return trial.finish()
+
+
+def confirm(model, live: LiveBlocks, result: SearchResult, validator: Validator) -> SearchResult:
+    """Check the accepted replacements on data the search did not use; keep the longest prefix
+    (in acceptance order, i.e. cheapest first) that ``validator`` accepts and revert the rest.
+
+    The search's many validations on one set select replacements that happen to pass on it; a
+    second, independent set catches that. One validation when everything holds, else a bisection
+    over the prefix length (about log2(accepted) more). Updates and returns ``result``.
+    """
+    if not result.accepted:
+        return result
+    result.confirmations += 1
+    if validator.accepts(model):
+        return result
+    live.revert(result.undo)  # back to the target as it was before the search
+    kept, bad = 0, len(result.accepted)  # prefix ``kept`` is applied; prefix ``bad`` was rejected
+    while bad - kept > 1:
+        mid = (kept + bad) // 2
+        undo = live.apply(result.accepted[kept:mid])
+        result.confirmations += 1
+        if validator.accepts(model):
+            kept = mid
+        else:
+            live.revert(undo)
+            bad = mid
+    result.rejected_by_confirmation = len(result.accepted) - kept
+    result.accepted, result.undo = result.accepted[:kept], result.undo[:kept]
+    return result

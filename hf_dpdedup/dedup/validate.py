@@ -13,6 +13,8 @@ Utility is always a mean of per-example scores in [0, 1] given by ``score_fn(mod
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -31,10 +33,27 @@ class Validator(Protocol):
 
     def accepts(self, model: Any) -> bool: ...
 
+    def close(self) -> None:
+        """Called once the search is done (private mechanisms wipe their reference)."""
+
+
+@dataclass(frozen=True)
+class Utility:
+    """A public utility (mean per-example score) with its standard error over ``n`` examples."""
+
+    mean: float
+    se: float
+    n: int
+
+
+def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> float:
+    """Mean per-example score on public data (never call this with private data)."""
+    return public_utility_stats(model, batches, score_fn).mean
+
 
 @torch.no_grad()
-def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> float:
-    """Mean per-example score on public data (never call this with private data).
+def public_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> Utility:
+    """Mean per-example score on public data and its standard error (sample std / √n).
 
     Inside a ``collective_scope`` each process scores its contiguous shard of the batches; the
     per-batch sums are then added in batch order, so the result is bit-identical to one process.
@@ -44,24 +63,27 @@ def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: Sco
     batches = list(batches)
     collective = current_collective()
     mine = shard_range(len(batches), collective.rank, collective.size)
-    sums, counts = [0.0] * len(batches), [0] * len(batches)
+    sums, squares, counts = [0.0] * len(batches), [0.0] * len(batches), [0] * len(batches)
     was_training = model.training
     model.eval()
     try:
         for i in mine:
             scores = torch.as_tensor(score_fn(model, batches[i]), dtype=torch.float64).clamp(0, 1)
-            sums[i], counts[i] = float(scores.sum()), scores.numel()
+            sums[i], squares[i], counts[i] = float(scores.sum()), float(scores.square().sum()), scores.numel()
     finally:
         model.train(was_training)
     if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
-        sums, counts = collective.sum(sums), collective.sum(counts)
-    total, count = 0.0, 0
-    for batch_sum, batch_count in zip(sums, counts):
+        sums, squares, counts = collective.sum(sums), collective.sum(squares), collective.sum(counts)
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch_sum, batch_sq, batch_count in zip(sums, squares, counts):
         total += batch_sum
+        total_sq += batch_sq
         count += batch_count
     if count == 0:
         raise ValueError("The public validation data is empty: pass at least one batch.")
-    return total / count
+    mean = total / count
+    variance = max(0.0, total_sq / count - mean * mean) * count / max(1, count - 1)
+    return Utility(mean, math.sqrt(variance / count), count)
 
 
 @torch.no_grad()
@@ -127,6 +149,9 @@ class PublicValidator:
         self.last_utility = public_utility(model, self.batches, self.score_fn)
         return self.last_utility >= self.minimum
 
+    def close(self) -> None:
+        """Nothing to wipe: public data (same interface as :class:`MechanismValidator`)."""
+
 
 class MechanismValidator:
     """A charged private-data mechanism (:class:`SVTSession` or :class:`NaiveLaplaceValidator`)
@@ -147,3 +172,7 @@ class MechanismValidator:
     def accepts(self, model: torch.nn.Module) -> bool:
         self.validations += 1
         return self.mechanism.accepts(model)
+
+    def close(self) -> None:
+        """End the mechanism: its grant is revoked and its private reference wiped."""
+        self.mechanism.close()

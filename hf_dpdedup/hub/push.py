@@ -33,12 +33,12 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
 
-from ..errors import HubAuthError, PushError
+from ..errors import HubAuthError, PushError, SeededPushError
 from ..store.constitution import StoreRef
 from ..store.family import FamilyStore
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
-from .cards import member_card, store_card
+from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS
 
 Source = bytes | Path
@@ -80,6 +80,7 @@ def push_family_to_hub(
     base_model: str | None = None,
     license: str | None = None,
     commit_message: str | None = None,
+    allow_seeded: bool = False,
 ) -> PushResult:
     """Push a family folder (block store + members) to ``namespace`` on the Hub.
 
@@ -94,6 +95,8 @@ def push_family_to_hub(
         endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
         base_model: Hub id of the pretrained model the family was fine-tuned from (model cards).
         license: license id for the model cards.
+        allow_seeded: publish members whose training or dedup noise was seeded (tests, reproductions;
+            their cards say "not a privacy guarantee"). Without it such members are refused.
 
     Example:
         >>> result = push_family_to_hub("family", "my-org", family_name="minilm-sst2")
@@ -105,6 +108,14 @@ def push_family_to_hub(
     names = list(members) if members is not None else family.members()
     for name in names:
         check_member_name(name)
+    seeded = [name for name in names if is_seeded(family.constitution(name))]
+    if seeded and not allow_seeded:
+        raise SeededPushError(
+            f"Members {seeded} were built with seeded noise (DPConfig(secure_mode=False) or "
+            "DedupConfig(noise_seed=...)): anyone with the seed can remove it, so their ε is not a privacy "
+            "guarantee. Retrain / deduplicate them with secure noise, or pass allow_seeded=True "
+            "(--allow-seeded) to publish them marked as test-only."
+        )
     api = HfApi(endpoint=endpoint, token=token)
     store_repo = store_repo_id(namespace, family_name)
     message = commit_message or "Push with hf_dpdedup"
