@@ -22,10 +22,9 @@ import os
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import xxhash
 
@@ -306,18 +305,6 @@ def verify_file(path: str | os.PathLike, expected_sha256: str, *, what: str = "f
             f"{expected_sha256[:16]}…. Delete it and copy or download it again."
         )
     remember_verified(ident, expected_sha256)
-
-
-def verify_files(items: Iterable[tuple[Path, str, str]]) -> None:
-    """Verify several ``(path, sha256, what)`` at once; hashing runs in threads (it frees the GIL)."""
-    items = list(items)
-    if len(items) <= 1:
-        for path, sha, what in items:
-            verify_file(path, sha, what=what)
-        return
-    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
-        for future in [pool.submit(verify_file, p, s, what=w) for p, s, w in items]:
-            future.result()
 
 
 def mark_verified(path: str | os.PathLike, sha256: str) -> None:
