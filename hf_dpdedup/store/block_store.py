@@ -16,15 +16,20 @@ import struct
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..blocks import check_block_size, dtype_name, parse_dtype
 from ..errors import ChecksumMismatchError, ConstitutionError, DtypeMismatchError, StoreFormatError
+from .codec import Codec, encode_rows
+from .decoded_cache import load_decoded
 from .format import (
+    CODED_FORMAT,
     FORMAT,
     INDEX_FILE,
     LOCK_FILE,
@@ -33,7 +38,6 @@ from .format import (
     ShardInfo,
     StoreIndex,
     shard_file_name,
-    check_format,
 )
 from .io import (
     atomic_write,
@@ -45,6 +49,7 @@ from .io import (
     locked,
     read_json,
     remove_stale_temps,
+    sha256_bytes,
     sha256_file,
 )
 
@@ -67,16 +72,25 @@ class BlockStore:
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, *, block_size: int, dtype: torch.dtype | str) -> "BlockStore":
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        block_size: int,
+        dtype: torch.dtype | str,
+        codec: Codec | str = Codec.NONE,
+    ) -> "BlockStore":
+        """A new, empty store; ``codec`` (see :class:`~.codec.Codec`) is how its shards are coded."""
         path = Path(path)
         check_block_size(block_size)
+        codec = Codec.parse(codec)
         dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)
         parse_dtype(dtype)
         if (path / INDEX_FILE).exists():
             raise StoreFormatError(
                 f"A block store already exists at {path}; open it with BlockStore.open to add models."
             )
-        index = StoreIndex(store_id=uuid.uuid4().hex, block_size=block_size, dtype=dtype)
+        index = StoreIndex(store_id=uuid.uuid4().hex, block_size=block_size, dtype=dtype, codec=codec)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / INDEX_FILE, index.to_dict())
         return cls(path, index)
@@ -84,9 +98,7 @@ class BlockStore:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "BlockStore":
         path = Path(path)
-        data = read_json(path / INDEX_FILE, "block_store.json")
-        check_format(data, f"block store {path}")
-        return cls(path, StoreIndex.from_dict(data))
+        return cls(path, StoreIndex.from_dict(read_json(path / INDEX_FILE, f"block_store.json of {path}")))
 
     @property
     def block_size(self) -> int:
@@ -95,6 +107,10 @@ class BlockStore:
     @property
     def dtype(self) -> torch.dtype:
         return parse_dtype(self.index.dtype)
+
+    @property
+    def codec(self) -> Codec:
+        return self.index.codec
 
     @property
     def store_id(self) -> str:
@@ -216,25 +232,22 @@ class BlockStore:
         for count in _pack(new_groups, max_rows):
             number = len(shards) + 1
             name = shard_file_name(number)
-            chunk = rows[start : start + count].contiguous()
+            raw = rows[start : start + count]
+            chunk = encode_rows(raw, self.codec)
             meta = {"format": FORMAT, "first_row": str(self.index.total_rows + start)}
+            raw_sha256 = None
+            if self.codec is not Codec.NONE:
+                meta.update(format=CODED_FORMAT, codec=self.codec.value)
+                raw_sha256 = sha256_bytes(raw.contiguous().view(torch.uint8).numpy())
             atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
+            first = self.index.total_rows + start
             shards.append(
-                ShardInfo(
-                    name, self.index.total_rows + start, count, path.stat().st_size, sha256_file(path),
-                    xxh3_128=fast_digest_file(path),
-                )
+                ShardInfo(name, first, count, path.stat().st_size, sha256_file(path), raw_sha256,
+                          xxh3_128=fast_digest_file(path))
             )
             start += count
-        index = StoreIndex(
-            self.index.store_id,
-            self.block_size,
-            self.index.dtype,
-            tuple(shards),
-            self.index.row_hashes + tuple(new_digests),
-            extra=self.index.extra,
-        )
+        index = replace(self.index, shards=tuple(shards), row_hashes=self.index.row_hashes + tuple(new_digests))
         index.validate()
         # The switch: until this rename the old index (and everything it names) is what readers see.
         atomic_write_json(self.path / INDEX_FILE, index.to_dict())
@@ -258,10 +271,13 @@ class BlockStore:
         return [self.index.shards[i] for i in used]
 
     def read_shards(self, shards: Sequence[ShardInfo], *, verify: bool = True) -> dict[int, torch.Tensor]:
-        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor (memory-mapped,
-        copy-on-write). With ``verify`` the mapped bytes themselves are checked before any tensor
-        is made of them (no window between checking a file and reading it)."""
+        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor: memory-mapped
+        (copy-on-write) for raw shards, decoded for coded ones (once per machine: see
+        :mod:`.decoded_cache`). With ``verify`` the mapped bytes of a raw shard are checked before
+        any tensor is made of them (no window between checking a file and reading it)."""
         shards = list(shards)
+        if self.codec is not Codec.NONE:
+            return {s.first_row: self._decoded(s, verify) for s in shards}
         if len(shards) <= 1:
             tensors = [self._map_shard(s, verify) for s in shards]
         else:  # hashing frees the GIL: check several shards at once
@@ -280,6 +296,18 @@ class BlockStore:
                 )
             check_buffer(mapped, ident, path, sha256=shard.sha256, xxh3=shard.xxh3_128, what="block shard")
         return _shard_tensor(mapped, path, shard, self.block_size, self.dtype)
+
+    def _decoded(self, shard: ShardInfo, verify: bool) -> torch.Tensor:
+        path = self.path / shard.file
+        return load_decoded(
+            shard,
+            lambda: _load_shard_tensor(path),
+            path,
+            codec=self.codec,
+            block_size=self.block_size,
+            dtype=self.dtype,
+            verify=verify,
+        )
 
     def stored_bytes(self) -> int:
         return sum(s.bytes for s in self.index.shards) + (self.path / INDEX_FILE).stat().st_size
@@ -302,7 +330,7 @@ def _pack(groups: list[int], max_rows: int) -> list[int]:
     return shards
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 ALIGNMENT = 64
 
 
@@ -331,6 +359,21 @@ def save_shard(path: Path, rows: torch.Tensor, metadata: dict[str, str]) -> None
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
         fh.write(memoryview(data.reshape(-1)))
+
+
+def _load_shard_tensor(path: Path) -> torch.Tensor:
+    """The ``blocks`` tensor of a coded shard (1-D bytes, decoded by :mod:`.decoded_cache`)."""
+    try:
+        with safe_open(path, framework="pt") as fh:
+            if SHARD_TENSOR not in fh.keys():
+                raise StoreFormatError(f"Shard {path.name} has no tensor named {SHARD_TENSOR!r}; copy or download it again.")
+            return fh.get_tensor(SHARD_TENSOR)
+    except StoreFormatError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise StoreFormatError(
+            f"Shard {path} is not a readable safetensors file ({exc}); copy or download it again."
+        ) from exc
 
 
 _TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
