@@ -45,6 +45,10 @@ class StoreMismatchError(StoreFormatError):
     """A member that points at another block store than the one it is being loaded from."""
 
 
+class MemberChangedError(HfDpDedupError, OSError):
+    """A member that another process kept replacing while it was read: retryable, load it again."""
+
+
 # --- privacy ---------------------------------------------------------------------------------------
 class PrivacyError(HfDpDedupError):
     """A request that would break a privacy rule (an uncharged access, an invalid budget, ...)."""

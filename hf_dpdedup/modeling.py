@@ -12,6 +12,7 @@ Members load from a local member folder or from a Hub repo id (``namespace/name`
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,12 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from transformers import AutoConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from .blocks import parse_dtype
 from .errors import ConstitutionError, StoreFormatError
 from .privacy.noise import SEEDED_LABEL
-from .store.member import load_member_state_dict, open_member_store, read_constitution
+from .store.constitution import Constitution
+from .store.io import live_dir
+from .store.member import load_member_state_dict, open_member_store, read_consistently
 from .store.format import CONSTITUTION_FILE
 
 
@@ -128,17 +132,33 @@ class DedupedModel:
 
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download, endpoint)
         member_dir, repo_id = _resolve_member(pretrained_model_name_or_path, hub)
-        constitution = read_constitution(member_dir)
-        ref = constitution.block_store
-        if store_dir is None and ref.path is None and ref.repo_id is not None:
-            from .hub.download import fetch_store
 
-            store_dir = fetch_store(constitution, hub, verify=verify)
-        store = open_member_store(member_dir, constitution, Path(store_dir) if store_dir else None)
-        state_dict = load_member_state_dict(member_dir, constitution, store, verify=verify)
-        config = AutoConfig.from_pretrained(member_dir)
-        klass = model_class or _model_class(config, constitution.architecture)
-        model = build_model(klass, config, state_dict, aliases=constitution.aliases)
+        def read(folder: Path, constitution: Constitution) -> tuple[PreTrainedModel, Constitution, Any]:
+            ref = constitution.block_store
+            where = Path(store_dir) if store_dir else None
+            if where is None and (repo_id is not None or ref.path is None):
+                # A downloaded member never resolves a local path: its blocks come from the pinned
+                # store commit only (a path in a Hub constitution could name any local folder).
+                from .hub.download import fetch_store
+
+                where = fetch_store(constitution, hub, verify=verify)
+            store = open_member_store(folder, constitution, where)
+            # Checking and gathering the weights (GIL-free hashing and copies) runs beside building
+            # the empty model (Python): a first load costs about the longer of the two, not the sum.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                weights = pool.submit(load_member_state_dict, folder, constitution, store, verify=verify)
+                try:
+                    config = read_config(folder)
+                    klass = model_class or _model_class(config, constitution.architecture)
+                    skeleton = empty_model(klass, config, parse_dtype(constitution.dtype)) if constitution.tensors else None
+                finally:
+                    state_dict = weights.result()
+            model = build_model(klass, config, state_dict, aliases=constitution.aliases, extras=constitution.extras,
+                                skeleton=skeleton)
+            return model, constitution, store
+
+        model, constitution, store = read_consistently(member_dir, read)
+        ref = constitution.block_store
         model = _place(model, torch_dtype=torch_dtype, device_map=device_map, device=device)
         model.dedup_info = DedupInfo(
             name=constitution.name,
@@ -148,16 +168,28 @@ class DedupedModel:
             privacy=constitution.privacy,
             dedup=constitution.dedup,
             repo_id=repo_id,
-            store_repo_id=ref.repo_id if ref.path is None else None,
-            store_revision=ref.revision if ref.path is None else None,
+            store_repo_id=ref.repo_id if ref.path is None or repo_id is not None else None,
+            store_revision=ref.revision if ref.path is None or repo_id is not None else None,
         )
         return model
+
+
+def read_config(member_dir: Path) -> Any:
+    """The member's transformers config; a missing, invalid or unknown one is a typed error."""
+    try:
+        return AutoConfig.from_pretrained(member_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StoreFormatError(
+            f"config.json of member {member_dir} cannot be used ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else exc!r}). Restore the member's config.json (download "
+            "the member again, or re-run add_model); an unknown model_type needs a newer transformers."
+        ) from None
 
 
 def _resolve_member(path_or_id: str | os.PathLike, hub: Any) -> tuple[Path, str | None]:
     """The member folder, and the Hub repo id it was downloaded from (None for a local folder)."""
     path = Path(path_or_id)
-    if (path / CONSTITUTION_FILE).is_file():
+    if (live_dir(path) / CONSTITUTION_FILE).is_file():
         return path, None
     if not path.exists() and isinstance(path_or_id, str):
         from .hub.download import download_member, is_repo_id
@@ -193,15 +225,17 @@ def build_model(
     state_dict: dict[str, torch.Tensor],
     *,
     aliases: dict[str, str] | None = None,
+    extras: tuple[str, ...] = (),
+    skeleton: PreTrainedModel | None = None,
 ) -> PreTrainedModel:
-    """Build ``klass`` with no weights and assign ``state_dict`` into it; re-tie ``aliases``."""
+    """Build ``klass`` with no weights (or take ``skeleton``, built so by :func:`empty_model`) and
+    assign ``state_dict`` into it; re-tie ``aliases``. (``extras``: the tensors read from
+    extras.safetensors, named in errors about them.)"""
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-    # Weights are assigned right after: skip transformers' weight initialisation (on meta tensors
-    # it is pure Python overhead, most of the construction time of a small model).
-    with init_empty_weights(), no_init_weights():
-        model = klass._from_config(config, dtype=dtype)
+    model = skeleton if skeleton is not None else empty_model(klass, config, dtype)
     aliases = aliases or {}
     own = {k: v for k, v in state_dict.items() if k not in aliases}
+    check_shapes(model, own, extras)
     result = model.load_state_dict(own, strict=False, assign=True)
     if result.unexpected_keys:
         raise ConstitutionError(
@@ -222,6 +256,30 @@ def build_model(
     return model
 
 
+def empty_model(klass: type[PreTrainedModel], config: Any, dtype: torch.dtype | None) -> PreTrainedModel:
+    """``klass`` with meta tensors. Weights are assigned right after: transformers' weight
+    initialisation is skipped (on meta tensors it is pure Python overhead, most of the
+    construction time of a small model)."""
+    with init_empty_weights(), no_init_weights():
+        return klass._from_config(config, dtype=dtype)
+
+
+def check_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> None:
+    """Each stored tensor must have the shape and dtype the model built from config.json expects;
+    say which file disagrees (a wrong dtype would otherwise load and fail only in the forward pass)."""
+    expected = dict(_named_tensors(model))
+    for name, tensor in state_dict.items():
+        slot = expected.get(name)
+        if slot is None or (slot.shape == tensor.shape and slot.dtype == tensor.dtype):
+            continue
+        source = "extras.safetensors" if name in extras else "dedup_constitution.json"
+        raise ConstitutionError(
+            f"Tensor {name!r} is stored as {tensor.dtype} {list(tensor.shape)} (in the member's {source}) "
+            f"but config.json builds it as {slot.dtype} {list(slot.shape)}: the member's files disagree. "
+            "Restore the member (download it again, or re-run add_model from the original model)."
+        )
+
+
 def _named_tensors(model: torch.nn.Module):
     yield from model.named_parameters(remove_duplicate=False)
     yield from model.named_buffers(remove_duplicate=False)
@@ -233,9 +291,16 @@ def _tensors(model: torch.nn.Module):
 
 def _tie(model: torch.nn.Module, alias: str, canonical: str) -> None:
     module_name, _, leaf = alias.rpartition(".")
-    module = model.get_submodule(module_name)
     source_module_name, _, source_leaf = canonical.rpartition(".")
-    source = model.get_submodule(source_module_name)
+    try:
+        module = model.get_submodule(module_name)
+        source = model.get_submodule(source_module_name)
+    except AttributeError:
+        raise ConstitutionError(
+            f"The constitution ties {alias!r} to {canonical!r}, but {type(model).__name__} has no such "
+            "module: config.json and the constitution disagree. Restore the member (download it again, "
+            "or re-run add_model from the original model)."
+        ) from None
     if source_leaf in source._parameters:
         setattr(module, leaf, source._parameters[source_leaf])
     else:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from ..store.check import problems
 from ..store.summary import summarize
 
 
@@ -12,6 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="summarize a family folder, block store or member folder")
     p.add_argument("path", help="family folder, block store folder or member folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--verify", action="store_true",
+        help="also hash every shard and extras file (sha256) and read every shard header; exit 1 on damage",
+    )
     p.set_defaults(func=run)
 
 
@@ -63,6 +69,11 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the summary; files that are missing or have the wrong size (and, with ``--verify``, the
+    wrong bytes) are reported on stderr and make the exit status 1."""
     summary = summarize(args.path)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    return 0
+    found = problems(args.path, verify=args.verify)
+    for problem in found:
+        print(f"hf-dpdedup inspect: {problem}", file=sys.stderr)
+    return 1 if found else 0

@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from ..errors import (
 from ..store.block_store import BlockStore
 from ..store.constitution import Constitution, StoreRef
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE, ShardInfo
-from ..store.io import atomic_write_json, mark_verified, verify_files
+from ..store.io import atomic_write_json, mark_verified, verify_file
 
 # huggingface_hub 2.x speaks httpx2, 1.x httpx: catch whichever transport errors it can raise
 TRANSPORT_ERRORS = tuple(
@@ -118,9 +119,9 @@ def fetch_store(constitution: Constitution, options: HubOptions, *, verify: bool
             verify_cached(folder, shards)
         except ChecksumMismatchError as exc:
             raise HubChecksumError(
-                f"{exc} It came from {where}: the cached copy is damaged or the repo was altered. Load "
-                "again with force_download=True; if that fails too, the store repo itself is damaged: "
-                "re-push the family (`hf-dpdedup push`)."
+                f"{exc} It came from {where}: the corrupt copy was removed from the cache, so loading "
+                "again (a plain retry, or force_download=True) downloads it afresh; if that fails too, the "
+                "store repo itself is damaged: re-push the family (`hf-dpdedup push`)."
             ) from exc
     return folder
 
@@ -129,57 +130,88 @@ VERIFIED_DIR = "hf_dpdedup-verified"
 
 
 def verify_cached(folder: Path, shards: list[ShardInfo]) -> None:
-    """Check each shard's sha256 once per cached blob, not once per process.
+    """Check each shard's sha256 once per cached blob, not once per process, where bytes arrive.
 
     huggingface_hub writes a blob once (download to a temporary file, then rename) and never rewrites
-    it in place, so a blob whose identity (inode, size, mtime) is unchanged still has the bytes that
-    were hashed. A small marker per verified blob, in the repo's cache folder beside ``blobs/`` (where
-    huggingface_hub keeps its own ``trees/`` and ``.no_exist/``), records that identity; a later process
-    trusts a matching marker and hashes only blobs that are new or changed."""
-    todo = []
+    it in place, so a blob whose identity (inode, size, mtime, ctime) is unchanged still has the bytes
+    that were hashed. A small marker per verified blob, in the repo's cache folder beside ``blobs/``
+    (where huggingface_hub keeps its own ``trees/`` and ``.no_exist/``), records that identity; a later
+    process trusts a matching marker and hashes only blobs that are new or changed (loads still run
+    the cheap xxh3 check over the mapped bytes). The marker is named after the snapshot link's target
+    (the blob's etag) and records the identity of the file behind every link, so it is found also
+    when the blob itself links elsewhere (Xet's shared store). A shard that fails is evicted from the
+    cache (snapshot link and blob), so a plain retry downloads it again."""
+    failures: list[ChecksumMismatchError] = []
     for shard in shards:
-        blob = (folder / shard.file).resolve()
-        record = _read_marker(blob)
-        if record is not None and record == _marker_record(blob, shard.sha256):
-            mark_verified(folder / shard.file, shard.sha256)
-        else:
-            todo.append((folder / shard.file, shard.sha256, "block shard"))
-    verify_files(todo)
-    for path, sha256, _ in todo:
-        _write_marker(path.resolve(), sha256)
+        path = folder / shard.file
+        record = _read_marker(path)
+        if record is not None and record == _marker_record(path, shard.sha256):
+            mark_verified(path, shard.sha256)
+            continue
+        try:
+            verify_file(path, shard.sha256, what="block shard")
+        except ChecksumMismatchError as exc:
+            failures.append(exc)
+            _evict(path)
+            continue
+        _write_marker(path, shard.sha256)
+    if failures:
+        raise failures[0]
 
 
-def _marker_path(blob: Path) -> Path | None:
-    # only for blobs in a huggingface_hub cache (symlinked snapshots); a copied file has no blob
-    return blob.parent.parent / VERIFIED_DIR / blob.name if blob.parent.name == "blobs" else None
+def _evict(path: Path) -> None:
+    """Remove a cached file: the blob behind the snapshot link, the link, and its marker."""
+    with contextlib.suppress(OSError):
+        os.unlink(path.resolve())
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    marker = _marker_path(path)
+    if marker is not None:
+        marker.unlink(missing_ok=True)
 
 
-def _marker_record(blob: Path, sha256: str) -> dict:
-    st = blob.stat()
-    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+def _marker_path(path: Path) -> Path | None:
+    # only for files in a huggingface_hub cache (snapshots/<commit>/<file> links); a copy has none
+    if not path.is_symlink() or path.parent.parent.name != "snapshots":
+        return None
+    return path.parent.parent.parent / VERIFIED_DIR / Path(os.readlink(path)).name
 
 
-def _read_marker(blob: Path) -> dict | None:
-    marker = _marker_path(blob)
+def _marker_record(path: Path, sha256: str) -> dict:
+    st = path.stat()
+    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "dev": st.st_dev}
+
+
+def _read_marker(path: Path) -> dict | None:
+    marker = _marker_path(path)
     try:
         return json.loads(marker.read_text()) if marker is not None else None
     except (OSError, ValueError):
         return None
 
 
-def _write_marker(blob: Path, sha256: str) -> None:
-    marker = _marker_path(blob)
+def _write_marker(path: Path, sha256: str) -> None:
+    marker = _marker_path(path)
     if marker is None:
         return
     try:
-        atomic_write_json(marker, _marker_record(blob, sha256))
+        atomic_write_json(marker, _marker_record(path, sha256))
     except OSError:  # a read-only cache: verification just happens again next time
         pass
 
 
 def pinned_revision(ref: StoreRef, member: str) -> str:
     if ref.repo_id is None:
-        raise PinnedRevisionError(f"Member {member!r} names no block store repo; re-push it with `hf-dpdedup push`.")
+        raise PinnedRevisionError(
+            f"Member {member!r} came from the Hub but names no block store repo (a downloaded member never "
+            "reads a local block store path); re-push it with `hf-dpdedup push`, or pass store_dir=."
+        )
+    if not is_repo_id(ref.repo_id):
+        raise PinnedRevisionError(
+            f"Member {member!r} names block store repo {ref.repo_id!r}, which is not a Hub repo id "
+            "(namespace/name); the member is damaged: re-push the family with `hf-dpdedup push`."
+        )
     if ref.revision is None or not COMMIT_SHA.match(ref.revision):
         raise PinnedRevisionError(
             f"Member {member!r} points at block store revision {ref.revision!r} of {ref.repo_id!r}, which is "
@@ -210,6 +242,15 @@ def hub_errors(where: str, repo_id: str, *, pinned: str | None = None) -> Iterat
             "token= (or `hf auth login`); a local member folder must contain dedup_constitution.json."
         ) from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        cause = _http_cause(exc)
+        if cause is not None and not isinstance(exc, OfflineModeIsEnabled):
+            # huggingface_hub falls back to the cache when the Hub answers with an error, and says
+            # "not cached" when that fails too: the real problem is the Hub's answer, not offline mode
+            raise HubDownloadError(
+                f"The Hub failed while resolving the {where} ({type(cause).__name__}: {cause}) and it is "
+                "not in the local cache. Nothing partial was kept; run the same call again (the Hub may "
+                "be having trouble: retry later)."
+            ) from exc
         raise HubOfflineError(
             f"The {where} is not in the local cache and the Hub cannot be used (offline mode "
             "HF_HUB_OFFLINE=1 or local_files_only=True, or the Hub is unreachable). Load it once online "
@@ -238,3 +279,13 @@ def hub_errors(where: str, repo_id: str, *, pinned: str | None = None) -> Iterat
             f"Downloading the {where} failed midway ({type(exc).__name__}: {exc}). Nothing partial was "
             "kept in the cache; run the same call again to resume (files already complete are reused)."
         ) from exc
+
+
+def _http_cause(exc: BaseException) -> BaseException | None:
+    """The HTTP or network error behind ``exc`` (its ``__cause__``/``__context__`` chain), if any."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, (HfHubHTTPError, *TRANSPORT_ERRORS)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -121,9 +121,9 @@ class TensorCache:
 
     def acquire(self, plan: MemberPlan) -> dict[str, _Entry]:
         """The entry of each of ``plan``'s tensors, creating the missing ones; ``plan`` becomes a user."""
-        missing_extras = [n for n, k in plan.tensors.items() if k.kind == "extra" and k not in self._entries]
-        # verified when the plan was read; re-read only what no resident member holds
-        extras = read_extras(plan.path, plan.constitution, missing_extras, verify=False) if missing_extras else {}
+        missing_extras = {n: k for n, k in plan.tensors.items() if k.kind == "extra" and k not in self._entries}
+        # re-read only what no resident member holds, checked against the digests the plan recorded
+        extras = read_extras(plan.path, plan.constitution, missing_extras) if missing_extras else {}
         out: dict[str, _Entry] = {}
         for name, key in plan.tensors.items():
             entry = self._entries.get(key)
@@ -215,6 +215,8 @@ def compose(plan: MemberPlan, entries: dict[str, _Entry], model: torch.nn.Module
             )
         module, leaf, is_param = slots[name]
         entry = entries[source]
+        if fresh:
+            _check_slot(plan, name, (module._parameters if is_param else module._buffers).get(leaf), entry.tensor)
         if is_param:
             module._parameters[leaf] = entry.param
         else:
@@ -224,6 +226,17 @@ def compose(plan: MemberPlan, entries: dict[str, _Entry], model: torch.nn.Module
         model.eval()  # a template is in eval mode already
     model.serving_member = plan.name
     return model
+
+
+def _check_slot(plan: MemberPlan, name: str, slot: torch.Tensor | None, tensor: torch.Tensor) -> None:
+    """A new skeleton's (meta) slot has the shape and dtype config.json asks for: the stored tensor
+    must match it, or the member's files disagree (a wrong dtype would fail only in the forward)."""
+    if slot is not None and (slot.shape != tensor.shape or slot.dtype != tensor.dtype):
+        raise ConstitutionError(
+            f"Member {plan.name!r}: tensor {name!r} is stored as {tensor.dtype} {list(tensor.shape)} but "
+            f"config.json builds it as {slot.dtype} {list(slot.shape)}: the member's files disagree. Restore "
+            "the member (download it again, or re-run add_model from the original model)."
+        )
 
 
 def _find_ties(plan: MemberPlan, model: torch.nn.Module, slots: dict[str, _Slot], sources: dict[str, str]) -> None:

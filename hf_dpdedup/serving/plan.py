@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..blocks import parse_dtype
-from ..errors import BlockLayoutError
+from ..errors import BlockLayoutError, ChecksumMismatchError, StoreFormatError
+from ..modeling import read_config
 from ..store.constitution import Constitution
-from ..store.format import EXTRAS_FILE
-from ..store.io import verify_file
-from ..store.member import read_constitution
+from ..store.member import read_constitution, read_extras_file
 
 #: config fields that differ between members of one architecture without changing the module tree
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "architectures", "_commit_hash")
@@ -87,12 +85,10 @@ def parse_dtype_any(name: str) -> torch.dtype:
 
 def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan:
     """Read member ``name``'s folder into a :class:`MemberPlan` (extras are hashed, not kept)."""
-    from transformers import AutoConfig
-
     from ..modeling import _model_class
 
     constitution = read_constitution(member_dir)
-    config = AutoConfig.from_pretrained(member_dir)
+    config = read_config(member_dir)
     klass = _model_class(config, constitution.architecture)
     tensors = {
         t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors
@@ -112,28 +108,39 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
 
 def extra_keys(member_dir: Path, constitution: Constitution, *, verify: bool = True) -> dict[str, TensorKey]:
     """The key of each extra tensor: the sha256 of its bytes (so equal extras share one tensor)."""
-    keys: dict[str, TensorKey] = {}
-    with _open_extras(member_dir, constitution, verify) as fh:
-        for name in constitution.extras:
-            tensor = fh.get_tensor(name)
-            digest = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            keys[name] = TensorKey("extra", digest, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-    return keys
+    tensors = read_extras_file(member_dir, constitution, verify)
+    return {
+        name: TensorKey("extra", _digest(t), tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for name, t in tensors.items()
+    }
 
 
-def read_extras(
-    member_dir: Path, constitution: Constitution, names: list[str], *, verify: bool = True
-) -> dict[str, torch.Tensor]:
-    """Extras ``names`` of a member, each in its own (aligned) memory."""
-    with _open_extras(member_dir, constitution, verify) as fh:
-        return {n: fh.get_tensor(n).clone() for n in names}
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _open_extras(member_dir: Path, constitution: Constitution, verify: bool):
-    path = member_dir / EXTRAS_FILE
-    if verify:
-        verify_file(path, constitution.extras_sha256, what="extras file")
-    return safe_open(path, framework="pt")
+def read_extras(member_dir: Path, constitution: Constitution, keys: dict[str, TensorKey]) -> dict[str, torch.Tensor]:
+    """Extras ``keys`` of a member (read again when the pool composes it), each in its own memory,
+    checked against the digests the plan recorded when the pool opened: a file corrupted, replaced
+    or removed since then is an error, never a silently different value."""
+    try:
+        tensors = read_extras_file(member_dir, constitution, verify=False)
+    except StoreFormatError as exc:
+        raise StoreFormatError(
+            f"{exc} The member's folder changed after the serving pool opened: restore it, or open a "
+            "new pool if it was re-added on purpose."
+        ) from None
+    out = {}
+    for name, key in keys.items():
+        tensor = tensors.get(name)
+        if tensor is None or _digest(tensor) != key.ident:
+            raise ChecksumMismatchError(
+                f"Extra tensor {name!r} of member {member_dir.name} differs from what the serving pool "
+                f"verified when it opened: {member_dir}/extras.safetensors was modified or replaced. "
+                "Restore the member (download it again, or re-run add_model), then open a new pool."
+            )
+        out[name] = tensor
+    return out
 
 
 def _signature(klass: type, config: Any, tensors: dict[str, TensorKey], aliases: dict[str, str]) -> str:

@@ -8,12 +8,13 @@ crash at any point leaves the previous index, and every row it names, readable.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import mmap
 import os
 import struct
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from ..blocks import check_block_size, dtype_name, parse_dtype
-from ..errors import ConstitutionError, DtypeMismatchError, StoreFormatError
+from ..errors import ChecksumMismatchError, ConstitutionError, DtypeMismatchError, StoreFormatError
 from .codec import Codec, encode_rows
 from .decoded_cache import load_decoded
 from .format import (
@@ -32,12 +33,25 @@ from .format import (
     FORMAT,
     INDEX_FILE,
     LOCK_FILE,
+    RESTORE_INDEX,
     SHARD_TENSOR,
     ShardInfo,
     StoreIndex,
     shard_file_name,
 )
-from .io import atomic_write, atomic_write_json, read_json, sha256_bytes, sha256_file, verify_files
+from .io import (
+    atomic_write,
+    atomic_write_json,
+    check_buffer,
+    describe_os_error,
+    fast_digest_file,
+    file_identity,
+    locked,
+    read_json,
+    remove_stale_temps,
+    sha256_bytes,
+    sha256_file,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
 
@@ -112,15 +126,13 @@ class BlockStore:
     # --- writing ---------------------------------------------------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """One writer at a time; the index is re-read under the lock so no append is lost."""
-        with open(self.path / LOCK_FILE, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                fresh = BlockStore.open(self.path)
-                self.index, self._row_of_hash = fresh.index, None
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """One writer at a time; the index is re-read under the lock so no append is lost, and
+        temporaries of writers killed earlier are removed."""
+        with locked(self.path / LOCK_FILE):
+            remove_stale_temps(self.path)
+            fresh = BlockStore.open(self.path)
+            self.index, self._row_of_hash = fresh.index, None
+            yield
 
     def add_rows(
         self,
@@ -141,6 +153,7 @@ class BlockStore:
         digests = row_hashes(matrix)
         with self._locked():
             ids, new_rows, new_groups = self._assign_rows(digests, groups)
+            self._check_reused_rows(matrix, ids, set(new_rows))
             if new_rows:
                 self._append(matrix, new_rows, new_groups, [digests[i] for i in new_rows], max_shard_bytes)
         return ids
@@ -156,6 +169,26 @@ class BlockStore:
                 f"{dtype_name(matrix.dtype)}. A family has one block dtype: convert the model with "
                 f"model.to(torch.{self.index.dtype}) or use a separate store."
             )
+
+    def _check_reused_rows(self, matrix: torch.Tensor, ids: list[int], new_rows: set[int]) -> None:
+        """Rows matched by hash must hold exactly the input's bytes: a damaged ``row_hashes`` list
+        (hashes swapped or edited) would otherwise map blocks of the new model to wrong rows."""
+        reused = [i for i in range(len(ids)) if i not in new_rows and ids[i] < self.index.total_rows]
+        if not reused:
+            return
+        stored = np.asarray([ids[i] for i in reused], dtype=np.int64)
+        matrices = self.read_shards(self.shards_for_rows(stored))
+        starts = np.array(sorted(matrices), dtype=np.int64)
+        shard_of = starts[np.searchsorted(starts, stored, side="right") - 1]
+        wanted = matrix[torch.tensor(reused, dtype=torch.long)]
+        for start in np.unique(shard_of):
+            mask = shard_of == start
+            got = matrices[int(start)].index_select(0, torch.from_numpy(stored[mask] - start))
+            if not torch.equal(got.view(torch.uint8), wanted[torch.from_numpy(mask)].view(torch.uint8)):
+                raise StoreFormatError(
+                    f"block_store.json at {self.path} records row hashes that do not match the rows its "
+                    f"shards hold; {RESTORE_INDEX}. Nothing was written."
+                )
 
     def _assign_rows(
         self, digests: list[str], groups: list[int]
@@ -209,7 +242,10 @@ class BlockStore:
             atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
             first = self.index.total_rows + start
-            shards.append(ShardInfo(name, first, count, path.stat().st_size, sha256_file(path), raw_sha256))
+            shards.append(
+                ShardInfo(name, first, count, path.stat().st_size, sha256_file(path), raw_sha256,
+                          xxh3_128=fast_digest_file(path))
+            )
             start += count
         index = replace(self.index, shards=tuple(shards), row_hashes=self.index.row_hashes + tuple(new_digests))
         index.validate()
@@ -235,23 +271,31 @@ class BlockStore:
         return [self.index.shards[i] for i in used]
 
     def read_shards(self, shards: Sequence[ShardInfo], *, verify: bool = True) -> dict[int, torch.Tensor]:
-        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor: memory-mapped for
-        raw shards, decoded for coded ones (once per machine: see :mod:`.decoded_cache`)."""
+        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor: memory-mapped
+        (copy-on-write) for raw shards, decoded for coded ones (once per machine: see
+        :mod:`.decoded_cache`). With ``verify`` the mapped bytes of a raw shard are checked before
+        any tensor is made of them (no window between checking a file and reading it)."""
+        shards = list(shards)
         if self.codec is not Codec.NONE:
             return {s.first_row: self._decoded(s, verify) for s in shards}
+        if len(shards) <= 1:
+            tensors = [self._map_shard(s, verify) for s in shards]
+        else:  # hashing frees the GIL: check several shards at once
+            with ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1)) as pool:
+                tensors = list(pool.map(lambda s: self._map_shard(s, verify), shards))
+        return {s.first_row: t for s, t in zip(shards, tensors)}
+
+    def _map_shard(self, shard: ShardInfo, verify: bool) -> torch.Tensor:
+        path = self.path / shard.file
+        mapped, ident = _map_file(path)
         if verify:
-            verify_files((self.path / s.file, s.sha256, "block shard") for s in shards)
-        out: dict[int, torch.Tensor] = {}
-        for shard in shards:
-            tensor = _load_shard_tensor(self.path / shard.file)
-            if tuple(tensor.shape) != (shard.num_rows, self.block_size) or tensor.dtype != self.dtype:
-                raise StoreFormatError(
-                    f"Shard {shard.file} holds a {dtype_name(tensor.dtype)} tensor of shape "
-                    f"{list(tensor.shape)}, but the index expects {self.index.dtype} "
-                    f"[{shard.num_rows}, {self.block_size}]; the store is damaged."
+            if len(mapped) != shard.bytes:
+                raise ChecksumMismatchError(
+                    f"block shard {path} is truncated or extended: {len(mapped)} bytes but the index "
+                    f"records {shard.bytes}. Delete it and copy or download it again."
                 )
-            out[shard.first_row] = tensor
-        return out
+            check_buffer(mapped, ident, path, sha256=shard.sha256, xxh3=shard.xxh3_128, what="block shard")
+        return _shard_tensor(mapped, path, shard, self.block_size, self.dtype)
 
     def _decoded(self, shard: ShardInfo, verify: bool) -> torch.Tensor:
         path = self.path / shard.file
@@ -318,10 +362,11 @@ def save_shard(path: Path, rows: torch.Tensor, metadata: dict[str, str]) -> None
 
 
 def _load_shard_tensor(path: Path) -> torch.Tensor:
+    """The ``blocks`` tensor of a coded shard (1-D bytes, decoded by :mod:`.decoded_cache`)."""
     try:
         with safe_open(path, framework="pt") as fh:
             if SHARD_TENSOR not in fh.keys():
-                raise StoreFormatError(f"Shard {path.name} has no tensor named {SHARD_TENSOR!r}.")
+                raise StoreFormatError(f"Shard {path.name} has no tensor named {SHARD_TENSOR!r}; copy or download it again.")
             return fh.get_tensor(SHARD_TENSOR)
     except StoreFormatError:
         raise
@@ -329,3 +374,59 @@ def _load_shard_tensor(path: Path) -> torch.Tensor:
         raise StoreFormatError(
             f"Shard {path} is not a readable safetensors file ({exc}); copy or download it again."
         ) from exc
+
+
+_TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _map_file(path: Path) -> tuple[mmap.mmap | bytes, tuple]:
+    """A copy-on-write mapping of ``path`` and the identity of the very file that was mapped."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            ident = file_identity(st, path)
+            if st.st_size == 0:
+                return b"", ident
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY), ident
+    except FileNotFoundError:
+        raise StoreFormatError(
+            f"block shard {path.name} is missing from {path.parent}: the store is incomplete; "
+            "copy or download it again."
+        ) from None
+    except OSError as exc:
+        raise StoreFormatError(f"block shard {path} cannot be read ({describe_os_error(exc)}).") from None
+
+
+def _shard_tensor(
+    mapped: mmap.mmap | bytes, path: Path, shard: ShardInfo, block_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The ``blocks`` tensor of a mapped shard, after checking its safetensors header against the
+    index entry (the header records the shard's first row, so an entry naming another shard's file
+    is refused even when that file is intact)."""
+    damaged = f"Shard {path} is not a readable block shard"
+    fix = "copy or download it again"
+    try:
+        (length,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(bytes(mapped[8 : 8 + length]).decode())
+        info = header[SHARD_TENSOR]
+        begin, end = (int(x) for x in info["data_offsets"])
+        meta = header.get("__metadata__") or {}
+    except Exception as exc:  # any malformed header: struct, JSON, missing keys
+        raise StoreFormatError(f"{damaged} ({type(exc).__name__}: {exc}); {fix}.") from None
+    tensor_dtype = _TORCH_DTYPES.get(info.get("dtype"))
+    if tensor_dtype != dtype or list(info.get("shape", [])) != [shard.num_rows, block_size]:
+        raise StoreFormatError(
+            f"Shard {shard.file} holds a {info.get('dtype')} tensor of shape {info.get('shape')}, but "
+            f"the index expects {dtype_name(dtype)} [{shard.num_rows}, {block_size}]; the store is damaged: "
+            f"{fix}, or {RESTORE_INDEX}."
+        )
+    if meta.get("first_row", str(shard.first_row)) != str(shard.first_row):
+        raise StoreFormatError(
+            f"Shard file {shard.file} holds rows from {meta.get('first_row')}, but the index entry that "
+            f"names it starts at row {shard.first_row}; {RESTORE_INDEX}."
+        )
+    start = 8 + length + begin
+    if end - begin != shard.num_rows * block_size * dtype.itemsize or start + (end - begin) > len(mapped):
+        raise StoreFormatError(f"{damaged} (its data does not fit the file); {fix}.")
+    flat = torch.frombuffer(mapped, dtype=dtype, count=shard.num_rows * block_size, offset=start)
+    return flat.view(shard.num_rows, block_size)

@@ -15,7 +15,15 @@ from typing import Any
 
 from ..blocks import BLOCK_DTYPES, check_block_size
 from ..errors import BlockLayoutError, ConstitutionError
-from .format import EXTRAS_FILE, FORMAT, check_format
+from .format import EXTRAS_FILE, FORMAT, check_format, unknown_keys
+
+#: what to do about a damaged constitution
+RESAVE = (
+    "the member is damaged: download it again from the Hub, or re-run add_model for it "
+    "(FamilyStore.add_model) from the original model"
+)
+_KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "tensors",
+         "extras", "aliases", "privacy", "dedup")
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,18 @@ class StoreRef:
     @classmethod
     def from_dict(cls, data: Any) -> "StoreRef":
         if not isinstance(data, dict) or not isinstance(data.get("store_id"), str):
-            raise ConstitutionError("dedup_constitution.json: 'block_store' must be an object with a 'store_id'.")
+            raise ConstitutionError(
+                f"dedup_constitution.json: 'block_store' must be an object with a 'store_id'; {RESAVE}."
+            )
         ref = cls(data["store_id"], data.get("path"), data.get("repo_id"), data.get("revision"))
+        if any(v is not None and not isinstance(v, str) for v in (ref.path, ref.repo_id, ref.revision)):
+            raise ConstitutionError(
+                f"dedup_constitution.json: 'block_store' path, repo_id and revision must be strings; {RESAVE}."
+            )
         if ref.path is None and ref.repo_id is None:
             raise ConstitutionError(
                 "dedup_constitution.json: 'block_store' names neither a path nor a repo_id, so the "
-                "block store cannot be found; re-save the member."
+                f"block store cannot be found; {RESAVE}."
             )
         return ref
 
@@ -71,6 +85,9 @@ class Constitution:
     architecture: str | None = None
     privacy: dict[str, Any] | None = None
     dedup: dict[str, Any] | None = None
+    #: fast digest of extras.safetensors, checked at load (absent in members written before it)
+    extras_xxh3: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def all_rows(self) -> list[int]:
@@ -86,67 +103,119 @@ class Constitution:
             "block_size": self.block_size,
             "dtype": self.dtype,
             "tensors": [t.to_dict() for t in self.tensors],
-            "extras": {"file": EXTRAS_FILE, "sha256": self.extras_sha256, "tensors": list(self.extras)},
+            "extras": {
+                "file": EXTRAS_FILE,
+                "sha256": self.extras_sha256,
+                **({"xxh3_128": self.extras_xxh3} if self.extras_xxh3 else {}),
+                "tensors": list(self.extras),
+            },
             "aliases": dict(self.aliases),
             "privacy": self.privacy,
             "dedup": self.dedup,
+            **self.extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Constitution":
         what = "dedup_constitution.json"
-        check_format(data, what)
+        check_format(data, what, fix=RESAVE)
         try:
             block_size = check_block_size(data.get("block_size"))
         except BlockLayoutError as exc:
-            raise ConstitutionError(f"{what}: {exc}") from None
+            raise ConstitutionError(f"{what}: {exc} {RESAVE[0].upper()}{RESAVE[1:]}.") from None
         dtype = data.get("dtype")
-        if dtype not in BLOCK_DTYPES:
-            raise ConstitutionError(f"{what}: dtype {dtype!r} is not one of {sorted(BLOCK_DTYPES)}.")
+        if not isinstance(dtype, str) or dtype not in BLOCK_DTYPES:
+            raise ConstitutionError(f"{what}: dtype {dtype!r} is not one of {sorted(BLOCK_DTYPES)}; {RESAVE}.")
         extras = data.get("extras")
         if not isinstance(extras, dict) or not isinstance(extras.get("sha256"), str):
-            raise ConstitutionError(f"{what}: 'extras' must record the sha256 of {EXTRAS_FILE}.")
-        try:
-            tensors = tuple(_tensor_entry(t, block_size, dtype) for t in data["tensors"])
-            aliases = dict(data.get("aliases") or {})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConstitutionError(f"{what}: malformed tensor list ({exc!r}); re-save the member.") from None
+            raise ConstitutionError(f"{what}: 'extras' must record the sha256 of {EXTRAS_FILE}; {RESAVE}.")
+        extra_names = extras.get("tensors") or []
+        xxh3 = extras.get("xxh3_128")
+        if not _strings(extra_names) or (xxh3 is not None and not isinstance(xxh3, str)):
+            raise ConstitutionError(f"{what}: 'extras' must list tensor names as strings; {RESAVE}.")
+        if not isinstance(data.get("tensors"), list):
+            raise ConstitutionError(f"{what}: 'tensors' must be a list; {RESAVE}.")
+        tensors = tuple(_tensor_entry(t, block_size, dtype) for t in data["tensors"])
+        aliases = data.get("aliases") or {}
+        if not isinstance(aliases, dict) or not _strings(aliases) or not _strings(aliases.values()):
+            raise ConstitutionError(f"{what}: 'aliases' must map tensor names to tensor names; {RESAVE}.")
+        _check_names([t.name for t in tensors], list(extra_names), aliases)
+        for key in ("name", "architecture"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ConstitutionError(f"{what}: {key!r} must be a string; {RESAVE}.")
+        for key in ("privacy", "dedup"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise ConstitutionError(f"{what}: {key!r} must be an object; {RESAVE}.")
         return cls(
-            name=str(data.get("name", "")),
+            name=data.get("name") or "",
             block_store=StoreRef.from_dict(data.get("block_store")),
             block_size=block_size,
             dtype=dtype,
             tensors=tensors,
             extras_sha256=extras["sha256"],
-            extras=tuple(extras.get("tensors") or ()),
-            aliases=aliases,
+            extras=tuple(extra_names),
+            aliases=dict(aliases),
             architecture=data.get("architecture"),
             privacy=data.get("privacy"),
             dedup=data.get("dedup"),
+            extras_xxh3=xxh3,
+            extra=unknown_keys(data, _KEYS),
         )
 
 
-def _tensor_entry(data: dict[str, Any], block_size: int, dtype: str) -> TensorEntry:
-    entry = TensorEntry(
-        name=str(data["name"]),
-        shape=tuple(int(d) for d in data["shape"]),
-        dtype=str(data["dtype"]),
-        rows=tuple(int(r) for r in data["rows"]),
-    )
+def _strings(values: Any) -> bool:
+    return all(isinstance(v, str) and v for v in values)
+
+
+def _check_names(tensors: list[str], extras: list[str], aliases: dict[str, str]) -> None:
+    """Every tensor name appears once (a name listed twice would silently take the second entry)."""
+    seen: set[str] = set()
+    for name in [*tensors, *extras, *aliases]:
+        if name in seen:
+            raise ConstitutionError(
+                f"dedup_constitution.json lists tensor {name!r} twice (as block tensor, extra or alias); {RESAVE}."
+            )
+        seen.add(name)
+    dangling = sorted(c for c in aliases.values() if c not in seen or c in aliases)
+    if dangling:
+        raise ConstitutionError(
+            f"dedup_constitution.json: aliases point at {dangling[:5]}, which the member does not hold; {RESAVE}."
+        )
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_entry(data: Any, block_size: int, dtype: str) -> TensorEntry:
+    what = "dedup_constitution.json tensor entry"
+    if not isinstance(data, dict):
+        raise ConstitutionError(f"{what} {data!r} is not an object; {RESAVE}.")
+    name, shape, rows = data.get("name"), data.get("shape"), data.get("rows")
+    if not isinstance(name, str) or not name:
+        raise ConstitutionError(f"{what}: 'name' must be a non-empty string, got {name!r}; {RESAVE}.")
+    if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
+        raise ConstitutionError(f"Tensor {name!r}: shape {shape!r} must be a list of integers ≥ 0; {RESAVE}.")
+    if not isinstance(rows, list) or not all(_int(r) and r >= 0 for r in rows):
+        bad = rows if not isinstance(rows, list) else next(r for r in rows if not (_int(r) and r >= 0))
+        raise ConstitutionError(
+            f"Tensor {name!r}: block row ids must be integers ≥ 0, found {bad!r}; {RESAVE}."
+        )
+    entry = TensorEntry(name=name, shape=tuple(shape), dtype=str(data.get("dtype")), rows=tuple(rows))
     if entry.dtype != dtype:
         raise ConstitutionError(
             f"Tensor {entry.name!r} is recorded as {entry.dtype} in a {dtype} block family; the "
-            "constitution is inconsistent: re-save the member."
+            f"constitution is inconsistent: {RESAVE}."
         )
-    if "numel" in data and int(data["numel"]) != entry.numel:
+    if "numel" in data and data["numel"] != entry.numel:
         raise ConstitutionError(
-            f"Tensor {entry.name!r}: numel {data['numel']} does not match its shape {list(entry.shape)}."
+            f"Tensor {entry.name!r}: numel {data['numel']!r} does not match its shape {list(entry.shape)}; {RESAVE}."
         )
     needed = math.ceil(entry.numel / block_size)
     if entry.numel == 0 or len(entry.rows) != needed:
         raise ConstitutionError(
             f"Tensor {entry.name!r} of shape {list(entry.shape)} needs {needed} blocks of size "
             f"{block_size}, but the constitution lists {len(entry.rows)}: its blocks do not cover its "
-            "shape. The member is damaged; re-save it from the original model."
+            f"shape. {RESAVE[0].upper()}{RESAVE[1:]}."
         )
     return entry

@@ -25,8 +25,9 @@ from .block_store import BlockStore
 from .codec import Codec
 from .constitution import Constitution, StoreRef
 from .format import CONSTITUTION_FILE, INDEX_FILE
-from .io import atomic_write_json, replace_dir
-from .member import MemberSource, check_member_name, read_constitution, write_member
+from .format import LOCK_FILE
+from .io import atomic_write_json, live_dir, replace_dir
+from .member import MemberSource, check_member_name, member_name, read_constitution, write_member
 
 STORE_DIR = "block_store"
 MEMBERS_DIR = "members"
@@ -71,7 +72,8 @@ class FamilyStore:
         if not folder.is_dir():
             return []
         return sorted(
-            p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / CONSTITUTION_FILE).is_file()
+            name for name in {member_name(p) for p in folder.iterdir()}
+            if not name.startswith(".") and (live_dir(folder / name) / CONSTITUTION_FILE).is_file()
         )
 
     def constitution(self, name: str) -> Constitution:
@@ -132,7 +134,7 @@ class FamilyStore:
                     "damaged, so its members cannot be recoded; rebuild the family from the models."
                 )
         for name in self.members():
-            target._copy_member(self.member_path(name), name)
+            target._copy_member(live_dir(self.member_path(name)), name)
         return target
 
     def _copy_member(self, member_dir: Path, name: str) -> None:
@@ -146,14 +148,14 @@ class FamilyStore:
                     shutil.copy2(f, tmp / f.name)
             atomic_write_json(tmp / CONSTITUTION_FILE, constitution.to_dict())
 
-        replace_dir(build, final)
+        replace_dir(build, final, lock=final.parent / LOCK_FILE)
 
     def stored_bytes(self) -> int:
         """Every byte the family keeps: shards, index and all member folders."""
         members = sum(
             f.stat().st_size
             for name in self.members()
-            for f in self.member_path(name).iterdir()
+            for f in live_dir(self.member_path(name)).iterdir()
             if f.is_file()
         )
         return self.blocks.stored_bytes() + members

@@ -14,6 +14,7 @@ with its "upgrade" error instead of misreading coded bytes as weights. Raw store
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +32,26 @@ SHARD_TENSOR = "blocks"
 LOCK_FILE = ".lock"
 
 
+#: what to do about a damaged index (block_store.json)
+RESTORE_INDEX = (
+    "the index is damaged: restore block_store.json from the Hub or a backup of the family "
+    "(or re-create the store and re-run add_model for every member)"
+)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_XXH3 = re.compile(r"^[0-9a-f]{32}$")
+
+
 def shard_file_name(number: int) -> str:
     return f"blocks-{number:05d}.safetensors"
 
 
-def check_format(data: dict[str, Any], what: str, accepted: tuple[str, ...] = (FORMAT,)) -> None:
+def check_format(
+    data: dict[str, Any], what: str, accepted: tuple[str, ...] = (FORMAT,), *, fix: str = RESTORE_INDEX
+) -> None:
+    """The ``format`` field must be ours; a missing one means a damaged file, not a newer one."""
     found = data.get("format")
+    if "format" not in data or not isinstance(found, str):
+        raise StoreFormatError(f"{what} has no valid 'format' field ({found!r}): {fix}.")
     if found not in accepted:
         raise UnsupportedFormatVersionError(
             f"{what} has format {found!r}, but this hf_dpdedup reads {' or '.join(map(repr, accepted))}. "
@@ -44,11 +59,21 @@ def check_format(data: dict[str, Any], what: str, accepted: tuple[str, ...] = (F
         )
 
 
-def _require(data: dict[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
+def _require(
+    data: dict[str, Any], key: str, types: type | tuple[type, ...], what: str, fix: str = RESTORE_INDEX
+) -> Any:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, types):  # bool is an int: never accept it
-        raise StoreFormatError(f"{what}: field {key!r} is missing or has the wrong type ({value!r}).")
+        raise StoreFormatError(f"{what}: field {key!r} is missing or has the wrong type ({value!r}); {fix}.")
     return value
+
+
+def unknown_keys(data: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    """Fields a newer writer may have added: kept as they are and written back unchanged."""
+    return {k: v for k, v in data.items() if k not in known}
+
+
+_SHARD_KEYS = ("file", "first_row", "num_rows", "bytes", "sha256", "raw_sha256", "xxh3_128")
 
 
 @dataclass(frozen=True)
@@ -59,13 +84,16 @@ class ShardInfo:
     bytes: int
     sha256: str  # of the file as stored
     raw_sha256: str | None = None  # of the decoded rows, for coded shards
+    #: fast digest of the file as stored, checked at load (absent in stores written before it existed)
+    xxh3_128: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def end_row(self) -> int:
         return self.first_row + self.num_rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "file": self.file,
             "first_row": self.first_row,
             "num_rows": self.num_rows,
@@ -73,21 +101,35 @@ class ShardInfo:
             "sha256": self.sha256,
             **({"raw_sha256": self.raw_sha256} if self.raw_sha256 is not None else {}),
         }
+        if self.xxh3_128 is not None:
+            out["xxh3_128"] = self.xxh3_128
+        return {**out, **self.extra}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ShardInfo":
+    def from_dict(cls, data: Any) -> "ShardInfo":
         what = "block_store.json shard entry"
+        if not isinstance(data, dict):
+            raise StoreFormatError(f"{what} {data!r} is not a JSON object; {RESTORE_INDEX}.")
         file = _require(data, "file", str, what)
-        if "/" in file or "\\" in file or file.startswith("."):
-            raise StoreFormatError(f"{what}: shard file name {file!r} must be a plain file name.")
+        if "/" in file or "\\" in file or file.startswith(".") or not file:
+            raise StoreFormatError(f"{what}: shard file name {file!r} must be a plain file name; {RESTORE_INDEX}.")
+        sha256 = _require(data, "sha256", str, what)
+        xxh3 = data.get("xxh3_128")
+        if not _SHA256.match(sha256) or (xxh3 is not None and not (isinstance(xxh3, str) and _XXH3.match(xxh3))):
+            raise StoreFormatError(f"{what} {file}: its digests are not hex digests; {RESTORE_INDEX}.")
         return cls(
             file=file,
             first_row=_require(data, "first_row", int, what),
             num_rows=_require(data, "num_rows", int, what),
             bytes=_require(data, "bytes", int, what),
-            sha256=_require(data, "sha256", str, what),
+            sha256=sha256,
             raw_sha256=_require(data, "raw_sha256", str, what) if "raw_sha256" in data else None,
+            xxh3_128=xxh3,
+            extra=unknown_keys(data, _SHARD_KEYS),
         )
+
+
+_INDEX_KEYS = ("format", "kind", "store_id", "block_size", "dtype", "codec", "total_rows", "shards", "row_hashes")
 
 
 @dataclass(frozen=True)
@@ -101,6 +143,7 @@ class StoreIndex:
     shards: tuple[ShardInfo, ...] = ()
     row_hashes: tuple[str, ...] = field(default=(), repr=False)
     codec: Codec = Codec.NONE
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def total_rows(self) -> int:
@@ -118,6 +161,7 @@ class StoreIndex:
             "total_rows": self.total_rows,
             "shards": [s.to_dict() for s in self.shards],
             "row_hashes": list(self.row_hashes),
+            **self.extra,
         }
 
     @classmethod
@@ -133,29 +177,46 @@ class StoreIndex:
         try:
             block_size = check_block_size(data.get("block_size"))
         except BlockLayoutError as exc:
-            raise StoreFormatError(f"{what}: {exc}") from None
+            raise StoreFormatError(f"{what}: {exc} {RESTORE_INDEX[0].upper()}{RESTORE_INDEX[1:]}.") from None
         dtype = _require(data, "dtype", str, what)
         if dtype not in BLOCK_DTYPES:
-            raise StoreFormatError(f"{what}: dtype {dtype!r} is not one of {sorted(BLOCK_DTYPES)}.")
+            raise StoreFormatError(f"{what}: dtype {dtype!r} is not one of {sorted(BLOCK_DTYPES)}; {RESTORE_INDEX}.")
         shards = tuple(ShardInfo.from_dict(s) for s in _require(data, "shards", list, what))
         row_hashes = tuple(_require(data, "row_hashes", list, what))
-        index = cls(_require(data, "store_id", str, what), block_size, dtype, shards, row_hashes, codec)
+        index = cls(
+            _require(data, "store_id", str, what), block_size, dtype, shards, row_hashes, codec,
+            extra=unknown_keys(data, _INDEX_KEYS),
+        )
         index.validate(declared_total=_require(data, "total_rows", int, what))
         return index
 
     def validate(self, declared_total: int | None = None) -> None:
-        """Shards must tile rows ``0..total_rows`` in order, with one hash per row."""
+        """Shards must tile rows ``0..total_rows`` in order, each file named once, with one distinct
+        sha256 per row (rows are content-addressed: two equal hashes would map a block to the wrong
+        row)."""
         expected = 0
+        files: set[str] = set()
         for shard in self.shards:
             if shard.first_row != expected or shard.num_rows <= 0:
                 raise StoreFormatError(
                     f"block_store.json: shard {shard.file} covers rows [{shard.first_row}, "
-                    f"{shard.end_row}) but rows must continue at {expected}; the index is damaged."
+                    f"{shard.end_row}) but rows must continue at {expected}; {RESTORE_INDEX}."
                 )
+            if shard.file in files:
+                raise StoreFormatError(f"block_store.json names shard file {shard.file} twice; {RESTORE_INDEX}.")
+            files.add(shard.file)
             expected = shard.end_row
         if expected != self.total_rows or (declared_total is not None and declared_total != expected):
             raise StoreFormatError(
                 f"block_store.json: shards cover {expected} rows, row_hashes has {self.total_rows}"
                 + (f", total_rows says {declared_total}" if declared_total is not None else "")
-                + "; the index is damaged."
+                + f"; {RESTORE_INDEX}."
+            )
+        bad = next((h for h in self.row_hashes if not isinstance(h, str) or not _SHA256.match(h)), None)
+        if bad is not None:
+            raise StoreFormatError(f"block_store.json: row hash {bad!r} is not a sha256 hex digest; {RESTORE_INDEX}.")
+        if len(set(self.row_hashes)) != len(self.row_hashes):
+            raise StoreFormatError(
+                f"block_store.json lists the same row hash for two rows (each stored block is unique); "
+                f"{RESTORE_INDEX}."
             )
