@@ -117,6 +117,18 @@ class PushError(HubError):
     """A push that failed midway; every repo still holds its previous (loadable) commit: re-run it."""
 
 
+class RepoNameError(HubError, ValueError):
+    """A repo id the Hub would refuse (``huggingface_hub.utils.validate_repo_id``)."""
+
+
+class RepoCollisionError(PushError):
+    """A push that would repoint an existing repo at another block store (pass ``force=True``)."""
+
+
+class LoadArgumentError(HfDpDedupError, TypeError):
+    """A ``from_pretrained`` / ``pipeline`` keyword that neither hf_dpdedup nor transformers knows."""
+
+
 # --- serving ---------------------------------------------------------------------------------------
 class ServingError(HfDpDedupError):
     """A serving pool request that cannot be answered."""

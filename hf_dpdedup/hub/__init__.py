@@ -9,7 +9,30 @@
   Hub-compatible server for offline demos and tests.
 """
 
-from .pipelines import pipeline
-from .push import PushResult, RepoPush, push_family_to_hub, store_repo_id
+from __future__ import annotations
 
-__all__ = ["PushResult", "RepoPush", "pipeline", "push_family_to_hub", "store_repo_id"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# imported lazily (like the top-level package): ``hf_dpdedup.modeling`` imports ``hub.download``,
+# and ``hub.pipelines`` imports ``hf_dpdedup.modeling``
+_LAZY = {
+    "pipeline": "pipelines",
+    "PushResult": "push",
+    "RepoPush": "push",
+    "push_family_to_hub": "push",
+    "store_repo_id": "push",
+    "member_repo_id": "push",
+}
+
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipelines import pipeline
+    from .push import PushResult, RepoPush, member_repo_id, push_family_to_hub, store_repo_id
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_dpdedup.hub' has no attribute {name!r}")

@@ -83,12 +83,15 @@ def is_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and ".." not in name
 
 
-def download_member(repo_id: str, options: HubOptions) -> Path:
-    """The member repo's snapshot folder in the cache (downloaded if needed)."""
+def download_member(repo_id: str, options: HubOptions, *, subfolder: str = "") -> Path:
+    """The member repo's snapshot folder in the cache (downloaded if needed); with ``subfolder``,
+    only that folder of the repo."""
     where = f"member repo {repo_id!r}" + (f" at revision {options.revision!r}" if options.revision else "")
+    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
     with hub_errors(where, repo_id):
-        folder = Path(snapshot_download(repo_id, revision=options.revision, **options.common()))
-    if not (folder / CONSTITUTION_FILE).is_file():
+        folder = Path(snapshot_download(repo_id, revision=options.revision, allow_patterns=patterns,
+                                        **options.common()))
+    if not (folder / subfolder / CONSTITUTION_FILE).is_file():
         raise HubFileNotFoundError(
             f"Hub repo {repo_id!r} has no {CONSTITUTION_FILE}: it is not an hf_dpdedup member. Load plain "
             "models with transformers (AutoModel.from_pretrained), or check the repo id (members are "
