@@ -67,6 +67,12 @@ def pipeline_tag(architecture: str | None) -> str | None:
     return next((tag for suffix, tag in _TASKS.items() if architecture and architecture.endswith(suffix)), None)
 
 
+def auto_class(architecture: str | None) -> str:
+    """The transformers auto class that loads ``architecture`` (``AutoModel`` for a bare encoder)."""
+    suffix = next((s for s in _TASKS if architecture and architecture.endswith(s)), None)
+    return "AutoModelForCausalLM" if suffix == "LMHeadModel" else f"AutoModel{suffix or ''}"
+
+
 def member_card(
     constitution: Constitution,
     *,
@@ -105,6 +111,7 @@ def member_card(
         summary=_summary(constitution, base_model),
         repo_id=repo_id,
         architecture=constitution.architecture or "PreTrainedModel",
+        auto_class=auto_class(constitution.architecture),
         pipeline_tag=task,
         store_repo=store_repo,
         store_url=f"{endpoint.rstrip('/')}/{store_repo}/tree/{store_commit}",
