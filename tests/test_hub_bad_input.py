@@ -16,6 +16,8 @@ from hf_dpdedup.errors import (
     PinnedRevisionError,
 )
 
+from hf_dpdedup.hub.download import DOWNLOAD_ATTEMPTS
+
 from hub_support import family_models, hub, logits, make_family  # noqa: F401
 
 SHARD = "blocks-00002.safetensors"  # m1's own shard
@@ -98,7 +100,8 @@ def test_download_cut_midway_resumes(hub, pushed, models, tmp_path):
 
 def test_failed_download_leaves_no_half_file_and_a_retry_works(hub, pushed, models, tmp_path):
     hub.inject("GET", f"/resolve/.*/{SHARD}", "cut")
-    hub.inject("GET", f"/resolve/.*/{SHARD}", "error")  # faults fire in turn: the resumed request fails
+    # faults fire in turn: the resumed request fails, and so do its bounded retries
+    hub.inject("GET", f"/resolve/.*/{SHARD}", "error", times=DOWNLOAD_ATTEMPTS)
     with pytest.raises(HubDownloadError, match="run the same call again"):
         load(hub, "alice/tiny-m1", tmp_path)
     assert not partial_files(tmp_path)

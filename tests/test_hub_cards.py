@@ -46,10 +46,11 @@ def card(dedup=DEDUP, **kwargs) -> ModelCard:
 
 def test_metadata_has_the_hub_keys_and_the_privacy_block():
     data = card().data.to_dict()
-    assert data["library_name"] == "hf_dpdedup"
+    assert data["library_name"] == "transformers"
     assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert data["base_model_relation"] == "finetune"
-    assert {"differential-privacy", "deduplicated", "hf_dpdedup"} <= set(data["tags"])
+    assert {"transformers", "differential-privacy", "deduplicated", "hf_dpdedup", "dp-epsilon-5.5"} <= set(data["tags"])
+    assert data["datasets"] == ["acme/private-reviews"]
     assert data["pipeline_tag"] == "text-classification"
     block = data["hf_dpdedup"]
     assert block["privacy"]["original"] == {"epsilon": 4.0, "delta": 1e-5, "accountant": "rdp"}

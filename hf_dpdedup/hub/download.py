@@ -48,12 +48,14 @@ from ..store.block_store import BlockStore
 from ..store.constitution import Constitution, StoreRef
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE, ShardInfo
 from ..store.io import atomic_write_json, mark_verified, verify_files
+from .retry import retry_call
 
 # huggingface_hub 2.x speaks httpx2, 1.x httpx: catch whichever transport errors it can raise
 TRANSPORT_ERRORS = tuple(
     importlib.import_module(m).HTTPError for m in ("httpx2", "httpx") if importlib.util.find_spec(m)
 )
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+DOWNLOAD_ATTEMPTS = 3  # tries per store file on HTTP 429 / 5xx before HubDownloadError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -109,7 +111,9 @@ def fetch_store(constitution: Constitution, options: HubOptions, *, verify: bool
 
     def get(filename: str) -> Path:
         with hub_errors(where, ref.repo_id, pinned=revision):
-            return Path(hf_hub_download(ref.repo_id, filename, revision=revision, **options.common()))
+            return Path(retry_call(  # a transient 5xx / 429 on one shard is retried, a few times
+                lambda: hf_hub_download(ref.repo_id, filename, revision=revision, **options.common()),
+                what=f"downloading {filename} of {ref.repo_id}", attempts=DOWNLOAD_ATTEMPTS, base_delay=0.5))
 
     folder = get(INDEX_FILE).parent
     store = BlockStore.open(folder)

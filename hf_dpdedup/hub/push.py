@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -50,7 +51,7 @@ from ..store.family import FamilyStore
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
 from .cards import member_card, store_card
-from .download import TRANSPORT_ERRORS
+from .download import TRANSPORT_ERRORS, is_repo_id
 from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
 from .retry import retry_call
 
@@ -236,10 +237,22 @@ def member_files(
         files[REMOTE_CODE_FILE] = remote_code()
     card = member_card(
         constitution, repo_id=repo_id, store_repo=store_repo, store_commit=store_commit, endpoint=endpoint,
-        base_model=base_model, family=family_stats, license=license,
+        base_model=base_model or hub_base_model(folder / "config.json"), family=family_stats, license=license,
     )
     files["README.md"] = str(card).encode()
     return files
+
+
+def hub_base_model(config_file: Path) -> str | None:
+    """The Hub id the member's config was loaded from (``_name_or_path``), when it is a Hub id and
+    not a local folder: the card's ``base_model``."""
+    try:
+        name = json.loads(config_file.read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(name, str) or not is_repo_id(name) or Path(name).exists():
+        return None
+    return name
 
 
 def ensure_repo(api: HfApi, repo_id: str, *, private: bool) -> None:
@@ -324,6 +337,8 @@ def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
                 f"the namespace {repo_id.split('/')[0]!r}. Create a write token (Hub settings → Access "
                 f"Tokens), then pass token=... / --token or run `hf auth login`.{done}"
             ) from exc
+        if status == 400 and "metadata" in str(exc).lower():
+            raise PushError(_card_rejection(repo_id, exc, done)) from None
         if status == 412:
             raise PushError(
                 f"Someone else committed to {repo_id!r} during this push, so nothing was written there. "
@@ -334,6 +349,19 @@ def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
         if isinstance(exc, (HubAuthError, PushError)):
             raise
         raise PushError(_midway(repo_id, f"{type(exc).__name__}: {exc}", done)) from exc
+
+
+def _card_rejection(repo_id: str, exc: HfHubHTTPError, done: str) -> str:
+    """The Hub's YAML validation refused the model card: say which metadata field, and how to fix it."""
+    server = getattr(exc, "server_message", None) or str(exc)
+    field = re.search(r'"([^"]+)"', server)
+    what = f"field {field.group(1)!r}" if field else "a field"
+    return (
+        f"The Hub refused the model card (README.md) of {repo_id!r}: its YAML metadata has an invalid {what} "
+        f"({server.strip().splitlines()[-1].lstrip('- ')}). Nothing was written to {repo_id!r}. Fix the value "
+        f"that fills it (e.g. base_model= / --base-model must be a Hub model id, license= a license id) and "
+        f"push again.{done}"
+    )
 
 
 def _midway(repo_id: str, cause: str, done: str) -> str:
