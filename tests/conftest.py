@@ -10,6 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a Hub
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # uploads take the git-LFS path the local Hub serves
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Test models are tiny: one intra-op thread avoids thread hand-off costs that dominate small
 # matrix products (and oversubscription when the 2 CI cores are shared).

@@ -113,7 +113,7 @@ def fetch_store(constitution: Constitution, options: HubOptions, *, verify: bool
         with hub_errors(where, ref.repo_id, pinned=revision):
             return Path(retry_call(  # a transient 5xx / 429 on one shard is retried, a few times
                 lambda: hf_hub_download(ref.repo_id, filename, revision=revision, **options.common()),
-                what=f"downloading {filename} of {ref.repo_id}", attempts=DOWNLOAD_ATTEMPTS, base_delay=0.5))
+                what=f"downloading {filename} of {ref.repo_id}", attempts=DOWNLOAD_ATTEMPTS))
 
     folder = get(INDEX_FILE).parent
     store = BlockStore.open(folder)

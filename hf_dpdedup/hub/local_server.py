@@ -313,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._route(method, path, body)
         except _HttpError as exc:
-            headers = {"X-Error-Message": exc.message}
+            headers = {"X-Error-Message": " ".join(exc.message.split("\n"))}  # a header is one line
             if exc.code:
                 headers["X-Error-Code"] = exc.code
             if exc.commit:
@@ -469,9 +469,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _validate_yaml(self, body: bytes) -> None:
         problem = _card_problem((json.loads(body or b"{}").get("content") or "").encode())
-        if problem:
-            raise _HttpError(400, f"Invalid metadata in README.md.\n- {problem}")
-        self._send_json(200, {})
+        if problem:  # the Hub's answer: {"errors": [{"message"}], "warnings": [...]}
+            raise _HttpError(400, f"Invalid metadata in README.md: {problem}", errors=[{"message": problem}],
+                             warnings=[])
+        self._send_json(200, {"errors": [], "warnings": []})
 
     def _whoami(self, body: bytes) -> None:
         user = self._user()

@@ -337,23 +337,26 @@ def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
                 f"the namespace {repo_id.split('/')[0]!r}. Create a write token (Hub settings → Access "
                 f"Tokens), then pass token=... / --token or run `hf auth login`.{done}"
             ) from exc
-        if status == 400 and "metadata" in str(exc).lower():
-            raise PushError(_card_rejection(repo_id, exc, done)) from None
+        if status == 400 and "metadata" in str(exc).lower():  # the commit itself refused the card
+            raise PushError(_card_rejection(repo_id, getattr(exc, "server_message", None) or str(exc), done)) from None
         if status == 412:
             raise PushError(
                 f"Someone else committed to {repo_id!r} during this push, so nothing was written there. "
                 f"Run the push again.{done}"
             ) from exc
         raise PushError(_midway(repo_id, f"HTTP {status}: {exc}", done)) from exc
+    except ValueError as exc:  # huggingface_hub validates README.md's metadata before committing
+        if not str(exc).startswith("Invalid metadata in README.md"):
+            raise
+        raise PushError(_card_rejection(repo_id, str(exc), done)) from None
     except (*TRANSPORT_ERRORS, OSError) as exc:
         if isinstance(exc, (HubAuthError, PushError)):
             raise
         raise PushError(_midway(repo_id, f"{type(exc).__name__}: {exc}", done)) from exc
 
 
-def _card_rejection(repo_id: str, exc: HfHubHTTPError, done: str) -> str:
+def _card_rejection(repo_id: str, server: str, done: str) -> str:
     """The Hub's YAML validation refused the model card: say which metadata field, and how to fix it."""
-    server = getattr(exc, "server_message", None) or str(exc)
     field = re.search(r'"([^"]+)"', server)
     what = f"field {field.group(1)!r}" if field else "a field"
     return (

@@ -55,11 +55,15 @@ def retry_call(
     fn: Callable[[], T],
     *,
     what: str,
-    attempts: int = MAX_ATTEMPTS,
-    base_delay: float = BASE_DELAY,
+    attempts: int | None = None,
+    base_delay: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """``fn()``, repeated up to ``attempts`` times while it raises an HTTP 429 / 5xx error."""
+    """``fn()``, repeated up to ``attempts`` (default :data:`MAX_ATTEMPTS`) times while it raises an
+    HTTP 429 / 5xx error, waiting ``base_delay`` (default :data:`BASE_DELAY`) seconds, doubled after
+    each failure, or what ``Retry-After`` asks for."""
+    attempts = MAX_ATTEMPTS if attempts is None else attempts
+    base_delay = BASE_DELAY if base_delay is None else base_delay
     for attempt in range(1, attempts + 1):
         try:
             return fn()
