@@ -175,13 +175,13 @@ def publish_and_load(family: FamilyStore, members: dict, *, endpoint: str | None
     from .hub import pipeline, push_family_to_hub
 
     name = list(members)[len(members) // 2]
-    repo_id = f"{namespace}/{name}"
     with _hub(endpoint, token, namespace) as (url, token), tempfile.TemporaryDirectory() as cache:
         print(f"\npushing the family to {url} ...")
         t0 = time.perf_counter()
         pushed = push_family_to_hub(family, namespace, family_name="minilm-demo", token=token, endpoint=url,
                                     base_model=BASE_MODEL_ID)
         push_s = time.perf_counter() - t0
+        repo_id = pushed.members[name].repo_id  # <namespace>/minilm-demo-<member>
         print(f"  store {pushed.store.repo_id} @ {pushed.store.commit[:12]}, "
               f"{len(pushed.members)} member repos, {pushed.commits_made} commits, {push_s:.1f}s")
         t0 = time.perf_counter()

@@ -72,3 +72,13 @@ def test_demo_runs_offline_and_reloads_bit_exact(tmp_path):
     assert len(summary["members"]) >= 2  # the fairness pre-filter may drop a member of this tiny family
     one_model = summary["logical_block_bytes"] / len(summary["members"])
     assert summary["store"]["shard_bytes"] < 1.2 * one_model  # members share all but their heads
+
+
+def test_version(capsys):
+    from hf_dpdedup import __version__
+    from hf_dpdedup.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"hf-dpdedup {__version__} (transformers ")

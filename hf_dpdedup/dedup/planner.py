@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..errors import DivergedProcessesError
 from ..privacy import (
@@ -185,16 +185,20 @@ def dedup_group(group: list[Member], data: DedupData, config: DedupConfig) -> li
     outcomes.append(Outcome(base, _finish(base, base_report, data)))
     floor_source: ModelReport | None = base_report if config.interactive else None
     targets = [m for m in kept if m is not base]
-    for target in tqdm(targets, desc=f"dedup against {base.name}", unit="model", disable=None):
-        outcome = _dedup_target(target, base, base_matrix, floor_source, data, config)
-        outcomes.append(outcome)
-        if config.interactive:
-            floor_source = outcome.report
+    # one bar for the group, advancing per validation (the expensive step), the member in its postfix
+    with tqdm(desc=f"dedup against {base.name}", unit="validation", disable=None) as bar:
+        for target in targets:
+            bar.set_postfix_str(target.name, refresh=False)
+            outcome = _dedup_target(target, base, base_matrix, floor_source, data, config, progress=bar.update)
+            outcomes.append(outcome)
+            if config.interactive:
+                floor_source = outcome.report
     return outcomes
 
 
 def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
-                  data: DedupData, config: DedupConfig) -> Outcome:
+                  data: DedupData, config: DedupConfig,
+                  progress: Callable[[int], object] | None = None) -> Outcome:
     start = time.perf_counter()
     live = LiveBlocks(target.model, config.block_size)
     model_report = _start(target, "target", live.n_blocks, data)
@@ -208,7 +212,8 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=data.calibration,
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
-    result = run_search(config.strategy, target.model, live, sequence, validator, **config.strategy_options)
+    result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
+                        **config.strategy_options)
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges

@@ -63,6 +63,7 @@ from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+from huggingface_hub import constants
 
 DEFAULT_BRANCH = "main"
 LFS_THRESHOLD = 10 * 1000 * 1000  # the Hub sends files of 10 MB or more through LFS
@@ -250,20 +251,19 @@ class HubServer:
 def local_hub(namespace: str = "demo") -> Iterator[tuple[str, str]]:
     """Start a :class:`HubServer` with one write token for ``namespace``; yield ``(url, token)``.
 
-    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, and then refuses every request. This
-    server is on 127.0.0.1 and nothing it serves leaves the machine, so offline mode is lifted for the
-    duration of the block only (demos and examples run the same with or without it).
+    huggingface_hub reads ``HF_HUB_OFFLINE`` and ``HF_HUB_DISABLE_XET`` once, at import. This server
+    is on 127.0.0.1 and nothing it serves leaves the machine, so offline mode is lifted for the
+    duration of the block only (demos and examples run the same with or without it); uploads take the
+    git-LFS path this server implements (it has no Xet storage), as with ``HF_HUB_DISABLE_XET=1``.
     """
-    from huggingface_hub import constants
-
     token = secrets.token_hex(16)
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
+    offline, no_xet = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
     try:
         with HubServer(tokens={token: (namespace, "write")}) as server:
             yield server.url, token
     finally:
-        constants.HF_HUB_OFFLINE = offline
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = offline, no_xet
 
 
 def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
