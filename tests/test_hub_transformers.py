@@ -89,3 +89,35 @@ def test_plain_transformers_with_hf_dpdedup_installed(hub, pushed, tmp_path):
     got = as_a_transformers_user(hub, tmp_path)
     assert got["hf_dpdedup_loaded"] is True
     check_identical(got, reference(hub, tmp_path))
+
+
+def remote_module():
+    import importlib.util
+
+    from hf_dpdedup.hub.remote import REMOTE_CODE
+
+    spec = importlib.util.spec_from_file_location("modeling_hf_dpdedup_under_test", REMOTE_CODE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_remote_code_rebuilds_a_local_family_member_by_itself(models, tmp_path):
+    """The standalone path (what runs without hf_dpdedup) on a local member folder: the store is
+    the folder its constitution's relative path names."""
+    family = make_family(tmp_path / "tiny", models)
+    loaded = remote_module().load_member(str(family.member_path("m1")))
+    expected = DedupedModel.from_pretrained(family.member_path("m1")).state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert loaded.dedup_info.name == "m1" and loaded.dedup_info.repo_id is None
+
+
+def test_remote_code_refuses_a_damaged_shard(models, tmp_path):
+    family = make_family(tmp_path / "tiny", models)
+    shard = family.blocks.path / family.blocks.index.shards[-1].file
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="sha256"):
+        remote_module().load_member(str(family.member_path("m2")))

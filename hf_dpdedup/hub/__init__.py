@@ -2,8 +2,11 @@
 
 - :func:`push_family_to_hub` — block store repo first, then one repo per member, pinned to the
   store's commit sha (``hf-dpdedup push`` on the command line);
-- ``DedupedModel.from_pretrained("namespace/member")`` — resolves members through
+- ``DedupedModel.from_pretrained("namespace/family-member")`` — resolves members through
   :mod:`hf_dpdedup.hub.download` (only the shards a member needs, from the huggingface_hub cache);
+- :mod:`hf_dpdedup.hub.remote` — the ``auto_map`` + ``modeling_hf_dpdedup.py`` every member repo
+  ships, so ``AutoModelFor<Task>.from_pretrained(repo, trust_remote_code=True)`` loads it too;
+- :mod:`hf_dpdedup.hub.retry` — 429 / 5xx retried with backoff, honouring ``Retry-After``;
 - :func:`pipeline` — a ``transformers.pipeline`` around a member in one call;
 - :mod:`hf_dpdedup.hub.cards` — DP model cards; :mod:`hf_dpdedup.hub.local_server` — a small
   Hub-compatible server for offline demos and tests.

@@ -27,7 +27,7 @@ try:  # optional: the same loader as hf_dpdedup.DedupedModel.from_pretrained
 except ImportError:
     DedupedModel = None
 
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token", "subfolder")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
