@@ -49,7 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification  # noqa: E402,E501
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+)
 
 from common import median_seconds, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402

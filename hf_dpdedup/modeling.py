@@ -143,12 +143,12 @@ class DedupedModel:
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download, endpoint)
         member_dir, repo_id = _resolve_member(pretrained_model_name_or_path, hub, subfolder)
         constitution = read_constitution(member_dir)
+        config = _config(member_dir, config, kwargs)  # a misspelt keyword fails before any download
         ref = constitution.block_store
         if store_dir is None and ref.path is None and ref.repo_id is not None:
             store_dir = fetch_store(constitution, hub, verify=verify)
         store = open_member_store(member_dir, constitution, Path(store_dir) if store_dir else None)
         state_dict = load_member_state_dict(member_dir, constitution, store, verify=verify)
-        config = _config(member_dir, config, kwargs)
         klass = model_class or _model_class(config, constitution.architecture)
         model = build_model(klass, config, state_dict, aliases=constitution.aliases,
                             attn_implementation=attn_implementation)

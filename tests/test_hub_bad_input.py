@@ -76,7 +76,8 @@ def test_store_pinned_to_a_branch_is_refused(hub, pushed, tmp_path):
     constitution = json.loads(hub.blobs[commit.files["dedup_constitution.json"]])
     constitution["block_store"]["revision"] = "main"
     HfApi(endpoint=hub.url, token="hf_write").upload_file(
-        path_or_fileobj=json.dumps(constitution).encode(), path_in_repo="dedup_constitution.json", repo_id="alice/tiny-m0")
+        path_or_fileobj=json.dumps(constitution).encode(), path_in_repo="dedup_constitution.json",
+        repo_id="alice/tiny-m0")
     with pytest.raises(PinnedRevisionError, match="not a commit sha"):
         load(hub, "alice/tiny-m0", tmp_path)
 

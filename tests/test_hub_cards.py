@@ -132,7 +132,8 @@ def test_datasets_tags_and_split_for_the_hub():
     from hf_dpdedup.privacy import Charge, account
 
     report = account([Charge("eps4", ("acme/private-reviews",), 4.0, 1e-5),
-                      Charge("svt-eps4", ("acme/private-reviews", "acme/private-val"), 2.1000000000000005, 0.0, kind="svt")])
+                      Charge("svt-eps4", ("acme/private-reviews", "acme/private-val"), 2.1000000000000005, 0.0,
+                             kind="svt")])
     dedup = {"base": "eps1", "ledger": report.to_dict(),
              "public_test": {"dataset": "stanfordnlp/sst2", "metric": "accuracy", "after": 0.8}}
     data = card(dedup).data.to_dict()

@@ -165,7 +165,8 @@ def push_family_to_hub(
         store_push = retry_call(
             lambda: sync_repo(api, store_repo, store_files, f"{message}: block store", known_sha256=hashes),
             what=f"committing to {store_repo}")
-    logger.info("block store %s at %s (%s)", store_repo, store_push.commit, "new commit" if store_push.changed else "up to date")
+    logger.info("block store %s at %s (%s)", store_repo, store_push.commit,
+                "new commit" if store_push.changed else "up to date")
 
     family_stats = _family_stats(family)
     result = PushResult(store_push)

@@ -83,10 +83,8 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
         config = transformers.AutoConfig.from_pretrained(path, subfolder=subfolder, revision=member_revision, **hub)
     klass = getattr(transformers, (config.architectures or [constitution.get("architecture")])[0])
     dtype = dtype if dtype is not None else torch_dtype
-    model = klass.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=DTYPES[constitution["dtype"]] if dtype in (None, "auto") else dtype,
-        device_map=device_map,
-    )
+    dtype = DTYPES[constitution["dtype"]] if dtype in (None, "auto") else dtype
+    model = klass.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype, device_map=device_map)
     model.eval()
     model.dedup_info = SimpleNamespace(
         name=constitution["name"], member_path=os.path.dirname(member_file("dedup_constitution.json")),
