@@ -6,17 +6,20 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a Hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a Hub (set before huggingface_hub is imported)
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # uploads take the git-LFS path the local Hub serves
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from hf_dpdedup.data import builtin_path  # noqa: E402
 # Test models are tiny: one intra-op thread avoids thread hand-off costs that dominate small
 # matrix products (and oversubscription when the 2 CI cores are shared).
 torch.set_num_threads(1)
 
-SST2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+SST2_DIR = Path(builtin_path("sst2", "dev")).parent  # SST-2 ships with the package
 
 
 def minilm_path() -> Path:

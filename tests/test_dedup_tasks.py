@@ -53,7 +53,7 @@ def test_engine_restricted_to_head_tensors_changes_nothing_else(tmp_path):
     val = task.batches(texts, [0] * len(texts))
     for batch in val:  # labels: the target's own predictions, so the base scores lower (no fairness drop)
         batch["labels"] = BertTopClsHead(target)(batch["residual"], batch["context"]).argmax(-1)
-    data = DedupData(task.score_fn, public_val=val)
+    data = DedupData(task.score_fn, public_val=val, calibration_loss=task.loss_fn)
     members = [Member("a", base, PrivacyMetadata(1.0, 1e-5, ("d",))), Member("b", target, PrivacyMetadata(2.0, 1e-5, ("d",)))]
     config = DedupConfig(block_size=256, threshold=0.5, interactive=False, plan=PlanConfig(only_tensors=task.tensors))
     report = deduplicate_family(members, data, config, tmp_path / "s")

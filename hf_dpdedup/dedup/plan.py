@@ -1,33 +1,71 @@
 """From a target model to its ordered list of candidate replacements.
 
-Blocks are ordered least salient first; each block's candidate is its nearest block (L2 by
-default) among the base model's blocks and the target's own *other* blocks. Blocks equal to a base block are skipped (exact deduplication already shares them). A target block that
-serves as the source of another block is pinned (never replaced itself), and a block already
-planned for replacement is never used as a source, so no replacement chain can form: every
-replaced block ends up equal to a block that is stored anyway.
+**Candidates.** In a fine-tuned family every member moved from the same pre-trained weights, so a
+block's natural candidate is the base's block at the same tensor and position (``"aligned"``, the
+default). A block of the target itself or of the base at another position is offered instead only
+when it is *genuinely* close: nearer than ``close_ratio`` times the block's own distance to its
+aligned base block — never because two blocks are both small, which is what nearest-by-L2 over
+"base ∪ self" picks on DP-trained members (measured: 5.6 test points lost). ``"nearest"`` is the
+paper's rule (the nearest block among the base's and the target's own, by ``metric``), kept for
+heterogeneous families and as the baseline; ``close_ratio=None`` turns the guard off.
+
+**Order.** ``order="cost"`` (default) tries the replacements cheapest first by their estimated
+loss increase (:mod:`.cost`: Taylor/Fisher terms on public calibration data, or data-free
+variants); ``order="saliency"`` is the paper's order (least salient block first, :mod:`.saliency`).
+
+Blocks equal to a base block are skipped (exact deduplication already shares them). A target block
+that serves as the source of another block is pinned (never replaced itself), and a block already
+planned for replacement is never used as a source, so no replacement chain can form: every replaced
+block ends up equal to a block that is stored anyway.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..store.block_store import row_hashes
+from .cost import CostMeasure, replacement_costs
 from .live import LiveBlocks, Replacement
 from .saliency import block_saliency, saliency_order
-from .similarity import nearest_blocks
+from .similarity import nearest_blocks, pair_distances
 
 
 @dataclass(frozen=True)
 class PlanConfig:
+    """How a target's candidate replacements are found and ordered.
+
+    ``candidates``: ``"aligned"`` (same tensor and position in the base) or ``"nearest"`` (the
+    paper's nearest block by ``metric``). ``use_self``: also look for close blocks elsewhere (the
+    target's own or the base's at other positions), admitted only within ``close_ratio`` of the
+    aligned distance. ``order``: ``"cost"`` (by ``cost``, see :mod:`.cost`) or ``"saliency"`` (the
+    paper's, by ``saliency``/``aggregate``). ``fisher_micro_batch``/``fisher_max_examples``: how the
+    empirical Fisher is estimated (1 = per example). ``only_tensors`` restricts replacements.
+    """
+
+    candidates: Literal["aligned", "nearest"] = "aligned"
+    order: Literal["cost", "saliency"] = "cost"
+    cost: CostMeasure = "fisher"
     saliency: str = "magnitude"
     aggregate: str = "mean"
     metric: str = "l2"
     top_k: int = 4
     use_self: bool = True
+    close_ratio: float | None = 0.5
     method: str = "exact"  # or "sketch" for very large families
+    fisher_micro_batch: int | None = 1
+    fisher_max_examples: int | None = 512
     only_tensors: frozenset[str] | None = None  # restrict replacements to these tensors
+
+    def __post_init__(self) -> None:
+        if self.candidates not in ("aligned", "nearest"):
+            raise ValueError(f"candidates must be 'aligned' or 'nearest', got {self.candidates!r}.")
+        if self.order not in ("cost", "saliency"):
+            raise ValueError(f"order must be 'cost' or 'saliency', got {self.order!r}.")
+        if self.close_ratio is not None and not 0 <= self.close_ratio <= 1:
+            raise ValueError(f"close_ratio must be in [0, 1] or None, got {self.close_ratio!r}.")
 
 
 def plan_replacements(
@@ -39,49 +77,107 @@ def plan_replacements(
     calibration=None,
     loss_fn=None,
 ) -> list[Replacement]:
-    """Candidate replacements for ``target``, least salient block first."""
+    """Candidate replacements for ``target``, cheapest (or least salient) first."""
     target_matrix = live.matrix()
     n = target_matrix.shape[0]
     if n == 0:
         return []
-    scores = block_saliency(target, live.layout, measure=config.saliency, aggregate=config.aggregate,
-                            calibration=calibration, loss_fn=loss_fn)
-    # A block equal to a base block is already shared by exact deduplication: nothing to decide.
+    blocks = _searchable_blocks(live, target_matrix, base_matrix, config)
+    if not blocks:
+        return []
+    choice = _choose_candidates(blocks, target_matrix, base_matrix, config)
+    order = _order(target, live, blocks, choice, target_matrix, base_matrix, config, calibration, loss_fn)
+    return _without_chains(order, choice, target_matrix, base_matrix)
+
+
+def _searchable_blocks(live: LiveBlocks, target_matrix: torch.Tensor, base_matrix: torch.Tensor,
+                       config: PlanConfig) -> list[int]:
+    """Blocks worth a decision: not already equal to a base block, inside ``only_tensors``."""
     base_rows = set(row_hashes(base_matrix))
     skip = {i for i, h in enumerate(row_hashes(target_matrix)) if h in base_rows}
     if config.only_tensors is not None:
         owners = live.layout.block_owner()
-        skip |= {i for i in range(n) if owners[i][0] not in config.only_tensors}
-    order = [b for b in saliency_order(scores).tolist() if b not in skip]
-    if not order:
+        skip |= {i for i in range(target_matrix.shape[0]) if owners[i][0] not in config.only_tensors}
+    return [i for i in range(target_matrix.shape[0]) if i not in skip]
+
+
+Choice = dict[int, list[tuple[str, int]]]  # block -> candidates ("base"|"self", row), best first
+
+
+def _choose_candidates(blocks: list[int], target_matrix: torch.Tensor, base_matrix: torch.Tensor,
+                       config: PlanConfig) -> Choice:
+    """Each block's candidates, best first: the aligned base block and/or genuinely close others."""
+    aligned = config.candidates == "aligned" and base_matrix.shape[0] == target_matrix.shape[0]
+    if config.candidates == "aligned" and not aligned:
+        raise ValueError("Aligned candidates need a base with the target's block layout; use candidates='nearest'.")
+    rows = torch.tensor(blocks)
+    choice: Choice = {b: [("base", b)] if aligned else [] for b in blocks}
+    if not aligned or config.use_self:
+        m = base_matrix.shape[0]
+        parts = (base_matrix, target_matrix) if config.use_self else (base_matrix,)
+        exclude = rows + m if config.use_self else None  # never a block's own match
+        k = max(1, min(config.top_k, sum(p.shape[0] for p in parts) - 1))
+        match = nearest_blocks(target_matrix[rows], parts, metric=config.metric, k=k, exclude_self=exclude,
+                               method=config.method)
+        bound = _close_bounds(rows, target_matrix, base_matrix, config) if aligned else None
+        for pos, block in enumerate(blocks):
+            others = []
+            for cand, dist in zip(match.indices[pos].tolist(), match.distances[pos].tolist()):
+                if cand < 0 or (aligned and cand == block):
+                    continue
+                if bound is not None and not dist <= bound[pos]:
+                    continue
+                others.append(("base", cand) if cand < m else ("self", cand - m))
+            choice[block] = others + choice[block]
+    return {b: c for b, c in choice.items() if c}
+
+
+def _close_bounds(rows: torch.Tensor, target_matrix: torch.Tensor, base_matrix: torch.Tensor,
+                  config: PlanConfig) -> torch.Tensor | None:
+    """The distance a non-aligned candidate must not exceed: ``close_ratio`` × the aligned distance."""
+    if config.close_ratio is None:
+        return None
+    return config.close_ratio * pair_distances(target_matrix[rows], base_matrix[rows], metric=config.metric)
+
+
+def _row(source: str, index: int, target_matrix: torch.Tensor, base_matrix: torch.Tensor) -> torch.Tensor:
+    return base_matrix[index] if source == "base" else target_matrix[index]
+
+
+def _order(target, live, blocks, choice: Choice, target_matrix, base_matrix, config: PlanConfig,
+           calibration, loss_fn) -> list[int]:
+    """The blocks that have a candidate, cheapest (or least salient) first; ties in block order."""
+    ordered = [b for b in blocks if b in choice]
+    if not ordered:
         return []
-    m = base_matrix.shape[0]
-    rows = torch.tensor(order)
-    if config.use_self:  # candidates: base blocks, then the target's own (numbered m + i)
-        candidates, exclude = (base_matrix, target_matrix), rows + m  # never a block's own match
-    else:
-        candidates, exclude = (base_matrix,), None
-    k = max(1, min(config.top_k, sum(c.shape[0] for c in candidates) - 1))
-    match = nearest_blocks(target_matrix[rows], candidates, metric=config.metric, k=k,
-                           exclude_self=exclude, method=config.method)
+    if config.order == "saliency":
+        scores = block_saliency(target, live.layout, measure=config.saliency, aggregate=config.aggregate,
+                                calibration=calibration, loss_fn=loss_fn)
+        rank = {b: i for i, b in enumerate(saliency_order(scores).tolist())}
+        return sorted(ordered, key=rank.__getitem__)
+    rows = torch.tensor(ordered)
+    best = torch.stack([_row(*choice[b][0], target_matrix, base_matrix) for b in ordered])
+    deltas = best.to(torch.float64) - target_matrix[rows].to(torch.float64)
+    costs = replacement_costs(target, live.layout, rows, deltas, measure=config.cost, calibration=calibration,
+                              loss_fn=loss_fn, micro_batch=config.fisher_micro_batch,
+                              max_examples=config.fisher_max_examples)
+    return [ordered[i] for i in torch.sort(costs, stable=True).indices.tolist()]
+
+
+def _without_chains(order: list[int], choice: Choice, target_matrix: torch.Tensor,
+                    base_matrix: torch.Tensor) -> list[Replacement]:
     planned: set[int] = set()
     pinned: set[int] = set()
     sequence: list[Replacement] = []
-    for position, block in enumerate(order):
+    for block in order:
         if block in pinned:
             continue  # the source of an earlier replacement: keeps its own values
-        for cand in match.indices[position].tolist():
-            if cand < 0:
-                continue
-            if cand < m:
-                rep = Replacement(block, "base", cand, base_matrix[cand])
-            else:
-                source = cand - m
-                if source == block or source in planned:
+        for source, index in choice[block]:
+            if source == "self":
+                if index == block or index in planned:
                     continue
-                pinned.add(source)
-                rep = Replacement(block, "self", source, target_matrix[source])
+                pinned.add(index)
+            sequence.append(Replacement(block, source, index, _row(source, index, target_matrix, base_matrix)))
             planned.add(block)
-            sequence.append(rep)
             break
     return sequence

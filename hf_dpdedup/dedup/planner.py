@@ -43,8 +43,15 @@ from ..store.member import update_dedup_record
 from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of
-from .search import run_search
-from .validate import MechanismValidator, PublicValidator, agreement_batches, agreement_score, public_utility
+from .search import confirm, run_search
+from .validate import (
+    MechanismValidator,
+    PublicValidator,
+    agreement_batches,
+    agreement_score,
+    public_utility,
+    public_utility_stats,
+)
 
 
 @dataclass
@@ -66,8 +73,12 @@ class DedupData:
     public_val: list[Any]
     public_test: list[Any] | None = None
     private_val: PrivateDataset | None = None
-    calibration: list[Any] | None = None  # public batches with labels, for gradient saliency
+    # public batches with labels for the cost order's gradients/Fisher (default: public_val)
+    calibration: list[Any] | None = None
     calibration_loss: Callable[[Any, Any], Any] | None = None  # default: model(**batch).loss
+    # a second public split the search never sees: the accepted replacements are confirmed on it
+    # (the longest cheapest-first prefix that passes is kept), so the search cannot overfit public_val
+    public_confirm: list[Any] | None = None
     public_test_dataset: str | None = None  # Hub id of the public test set (e.g. "stanfordnlp/sst2")
     predict_fn: Callable[[Any, Any], Any] | None = None  # per-example predictions, for agreement validation
     public_test_split: str = "test"
@@ -209,11 +220,15 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
         floor, floor_charges = _previous_floor(previous, data, config)
         charges += floor_charges + previous.charges
     validator = _validator(target, data, config, floor)
-    sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=data.calibration,
+    confirmation = _confirmation_validator(target, data, config)  # built on the unedited target
+    calibration = _calibration(target, data, config)
+    sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=calibration,
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
     result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
                         **config.strategy_options)
+    if confirmation is not None:
+        confirm(target.model, live, result, confirmation)
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges
@@ -242,9 +257,11 @@ def _check_same_plan(name: str, sequence: list[Replacement]) -> None:
 def _start(member: Member, role: str, n_blocks: int, data: DedupData) -> ModelReport:
     """A report with the member's public utilities before any change."""
     model_report = ModelReport.start(member, role, n_blocks)
-    model_report.val_utility_before = public_utility(member.model, data.public_val, data.score_fn)
+    val = public_utility_stats(member.model, data.public_val, data.score_fn)
+    model_report.val_utility_before, model_report.val_utility_se = val.mean, val.se
     if data.public_test is not None:
-        model_report.test_utility_before = public_utility(member.model, data.public_test, data.score_fn)
+        test = public_utility_stats(member.model, data.public_test, data.score_fn)
+        model_report.test_utility_before, model_report.test_utility_se = test.mean, test.se
     return model_report
 
 
@@ -256,6 +273,28 @@ def _previous_floor(previous: ModelReport, data: DedupData, config: DedupConfig)
                               epsilon=config.floor_epsilon, sampler=config.sampler(),
                               label=f"floor-after-{previous.name}")
     return min(1.0, max(0.0, release.value)), [release.charge]
+
+
+def _calibration(target: Member, data: DedupData, config: DedupConfig) -> list[Any]:
+    """Public batches for the cost order: the given calibration set, else the public validation set
+    — relabelled with the target's own predictions under agreement validation, so that the Fisher
+    measures how far a replacement moves the target's own predictions (the KL's second-order term)."""
+    if data.calibration is not None:
+        return data.calibration
+    if config.agreement:
+        return agreement_batches(data.public_val, target.model, data.predict_fn)
+    return data.public_val
+
+
+def _confirmation_validator(target: Member, data: DedupData, config: DedupConfig) -> PublicValidator | None:
+    """The same acceptance rule on the public confirmation split (free: public data)."""
+    if data.public_confirm is None:
+        return None
+    batches = (agreement_batches(data.public_confirm, target.model, data.predict_fn) if config.agreement
+               else data.public_confirm)
+    # The interactive floor is a utility on the validation data and does not transfer to another
+    # split; the confirmation checks the threshold against the target's own utility on it.
+    return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=config.threshold)
 
 
 def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None):
@@ -317,7 +356,9 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
 def _config_dict(config: DedupConfig) -> dict[str, Any]:
     return {
         "block_size": config.block_size, "threshold": config.threshold, "strategy": config.strategy,
-        "strategy_options": config.strategy_options, "saliency": config.plan.saliency,
+        "strategy_options": config.strategy_options, "candidates": config.plan.candidates,
+        "order": config.plan.order, "cost": config.plan.cost, "close_ratio": config.plan.close_ratio,
+        "saliency": config.plan.saliency,
         "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
         "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
         "noise": "TEST ONLY: seeded noise" if config.noise_seed is not None else "secure",

@@ -46,6 +46,10 @@ class ModelReport:
     val_utility_after: float | None = None
     test_utility_before: float | None = None
     test_utility_after: float | None = None
+    val_utility_se: float | None = None  # standard errors of the utilities before (sample std / √n)
+    test_utility_se: float | None = None
+    confirmations: int = 0  # validations on the public confirmation split
+    rejected_by_confirmation: int = 0  # accepted by the search, reverted by the confirmation
     own_bytes: int = 0
     original_bytes: int = 0
     seconds: float = 0.0
@@ -69,6 +73,7 @@ class ModelReport:
         counts = Counter(r.source for r in result.accepted)
         self.from_base, self.from_self = counts["base"], counts["self"]
         self.candidates, self.validations, self.halted, self.floor = candidates, result.validations, result.halted, floor
+        self.confirmations, self.rejected_by_confirmation = result.confirmations, result.rejected_by_confirmation
 
     @property
     def own_blocks(self) -> int:
@@ -115,9 +120,11 @@ class ModelReport:
             "name": self.name, "role": self.role, "base": self.base,
             "blocks": self.n_blocks, "from_base": self.from_base, "from_self": self.from_self,
             "own_blocks": self.own_blocks, "candidates": self.candidates, "validations": self.validations,
+            "confirmations": self.confirmations, "rejected_by_confirmation": self.rejected_by_confirmation,
             "halted": self.halted, "floor": self.floor,
             "val_utility_before": self.val_utility_before, "val_utility_after": self.val_utility_after,
             "test_utility_before": self.test_utility_before, "test_utility_after": self.test_utility_after,
+            "val_utility_se": self.val_utility_se, "test_utility_se": self.test_utility_se,
             "own_bytes": self.own_bytes, "original_bytes": self.original_bytes, "compression": self.compression,
             "epsilon_before": self.epsilon_before, "delta_before": self.delta_before,
             "epsilon_after": self.epsilon_after,

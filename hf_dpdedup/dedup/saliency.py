@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from transformers.pytorch_utils import Conv1D  # GPT-2's Linear, weight stored [in, out]
 
 from ..blocks import BlockLayout
 from ..errors import CalibrationRequiredError, PrivateDataAccessError, SaliencyError
@@ -181,6 +182,10 @@ def _calibrating(model: torch.nn.Module, params: list[torch.nn.Parameter]):
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     wanted = {id(p) for p in params}
+    # transformers' classification heads set config.problem_type on their first loss: calibrating
+    # must not change what the member's config.json will say
+    config = getattr(model, "config", None)
+    problem_type = getattr(config, "problem_type", None)
     try:
         model.eval()  # no dropout: saliency must not depend on random masks
         for p, _, _ in flags:
@@ -193,6 +198,8 @@ def _calibrating(model: torch.nn.Module, params: list[torch.nn.Parameter]):
             p.grad = grad
         for m, training in modes:
             m.training = training
+        if config is not None and hasattr(config, "problem_type"):
+            config.problem_type = problem_type
 
 
 def _gradients(model, tensors, batches, loss_fn, *, square: bool) -> dict[str, torch.Tensor]:
@@ -200,14 +207,7 @@ def _gradients(model, tensors, batches, loss_fn, *, square: bool) -> dict[str, t
     acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
     with _calibrating(model, list(params.values())), torch.enable_grad():
         for batch in batches:
-            out = _run(model, batch, loss_fn)
-            loss = out if loss_fn is not None else getattr(out, "loss", None)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise SaliencyError(
-                    "Gradient saliency needs a scalar loss: include labels in the calibration batches "
-                    "(model(**batch).loss) or pass loss_fn(model, batch) -> scalar tensor."
-                )
-            loss.backward()
+            _scalar_loss(model, batch, loss_fn).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     g = p.grad.detach().float()
@@ -221,8 +221,18 @@ def _gradients(model, tensors, batches, loss_fn, *, square: bool) -> dict[str, t
 
 
 def _wanda(model, tensors, batches, loss_fn) -> Mapping[str, torch.Tensor]:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's Linear, weight stored [in, out]
+    rms = input_rms(model, tensors, batches, loss_fn)
 
+    def score(name: str) -> torch.Tensor:  # per tensor, on demand: no float32 copy of the whole model
+        return scale_by_input_rms(tensors[name].detach().abs().float(), rms.get(name))
+
+    return _Lazy(score, list(tensors))
+
+
+def input_rms(model, tensors: Mapping[str, torch.Tensor], batches: list[Any],
+              loss_fn: LossFn | None) -> dict[str, tuple[torch.Tensor, int]]:
+    """RMS of every input feature of each ``nn.Linear``/``Conv1D`` weight in ``tensors`` over the
+    calibration tokens: ``{name: (rms [in_features], axis of the input features in W)}``."""
     owner = {id(t): n for n, t in tensors.items()}
     sums: dict[str, list] = {}  # name -> [Σ x² per input feature (float64), rows, input dim]
     hooks = []
@@ -240,7 +250,7 @@ def _wanda(model, tensors, batches, loss_fn) -> Mapping[str, torch.Tensor]:
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, (torch.nn.Linear, Conv1D)) and id(weight) in owner:
-            dim = 1 if isinstance(module, torch.nn.Linear) else 0  # axis of the input features in W
+            dim = 1 if isinstance(module, torch.nn.Linear) else 0
             hooks.append(module.register_forward_hook(hook(owner[id(weight)], dim)))
     try:
         with _calibrating(model, []), torch.no_grad():
@@ -249,16 +259,99 @@ def _wanda(model, tensors, batches, loss_fn) -> Mapping[str, torch.Tensor]:
     finally:
         for h in hooks:
             h.remove()
+    return {name: ((total / count).sqrt().float(), dim) for name, (total, count, dim) in sums.items() if count > 0}
 
-    def score(name: str) -> torch.Tensor:  # per tensor, on demand: no float32 copy of the whole model
-        w = tensors[name].detach().abs().float()
-        if name in sums and sums[name][1] > 0:
-            total, count, dim = sums[name]
-            rms = (total / count).sqrt().float().to(w.device)
-            w = w * (rms[None, :] if dim == 1 else rms[:, None])
-        return w  # not a Linear weight (or never ran): magnitude fallback
 
-    return _Lazy(score, list(tensors))
+def scale_by_input_rms(values: torch.Tensor, rms: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+    """``values`` (shaped like a weight) times the RMS of the input feature each element multiplies;
+    unchanged for a tensor that is no Linear weight (or whose layer never ran)."""
+    if rms is None:
+        return values
+    scale, dim = rms
+    scale = scale.to(values.device)
+    return values * (scale[None, :] if dim == 1 else scale[:, None])
+
+
+def gradient_moments(
+    model: torch.nn.Module,
+    layout: BlockLayout,
+    calibration: Iterable[Any],
+    *,
+    loss_fn: LossFn | None = None,
+    micro_batch: int | None = 1,
+    max_examples: int | None = 512,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Mean gradient ``g`` and empirical Fisher diagonal ``F`` of the loss, per layout tensor.
+
+    ``g`` is the mean of the calibration batches' gradients; ``F`` the mean of squared gradients of
+    micro-batches of ``micro_batch`` examples (1: the per-example empirical Fisher), scaled by the
+    micro-batch size so that it estimates the per-example second moment whatever the split.
+    Batches that are not dicts of equally long tensors are used whole. PUBLIC data only, like every
+    data-driven saliency; the model is left as found.
+    """
+    batches = _public_batches(calibration, "gradient", None)
+    tensors = _layout_tensors(model.state_dict(keep_vars=True), layout)
+    params = {n: t for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)}
+    grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    sq_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+    pieces, examples = 0, 0
+    with _calibrating(model, list(params.values())), torch.enable_grad():
+        for piece in _micro_batches(batches, micro_batch, max_examples):
+            size = _batch_len(piece) or 1
+            loss = _scalar_loss(model, piece, loss_fn)
+            loss.backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    g = p.grad.detach().float()
+                    grad_sum[n] += g * size
+                    sq_sum[n] += g.square() * size
+                p.grad = None  # no gradient of (public) data left on the model
+            pieces += 1
+            examples += size
+    if not pieces:
+        raise CalibrationRequiredError("The calibration data yielded no example for the loss estimate.")
+    zeros = {n: torch.zeros(t.shape, dtype=torch.float32) for n, t in tensors.items() if n not in params}
+    mean = {**{n: s / examples for n, s in grad_sum.items()}, **zeros}
+    fisher = {**{n: s / examples * (examples / pieces) for n, s in sq_sum.items()}, **zeros}
+    return mean, fisher
+
+
+def _scalar_loss(model, batch, loss_fn) -> torch.Tensor:
+    out = _run(model, batch, loss_fn)
+    loss = out if loss_fn is not None else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise SaliencyError(
+            "Gradient saliency needs a scalar loss: include labels in the calibration batches "
+            "(model(**batch).loss) or pass loss_fn(model, batch) -> scalar tensor."
+        )
+    return loss
+
+
+def _batch_len(batch: Any) -> int | None:
+    """The common leading size of a dict batch's tensors, or None when it has none."""
+    if not isinstance(batch, Mapping):
+        return None
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _micro_batches(batches: list[Any], size: int | None, max_examples: int | None):
+    """Split dict batches into pieces of ``size`` examples (at most ``max_examples`` in all)."""
+    seen = 0
+    for batch in batches:
+        n = _batch_len(batch)
+        if size is None or n is None:
+            yield batch
+            seen += n or 1
+        else:
+            for start in range(0, n, size):
+                if max_examples is not None and seen >= max_examples:
+                    return
+                yield {k: v[start : start + size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                       for k, v in batch.items()}
+                seen += min(size, n - start)
+        if max_examples is not None and seen >= max_examples:
+            return
 
 
 class _Lazy(Mapping):

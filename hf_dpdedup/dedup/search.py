@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .live import LiveBlocks, Replacement
 from .validate import Validator
@@ -30,6 +30,10 @@ class SearchResult:
     accepted: list[Replacement] = field(default_factory=list)
     validations: int = 0
     halted: bool = False
+    # the values the accepted blocks had before, in acceptance order (what ``confirm`` reverts to)
+    undo: list[tuple[int, Any]] = field(default_factory=list, repr=False)
+    confirmations: int = 0
+    rejected_by_confirmation: int = 0
 
 
 class _Trial:
@@ -58,6 +62,7 @@ class _Trial:
         undo = self.live.apply(group)
         if self.validate():
             self.result.accepted.extend(group)
+            self.result.undo.extend(undo)
             return True
         self.live.revert(undo)
         return False
@@ -145,7 +150,7 @@ def mcts(
             node[1] += reward
     chosen = [r for g, take in zip(groups, best[1]) if take for r in g]
     if chosen:  # already validated when it was found
-        trial.live.apply(chosen)
+        trial.result.undo.extend(trial.live.apply(chosen))
         trial.result.accepted.extend(chosen)
 
 
@@ -175,3 +180,32 @@ def run_search(
     trial = _Trial(live, validator, model, progress)
     search(trial, sequence, **options)
     return trial.finish()
+
+
+def confirm(model, live: LiveBlocks, result: SearchResult, validator: Validator) -> SearchResult:
+    """Check the accepted replacements on data the search did not use; keep the longest prefix
+    (in acceptance order, i.e. cheapest first) that ``validator`` accepts and revert the rest.
+
+    The search's many validations on one set select replacements that happen to pass on it; a
+    second, independent set catches that. One validation when everything holds, else a bisection
+    over the prefix length (about log2(accepted) more). Updates and returns ``result``.
+    """
+    if not result.accepted:
+        return result
+    result.confirmations += 1
+    if validator.accepts(model):
+        return result
+    live.revert(result.undo)  # back to the target as it was before the search
+    kept, bad = 0, len(result.accepted)  # prefix ``kept`` is applied; prefix ``bad`` was rejected
+    while bad - kept > 1:
+        mid = (kept + bad) // 2
+        undo = live.apply(result.accepted[kept:mid])
+        result.confirmations += 1
+        if validator.accepts(model):
+            kept = mid
+        else:
+            live.revert(undo)
+            bad = mid
+    result.rejected_by_confirmation = len(result.accepted) - kept
+    result.accepted, result.undo = result.accepted[:kept], result.undo[:kept]
+    return result

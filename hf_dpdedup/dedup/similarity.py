@@ -295,6 +295,18 @@ def _take_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, stagin
     return out
 
 
+def pair_distances(a: torch.Tensor, b: torch.Tensor, *, metric: str = "l2") -> torch.Tensor:
+    """Distance (float64) of each row pair ``(a[i], b[i])``, computed the way ``nearest_blocks``
+    refines its matches (so the two agree exactly); the inputs are not modified."""
+    if metric not in METRICS:
+        raise SimilarityError(f"Unknown metric {metric!r}; use one of {METRICS}.")
+    if a.shape != b.shape or a.dim() != 2:
+        raise SimilarityError(f"pair_distances needs two [n, block_size] matrices of one shape, got "
+                              f"{list(a.shape)} and {list(b.shape)}.")
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return _direct(a.to(work, copy=True), b.to(work, copy=True), metric)
+
+
 def _direct(a: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
     """Distance of each row pair ``(a[i], c[i])`` from the difference itself (no cancellation);
     overwrites both. Every pair goes through the same ops, so equal blocks get bit-equal distances."""

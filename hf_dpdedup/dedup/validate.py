@@ -13,6 +13,8 @@ Utility is always a mean of per-example scores in [0, 1] given by ``score_fn(mod
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -32,9 +34,23 @@ class Validator(Protocol):
     def accepts(self, model: Any) -> bool: ...
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Utility:
+    """A public utility (mean per-example score) with its standard error over ``n`` examples."""
+
+    mean: float
+    se: float
+    n: int
+
+
 def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> float:
-    """Mean per-example score on public data (never call this with private data).
+    """Mean per-example score on public data (never call this with private data)."""
+    return public_utility_stats(model, batches, score_fn).mean
+
+
+@torch.no_grad()
+def public_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> Utility:
+    """Mean per-example score on public data and its standard error (sample std / √n).
 
     Inside a ``collective_scope`` each process scores its contiguous shard of the batches; the
     per-batch sums are then added in batch order, so the result is bit-identical to one process.
@@ -44,24 +60,27 @@ def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: Sco
     batches = list(batches)
     collective = current_collective()
     mine = shard_range(len(batches), collective.rank, collective.size)
-    sums, counts = [0.0] * len(batches), [0] * len(batches)
+    sums, squares, counts = [0.0] * len(batches), [0.0] * len(batches), [0] * len(batches)
     was_training = model.training
     model.eval()
     try:
         for i in mine:
             scores = torch.as_tensor(score_fn(model, batches[i]), dtype=torch.float64).clamp(0, 1)
-            sums[i], counts[i] = float(scores.sum()), scores.numel()
+            sums[i], squares[i], counts[i] = float(scores.sum()), float(scores.square().sum()), scores.numel()
     finally:
         model.train(was_training)
     if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
-        sums, counts = collective.sum(sums), collective.sum(counts)
-    total, count = 0.0, 0
-    for batch_sum, batch_count in zip(sums, counts):
+        sums, squares, counts = collective.sum(sums), collective.sum(squares), collective.sum(counts)
+    total, total_sq, count = 0.0, 0.0, 0
+    for batch_sum, batch_sq, batch_count in zip(sums, squares, counts):
         total += batch_sum
+        total_sq += batch_sq
         count += batch_count
     if count == 0:
         raise ValueError("The public validation data is empty: pass at least one batch.")
-    return total / count
+    mean = total / count
+    variance = max(0.0, total_sq / count - mean * mean) * count / max(1, count - 1)
+    return Utility(mean, math.sqrt(variance / count), count)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -45,30 +46,42 @@ class TextClassificationData:
 
 
 def read_tsv(path: str | Path, *, text_column: str = "sentence", label_column: str = "label") -> TextClassificationData:
-    """Read a labelled TSV file; raise :class:`TrainingConfigError` if it is missing, empty or unlabelled."""
+    """Read a labelled TSV file (through ``datasets``); raise :class:`TrainingConfigError` if it is
+    missing, empty or unlabelled."""
     path = Path(path)
     if not path.is_file():
         raise TrainingConfigError(f"Data file {path} does not exist; pass a TSV file with a header line.")
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = reader.fieldnames or []
-        if text_column not in header or label_column not in header:
+    try:
+        data = datasets.load_dataset("csv", data_files={"data": str(path)}, delimiter="\t",
+                                     quoting=csv.QUOTE_NONE, split="data", keep_default_na=False)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        if "corresponds to no data" in str(exc):  # a header line and nothing else
+            raise TrainingConfigError(f"{path} holds no examples; DP training needs a non-empty data set.") from None
+        raise TrainingConfigError(f"{path} is not a readable TSV file with a header line: {exc}") from None
+    return from_dataset(data, text_column=text_column, label_column=label_column, source=str(path))
+
+
+def from_dataset(data: datasets.Dataset, *, text_column: str = "sentence", label_column: str = "label",
+                 source: str = "the data set") -> TextClassificationData:
+    """Sentences and integer labels from a ``datasets.Dataset``'s two columns."""
+    header = list(data.column_names)
+    if text_column not in header or label_column not in header:
+        raise TrainingConfigError(
+            f"{source} has columns {header}; it needs a {label_column!r} and a {text_column!r} column "
+            "(unlabelled data cannot be used for supervised DP fine-tuning)."
+        )
+    if len(data) == 0:
+        raise TrainingConfigError(f"{source} holds no examples; DP training needs a non-empty data set.")
+    labels = []
+    for row_no, raw in enumerate(data[label_column], start=2):
+        text = str(raw).strip()
+        if not text.lstrip("-").isdigit() or int(text) < 0:
             raise TrainingConfigError(
-                f"{path} has columns {header}; it needs a {label_column!r} and a {text_column!r} column "
-                "(unlabelled data cannot be used for supervised DP fine-tuning)."
+                f"{source}:{row_no}: label {raw!r} is not a non-negative integer; every row needs a label."
             )
-        texts, labels = [], []
-        for line_no, row in enumerate(reader, start=2):
-            raw = (row.get(label_column) or "").strip()
-            if not raw.lstrip("-").isdigit() or int(raw) < 0:
-                raise TrainingConfigError(
-                    f"{path}:{line_no}: label {raw!r} is not a non-negative integer; every row needs a label."
-                )
-            texts.append(row.get(text_column) or "")
-            labels.append(int(raw))
-    if not texts:
-        raise TrainingConfigError(f"{path} holds no examples; DP training needs a non-empty data set.")
-    return TextClassificationData(tuple(texts), tuple(labels))
+        labels.append(int(text))
+    texts = tuple("" if t is None else str(t) for t in data[text_column])
+    return TextClassificationData(texts, tuple(labels))
 
 
 def split_indices(n: int, *, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
