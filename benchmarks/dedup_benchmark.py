@@ -108,7 +108,9 @@ def main() -> None:
     def private_data() -> DedupData:
         return DedupData(task.score_fn, public_val=val, public_test=tst, predict_fn=task.predict_fn,
                          private_val=task.private(list(private_val.texts), list(private_val.labels),
-                                                  dataset_id=dataset_id))
+                                                  dataset_id=dataset_id,
+                                                  # SST-2's split sizes are published: n is public here
+                                                  public_size=len(private_val.texts)))
 
     def config(**kw) -> DedupConfig:
         # Public runs validate on agreement with each target's own predictions on dev.tsv (see

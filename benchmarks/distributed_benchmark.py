@@ -63,7 +63,7 @@ def build_family(validation: str):
     private = None
     if validation != "public":
         private = PrivateDataset({"input_ids": ids[:N_VAL], "labels": labels[:N_VAL]}, dataset_id="bench-train",
-                                 batch_size=BATCH)
+                                 public_size=N_VAL, batch_size=BATCH)
     data = DedupData(classification_score, public_val=batches[:n_val], public_test=batches[n_val:],
                      private_val=private)
     config = DedupConfig(block_size=4096, threshold=0.02, strategy="binary", strategy_options={"min_group": 8},

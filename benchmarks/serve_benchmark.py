@@ -36,13 +36,14 @@ import torch
 from transformers.utils.logging import disable_progress_bar
 
 from common import write_results
+from hf_dpdedup.data import builtin_path
 from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.serving import ServingPool
 from hf_dpdedup.serving.bench import (
     PATTERNS, TransformersLRU, compare, query_inputs, query_order, read_sentences, save_plain_folders,
 )
 
-SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
+SST2_DEV = builtin_path("sst2", "dev")
 MEMBERS = 10
 
 

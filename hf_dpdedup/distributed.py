@@ -202,11 +202,12 @@ def deduplicate_family_distributed(
                 staging = _staging_folder(out)
                 family = new_family_store(staging, members, config)
             sent: dict[int, list[_Sent]] = {}
+            sampler = config.sampler()  # one noise source per process for the whole run (only mains draw)
             for g, group in enumerate(groups):
                 if g % len(teams) != my_team:
                     continue
                 with collective_scope(collective):
-                    outcomes = dedup_group(group, data, config)
+                    outcomes = dedup_group(group, data, config, sampler=sampler)
                 if collective.is_main:
                     sent[g] = [_to_sent(o) for o in outcomes]
             received = _gather_to_main(sent, timeout_s)

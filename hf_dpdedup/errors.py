@@ -127,6 +127,8 @@ class RepoCollisionError(PushError):
 
 class LoadArgumentError(HfDpDedupError, TypeError):
     """A ``from_pretrained`` / ``pipeline`` keyword that neither hf_dpdedup nor transformers knows."""
+class SeededPushError(HubError, PrivacyError):
+    """A member whose noise came from a known seed (not private) was about to be published."""
 
 
 # --- serving ---------------------------------------------------------------------------------------

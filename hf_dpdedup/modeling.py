@@ -25,6 +25,7 @@ from transformers.initialization import no_init_weights
 
 from .errors import ConstitutionError, LoadArgumentError, StoreFormatError
 from .hub.download import HubOptions, download_member, fetch_store, is_repo_id
+from .privacy.noise import SEEDED_LABEL
 from .store.member import load_member_state_dict, open_member_store, read_constitution
 from .store.format import CONSTITUTION_FILE
 
@@ -60,6 +61,19 @@ class DedupInfo:
     @property
     def delta(self) -> float | None:
         return None if self.privacy is None else self.privacy.get("delta")
+
+    @property
+    def seeded(self) -> bool:
+        """True when this member's training or deduplication noise came from a known seed: its ε is then
+        **not a privacy guarantee** (tests and reproductions only); ``noise`` says so in words."""
+        dedup = self.dedup or {}
+        original = dedup.get("original_privacy") or {}
+        return bool((self.privacy or {}).get("seeded") or original.get("seeded") or dedup.get("seeded"))
+
+    @property
+    def noise(self) -> str:
+        """``"secure"``, or the test-only label of a seeded member."""
+        return SEEDED_LABEL if self.seeded else "secure"
 
 
 class DedupedModel:

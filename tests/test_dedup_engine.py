@@ -10,7 +10,7 @@ import torch
 
 from hf_dpdedup import DedupedModel
 from hf_dpdedup.dedup.plan import PlanConfig
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family, fairness_filter
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family, fairness_verdicts
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
 
@@ -112,13 +112,14 @@ def test_private_validation_never_reads_unnoised(tmp_path, validation):
     members, batches = make_family()
     rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
             "labels": torch.cat([b["labels"] for b in batches[:3]])}
-    private = PrivateDataset(rows, dataset_id="toy-train", batch_size=100)
+    private = PrivateDataset(rows, dataset_id="toy-train", public_size=300, batch_size=100)
     data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:], private_val=private)
     config = DedupConfig(block_size=BLOCK, threshold=0.03, strategy="binary", validation=validation,
                          svt_epsilon=1.0, svt_cutoff=3, naive_epsilon=0.1, noise_seed=7)
     report = deduplicate_family(members, data, config, tmp_path / "store")
     assert private.raw_accesses == 0
     assert private.charged_reads > 0
+    assert private.open_mechanisms == 0  # every session was closed, its reference sum wiped
     eps2 = {m.name: m for m in report.models}["eps2"]
     spent = sum(c.epsilon for c in eps2.charges if c.datasets == ("toy-train",) and c.kind != "training")
     assert spent > 0
@@ -128,14 +129,79 @@ def test_private_validation_never_reads_unnoised(tmp_path, validation):
     if validation == "svt":
         assert eps2.svt_epsilon == pytest.approx(1.0)
     assert "TEST ONLY" in report.table()
+    # major 4: every private-validation charge is reported per data set id (floors and naive queries too)
+    assert eps2.private_validation["toy-train"]["epsilon"] == pytest.approx(spent)
+    eps8 = {m.name: m for m in report.models}["eps8"]
+    assert eps8.private_validation["toy-train"]["mechanisms"]["laplace"] >= 1  # the floor release
+    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from hf_dpdedup.store.member import read_constitution
+
+    constitution = read_constitution(tmp_path / "store" / "members" / "eps2")
+    card = member_card(constitution, repo_id="ns/eps2", store_repo="ns/b", store_commit="a" * 40)
+    assert "No private data was queried" not in card.text
+    assert "querying the private validation data `toy-train`" in card.text
+    block = card_metadata(card)["privacy"]
+    assert block["private_validation"]["toy-train"]["epsilon"] == pytest.approx(spent)
+    assert "toy-train" in block["datasets"]
+    # major 3: seeded dedup noise is marked in the card and in dedup_info, not only in the report
+    assert block["seeded"] and "not a privacy guarantee" in card.text
+    assert DedupedModel.from_pretrained(tmp_path / "store" / "members" / "eps2").dedup_info.seeded
 
 
-def test_fairness_pre_filter_drops_dominated_members():
+def test_fairness_verdict_flags_dominated_members_and_lists_what_it_read():
     members, _ = make_family()
     utility = {"eps1": 0.7, "eps2": 0.65, "eps8": 0.9}
-    kept, dropped = fairness_filter(members, utility)
-    assert [m.name for m in dropped] == ["eps2"]
-    assert [m.name for m in kept] == ["eps1", "eps8"]
+    verdicts = fairness_verdicts(members, utility, on="public test")
+    assert {n for n, v in verdicts.items() if v["flagged"]} == {"eps2"}
+    assert verdicts["eps2"]["dominated_by"] == ["eps1"]
+    assert verdicts["eps8"]["compared_with"] == ["eps1", "eps2"] and verdicts["eps1"]["compared_with"] == []
+
+
+def _dominated_family():
+    """eps2's predictions are flipped (classifier negated): a lower-ε member beats it on the public test set."""
+    members, batches = make_family()
+    with torch.no_grad():
+        for p in members[1].model.classifier.parameters():
+            p.neg_()
+    return members, batches
+
+
+def test_a_flagged_member_is_stored_loadable_and_flagged_in_report_and_card(tmp_path):
+    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from hf_dpdedup.store.member import read_constitution
+
+    members, batches = _dominated_family()
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    report = deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03, interactive=False),
+                                tmp_path / "s")
+    by_name = {m.name: m for m in report.models}
+    assert [m.role for m in report.models] == ["base", "target", "target"]  # nobody vanished
+    assert by_name["eps2"].fairness["flagged"] and not by_name["eps8"].fairness["flagged"]
+    assert "FLAGGED" in report.table()
+    loaded = DedupedModel.from_pretrained(tmp_path / "s" / "members" / "eps2")
+    assert loaded.dedup_info.dedup["fairness"]["flagged"]
+    card = member_card(read_constitution(tmp_path / "s" / "members" / "eps2"), repo_id="ns/eps2",
+                       store_repo="ns/fam-blocks", store_commit="a" * 40)
+    assert card_metadata(card)["fairness"]["flagged"] and "flagged" in card.text.lower()
+    # non-interactive: eps8's verdict read eps1 and eps2, so it is charged both (whatever it says)
+    assert by_name["eps8"].ledger.epsilon_loose == pytest.approx(8 + 1 + 2)
+
+
+def test_dropping_flagged_members_is_explicit_and_still_charged(tmp_path):
+    members, batches = _dominated_family()
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    config = DedupConfig(block_size=BLOCK, threshold=0.03, fairness="drop")
+    report = deduplicate_family(members, data, config, tmp_path / "s")
+    by_name = {m.name: m for m in report.models}
+    assert by_name["eps2"].role == "dropped"
+    assert not (tmp_path / "s" / "members" / "eps2").exists()
+    assert (tmp_path / "s" / "members" / "eps8").exists()
+    # the dropped member's report keeps its real cost (δ included), not δ = 0
+    assert by_name["eps2"].ledger is not None and by_name["eps2"].delta_after >= 1e-5
+    assert by_name["eps2"].to_dict()["delta_after"] >= 1e-5
+    assert by_name["eps8"].ledger.epsilon_loose == pytest.approx(8 + 1 + 2)
+    with pytest.raises(ValueError, match="fairness"):
+        DedupConfig(fairness="filter")
 
 
 @pytest.mark.parametrize("strategy,options", [("greedy", {"n": 10}), ("halving", {"min_group": 4}),
@@ -150,7 +216,9 @@ def test_every_strategy_runs_end_to_end(tmp_path, strategy, options):
         assert m.val_utility_after >= m.val_utility_before - 0.03 - 1e-12
 
 
-def test_tight_figure_is_at_the_targets_delta_and_never_below_its_own_epsilon(tmp_path):
+def test_tight_and_loose_are_at_the_same_delta_and_the_training_delta_figure_is_labelled(tmp_path):
+    """Issue 13 (major 5): the min of tight and loose is only taken at one δ; the figure at the member's
+    own δ (comparable with ε before) is reported apart, with its δ."""
     from opacus.accountants import RDPAccountant
 
     from hf_dpdedup.privacy import AccountantStep
@@ -165,9 +233,14 @@ def test_tight_figure_is_at_the_targets_delta_and_never_below_its_own_epsilon(tm
     data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
     report = deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
     for m in report.targets:
-        assert m.ledger.epsilon_tight is not None
-        assert m.ledger.delta == pytest.approx(1e-5)  # same δ as the member was trained at
-        assert m.epsilon_before < m.ledger.epsilon <= m.ledger.epsilon_loose
+        ledger = m.ledger
+        assert ledger.epsilon_tight is not None
+        assert ledger.delta_tight == ledger.delta_loose > 1e-5  # both at the summed δ
+        assert ledger.epsilon_tight <= ledger.epsilon_loose  # at one δ the min of the two is valid
+        record = m.card_fields(next(x.privacy for x in members if x.name == m.name))
+        assert record["delta_after"] == {"loose": ledger.delta_loose, "tight": ledger.delta_tight}
+        own = record["tight_at_training_delta"]  # only this one is comparable with ε before (same δ)
+        assert own["delta"] == pytest.approx(1e-5) and own["epsilon"] > m.epsilon_before
 
 
 def test_member_record_feeds_the_model_card(tmp_path):
@@ -212,7 +285,7 @@ def test_private_agreement_through_svt_never_reads_unnoised(tmp_path):
     members, batches = make_family()
     rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
             "labels": torch.cat([b["labels"] for b in batches[:3]])}
-    private = PrivateDataset(rows, dataset_id="toy-train", batch_size=100)
+    private = PrivateDataset(rows, dataset_id="toy-train", public_size=300, batch_size=100)
     data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:],
                      private_val=private, predict_fn=classification_predict)
     # |D| = 300: the SVT noise (scale 2cΔ/ε₂ ≈ 0.05) needs a threshold well above it to accept anything
@@ -222,3 +295,43 @@ def test_private_agreement_through_svt_never_reads_unnoised(tmp_path):
     assert private.raw_accesses == 0 and private.charged_reads > 0
     assert all(m.svt_epsilon == pytest.approx(1.0) for m in report.targets)
     assert any(m.from_base + m.from_self > 0 for m in report.targets)
+
+
+def test_a_seeded_run_draws_all_its_noise_from_one_sampler(tmp_path):
+    """Issue 13 (minor): a fresh Random(seed) per mechanism made every mechanism draw the same noise."""
+    calls = []
+
+    class CountingConfig(DedupConfig):
+        def sampler(self):
+            calls.append(1)
+            return super().sampler()
+
+    members, batches = make_family()
+    rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
+            "labels": torch.cat([b["labels"] for b in batches[:3]])}
+    private = PrivateDataset(rows, dataset_id="toy-train", public_size=300, batch_size=100)
+    data = DedupData(classification_score, public_val=batches[3:4], public_test=batches[4:], private_val=private)
+    config = CountingConfig(block_size=BLOCK, threshold=0.03, validation="svt", noise_seed=5)
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    assert len(calls) == 1
+    assert "seconds" not in report.models[1].to_dict()  # no noise-dependent wall time is published
+
+
+def test_seeded_training_is_marked_through_ledger_record_dedup_info_and_card(tmp_path):
+    """Issue 13 (critical 2): a member trained with seeded noise taints everything built from it."""
+    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from hf_dpdedup.store.member import read_constitution
+
+    members, batches = make_family()
+    members = [members[0], members[2]]
+    members[0].privacy = PrivacyMetadata(1.0, 1e-5, ("toy-train",), seeded=True)  # the base
+    data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:])
+    report = deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
+    target = {m.name: m for m in report.models}["eps8"]
+    assert target.ledger.seeded and target.seeded and target.to_dict()["noise"] != "secure"
+    assert "not a privacy guarantee" in report.table()
+    loaded = DedupedModel.from_pretrained(tmp_path / "s" / "members" / "eps8")
+    assert loaded.dedup_info.seeded and loaded.dedup_info.privacy["seeded"]  # its own training was secure
+    card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
+                       store_repo="ns/b", store_commit="a" * 40)
+    assert card_metadata(card)["privacy"]["seeded"] and "not a privacy guarantee" in card.text

@@ -152,7 +152,8 @@ def test_data_measures_need_public_calibration(bert):
 
 def test_private_calibration_is_refused_without_touching_it(bert):
     model, layout, batch = bert
-    private = PrivateDataset({k: v for k, v in batch.items()}, dataset_id="sst2-val")
+    private = PrivateDataset({k: v for k, v in batch.items()}, dataset_id="sst2-val",
+                             public_size=len(batch["input_ids"]))
     loader = torch.utils.data.DataLoader(private, batch_size=None)  # a loader over it is refused too
     for calibration in (private, loader):
         for measure in ("gradient", "fisher", "wanda"):

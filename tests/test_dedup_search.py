@@ -48,7 +48,7 @@ def changed_blocks(live: LiveBlocks, sequence) -> set[int]:
 
 
 @pytest.mark.parametrize("strategy,options", [
-    ("greedy", {"n": 10}), ("greedy", {"n": 1}), ("binary", {"min_group": 2}),
+    ("gallop", {"min_group": 2}), ("greedy", {"n": 10}), ("greedy", {"n": 1}), ("binary", {"min_group": 2}),
     ("halving", {"min_group": 2}), ("mcts", {"group": 20, "episodes": 20}),
 ])
 def test_strategies_never_keep_a_bad_block_and_agree_with_the_model(strategy, options):
@@ -76,7 +76,7 @@ def test_binary_and_halving_use_few_validations_and_find_the_clean_prefix():
     model, live, _, sequence, oracle = setup(set())
     oracle.bad = set(range(n_bad_from, live.n_blocks))
     oracle.original = {b: live.read(b) for b in oracle.bad}
-    for strategy in ("binary", "halving"):
+    for strategy in ("gallop", "binary", "halving"):
         model, live, _, sequence, _ = setup(set())
         oracle = PlantedOracle(live, set(range(n_bad_from, live.n_blocks)))
         result = run_search(strategy, model, live, sequence, oracle, min_group=4)

@@ -54,7 +54,8 @@ def scenario(name: str):
     if validation != "public":
         rows = {"input_ids": torch.cat([b["input_ids"] for b in batches[:3]]),
                 "labels": torch.cat([b["labels"] for b in batches[:3]])}
-        private = PrivateDataset(rows, dataset_id="toy-train", batch_size=64)  # 300 rows: 5 batches, last of 44
+        private = PrivateDataset(rows, dataset_id="toy-train", public_size=300,
+                                 batch_size=64)  # 300 rows: 5 batches, last of 44
     data = DedupData(classification_score, public_val=batches[:3], public_test=batches[3:], private_val=private)
     config = DedupConfig(block_size=BLOCK, threshold=0.03, strategy="binary", validation=validation,
                          svt_epsilon=1.0, svt_cutoff=3, naive_epsilon=0.1, noise_seed=7)
@@ -65,7 +66,6 @@ def summary(report, private) -> dict:
     models = []
     for m in report.models:
         d = m.to_dict()
-        d.pop("seconds")
         d["ledger"] = m.ledger.to_dict() if m.ledger is not None else None
         d["charges"] = [c.to_dict() if hasattr(c, "to_dict") else repr(c) for c in m.charges]
         models.append(d)

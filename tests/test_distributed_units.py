@@ -104,7 +104,7 @@ ROWS = 300  # batches of 64: five, the last one of 44
 
 def private_copy(seen: list | None = None):
     x = torch.arange(ROWS, dtype=torch.float32)
-    return PrivateDataset({"x": x}, dataset_id="toy", batch_size=64)
+    return PrivateDataset({"x": x}, dataset_id="toy", public_size=ROWS, batch_size=64)
 
 
 def scorer(seen: list):
@@ -197,7 +197,7 @@ def test_private_validation_keeps_every_group_on_every_process():
     from hf_dpdedup.dedup.planner import DedupData
     from hf_dpdedup.distributed import _parallel_mode
 
-    private = DedupData(lambda m, b: b, public_val=[], private_val=PrivateDataset([1, 2], dataset_id="p"))
+    private = DedupData(lambda m, b: b, public_val=[], private_val=PrivateDataset([1, 2], dataset_id="p", public_size=2))
     public = DedupData(lambda m, b: b, public_val=[])
     assert _parallel_mode("auto", private) == "data" and _parallel_mode("auto", public) == "auto"
     with pytest.raises(DistributedDedupError, match="private"):

@@ -71,7 +71,7 @@ def test_card_parses_and_round_trips_through_its_metadata():
     assert card_metadata(parsed) == card_metadata(original)
     assert str(card()) == str(original)  # deterministic: re-pushing makes no new commit
     text = original.text
-    assert "after deduplication, loose | 5.5" in text and "e^ε" in text
+    assert "after deduplication, loose (sum over sources) | 5.5" in text and "e^ε" in text
     assert "70 of them were replaced" in text and "`eps1`" in text
 
 

@@ -172,3 +172,22 @@ def test_a_family_from_the_dedup_engine_pushes_with_its_privacy_record(hub, tmp_
     privacy = card.data.to_dict()["hf_dpdedup"]["privacy"]
     assert privacy["original"]["epsilon"] == 8.0
     assert privacy["after_dedup"]["loose"]["epsilon"] == loaded.dedup_info.epsilon >= 8.0
+
+
+def test_seeded_members_are_refused_unless_allowed_and_their_cards_say_so(hub, models, tmp_path):
+    """Issue 13 (major 3): a member whose noise came from a known seed is not published by default."""
+    from hf_dpdedup.errors import SeededPushError
+    from hf_dpdedup.privacy import PrivacyMetadata
+
+    family = make_family(tmp_path / "tiny", models)
+    family.add_model("m1", models["m1"], privacy=PrivacyMetadata(2.0, 1e-5, ("private-reviews",), seeded=True))
+    with pytest.raises(SeededPushError, match="allow_seeded"):
+        push(hub, family)
+    assert not hub.repos.get("alice/m1")
+    push(hub, family, allow_seeded=True)
+    card = hub.blobs[hub.repos["alice/m1"].resolve("main").files["README.md"]].decode()
+    assert "not a privacy guarantee" in card and "seeded: true" in card
+    clean = hub.blobs[hub.repos["alice/m0"].resolve("main").files["README.md"]].decode()
+    assert "not a privacy guarantee" not in clean
+    loaded = DedupedModel.from_pretrained("alice/m1", endpoint=hub.url, cache_dir=tmp_path / "c")
+    assert loaded.dedup_info.seeded and "not a privacy guarantee" in loaded.dedup_info.noise

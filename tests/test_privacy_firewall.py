@@ -16,6 +16,7 @@ from hf_dpdedup.privacy import (
     SCORE_GRID,
     Charge,
     LaplaceSampler,
+    NaiveLaplaceValidator,
     PrivateDataset,
     SVTSession,
     account,
@@ -26,7 +27,7 @@ from hf_dpdedup.privacy.private_data import _quantize, open_grant, quantized_sco
 
 def private_set(n: int = 20, **kw) -> tuple[list[int], PrivateDataset]:
     examples = list(range(n))
-    return examples, PrivateDataset(examples, dataset_id="val", **kw)
+    return examples, PrivateDataset(examples, dataset_id="val", **{"public_size": n, **kw})
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ def test_no_attribute_exposes_the_examples():
         if name in {"evaluate", "__getitem__", "__iter__"} or name.startswith("__"):
             continue
         assert getattr(ds, name) is not examples, name
-    assert repr(ds) == "PrivateDataset(dataset_id='val', size=20, epsilon_spent=0.0)"
+    assert repr(ds) == "PrivateDataset(dataset_id='val', public_size=20, epsilon_spent=0.0)"
 
 
 def test_reads_need_a_live_grant_from_a_committed_charge():
@@ -95,11 +96,14 @@ def test_the_budget_cap_is_checked_before_charging():
 
 def test_invalid_private_sets_are_refused():
     with pytest.raises(PrivacyBudgetError, match="empty"):
-        PrivateDataset([], dataset_id="val")
+        PrivateDataset([], dataset_id="val", public_size=1)
     with pytest.raises(PrivacyBudgetError, match="one length"):
-        PrivateDataset({"x": [1, 2], "y": [1]}, dataset_id="val")
+        PrivateDataset({"x": [1, 2], "y": [1]}, dataset_id="val", public_size=2)
     with pytest.raises(PrivacyBudgetError, match="dataset_id"):
-        PrivateDataset([1], dataset_id="")
+        PrivateDataset([1], dataset_id="", public_size=1)
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(PrivacyBudgetError, match="public_size"):
+            PrivateDataset([1], dataset_id="val", public_size=bad)
 
 
 def test_scores_are_clipped_to_the_unit_interval_before_use():
@@ -158,7 +162,8 @@ def test_a_full_private_dedup_run_never_reads_unnoised_and_charges_everything():
     torch.manual_seed(0)
     x = torch.randn(400, 8)
     truth = torch.randn(8, 2)
-    private = PrivateDataset({"x": x, "y": (x @ truth).argmax(-1)}, dataset_id="sst2", batch_size=128)
+    private = PrivateDataset({"x": x, "y": (x @ truth).argmax(-1)}, dataset_id="sst2", public_size=400,
+                             batch_size=128)
 
     def score_fn(model, batch):
         return (model(batch["x"]).argmax(-1) == batch["y"]).float()
@@ -198,3 +203,65 @@ def test_a_full_private_dedup_run_never_reads_unnoised_and_charges_everything():
     # target1 also carries target0's mechanisms: its floor came from them
     assert reports[1].epsilon_loose == pytest.approx(1 + 3 + 2 * 0.6)
     assert reports[1].seeded and reports[1].to_dict()["noise"].startswith("TEST ONLY")
+
+
+@pytest.mark.parametrize("kind", ["svt", "naive"])
+def test_the_exact_reference_sum_is_no_attribute_of_the_mechanism_and_is_wiped_on_close(kind):
+    """Issue 13 (minor): the unnoised reference sum stays inside the firewall and dies with the session."""
+    examples, ds = private_set(40)
+    model = object()
+    score = lambda m, b: [0.75] * len(b)  # noqa: E731
+    sampler = LaplaceSampler.seeded_for_tests(0)
+    if kind == "svt":
+        mechanism = SVTSession(ds, reference=model, score_fn=score, epsilon=1.0, cutoff=2, allowed_drop=0.1,
+                               sampler=sampler)
+    else:
+        mechanism = NaiveLaplaceValidator(ds, reference=model, score_fn=score, epsilon_per_query=0.5,
+                                          allowed_drop=0.1, sampler=sampler)
+    exact = int(40 * 0.75 * SCORE_GRID)
+    assert ds.open_mechanisms == 1
+    reachable = [getattr(mechanism, name, None) for name in dir(mechanism)]
+    reachable += list(vars(mechanism).values())
+    assert exact not in [v for v in reachable if isinstance(v, int) and not isinstance(v, bool)]
+    mechanism.accepts(model)
+    mechanism.close()
+    with pytest.raises(PrivateDataAccessError):
+        mechanism.accepts(model)
+    assert ds.open_mechanisms == 0
+
+
+class RecordingCollective:
+    """A one-process collective that records everything a mechanism would send to the other processes."""
+
+    rank, size, is_main = 0, 2, True
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def sum(self, values):
+        return list(values)
+
+    def from_main(self, compute):
+        value = compute()
+        self.sent.append(value)
+        return value
+
+
+def test_only_decisions_and_noised_releases_cross_processes_at_run_time():
+    from hf_dpdedup.privacy.private_data import NoisedValue, collective_scope, release_from_main
+
+    _, ds = private_set(30)
+    collective = RecordingCollective()
+    score = lambda m, b: [0.5] * len(b)  # noqa: E731
+    sampler = LaplaceSampler.seeded_for_tests(4)
+    with collective_scope(collective):
+        svt = SVTSession(ds, reference=None, score_fn=score, epsilon=1.0, cutoff=2, allowed_drop=0.1, sampler=sampler)
+        svt.accepts(None)
+        naive = NaiveLaplaceValidator(ds, reference=None, score_fn=score, epsilon_per_query=0.5, allowed_drop=0.1,
+                                      sampler=sampler)
+        naive.accepts(None)
+        release_utility(ds, None, score_fn=score, epsilon=1.0, sampler=sampler)
+        with pytest.raises(PrivacyError, match="only a boolean"):
+            release_from_main(collective, lambda: 15 * SCORE_GRID)  # an unnoised sum
+    private_outputs = [v for v in collective.sent if not isinstance(v, str)]  # str: mechanism ids
+    assert private_outputs and all(type(v) is bool or isinstance(v, NoisedValue) for v in private_outputs)

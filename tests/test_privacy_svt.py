@@ -81,7 +81,7 @@ def test_parameters_follow_design_formulas():
                dict(cutoff=0), dict(cutoff=1.5), dict(allowed_drop=-0.1), dict(allowed_drop=2.0), dict(floor=1.5)],
 )
 def test_invalid_session_parameters_are_refused_before_any_charge(kwargs):
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     with pytest.raises(PrivacyBudgetError):
         open_session(ds, model_with_accuracy(0.9), **kwargs)
     assert ds.charges == () and ds.charged_reads == 0
@@ -89,7 +89,7 @@ def test_invalid_session_parameters_are_refused_before_any_charge(kwargs):
 
 # --- the mechanism ---------------------------------------------------------------------------------------
 def test_threshold_noise_is_drawn_once_and_each_query_gets_its_own():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     sampler = RecordingSampler()
     session = open_session(ds, model_with_accuracy(0.9), cutoff=100, sampler=sampler)
     assert [s for s, _ in sampler.draws] == [session.parameters.threshold_scale_units]
@@ -101,7 +101,7 @@ def test_threshold_noise_is_drawn_once_and_each_query_gets_its_own():
 
 def test_noise_scales_in_use_match_the_formulas_statistically():
     """Many sessions (ρ) and many queries (ν) with fixed seeds: sample variances vs 2b² (discrete)."""
-    ds = PrivateDataset(list(range(50)), dataset_id="val", batch_size=50)
+    ds = PrivateDataset(list(range(50)), dataset_id="val", public_size=50, batch_size=50)
     sampler = RecordingSampler(seed=11)
     reference = model_with_accuracy(0.5, 50)
     for _ in range(1500):
@@ -122,7 +122,7 @@ def test_noise_scales_in_use_match_the_formulas_statistically():
 
 
 def test_halts_after_exactly_c_too_big_a_drop_answers():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     session = open_session(ds, model_with_accuracy(0.9), epsilon=1e4, cutoff=3)  # near noiseless
     good, bad = model_with_accuracy(0.895), model_with_accuracy(0.5)
     answers = [session.accepts(m) for m in (good, bad, good, good, bad, good, bad)]
@@ -135,7 +135,7 @@ def test_halts_after_exactly_c_too_big_a_drop_answers():
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(st.integers(min_value=1, max_value=5), st.lists(st.booleans(), min_size=1, max_size=25), st.integers(0, 2**32))
 def test_above_count_never_exceeds_c_and_halting_matches_it(cutoff, pattern, seed):
-    ds = PrivateDataset(list(range(100)), dataset_id="val", batch_size=100)
+    ds = PrivateDataset(list(range(100)), dataset_id="val", public_size=100, batch_size=100)
     reference = model_with_accuracy(0.9, 100)
     session = open_session(ds, reference, epsilon=1.0, cutoff=cutoff, allowed_drop=0.05,
                            sampler=LaplaceSampler.seeded_for_tests(seed))
@@ -149,7 +149,7 @@ def test_above_count_never_exceeds_c_and_halting_matches_it(cutoff, pattern, see
 
 
 def test_session_is_charged_once_however_many_queries():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     session = open_session(ds, model_with_accuracy(0.9), epsilon=0.5, cutoff=100)
     for _ in range(40):
         session.accepts(model_with_accuracy(0.9))
@@ -159,7 +159,7 @@ def test_session_is_charged_once_however_many_queries():
 
 
 def test_reference_is_read_when_the_session_opens():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     model = model_with_accuracy(0.9)
     session = open_session(ds, model, epsilon=1e4)
     model.difference_update(range(850))  # the engine edits the live model in place
@@ -167,14 +167,14 @@ def test_reference_is_read_when_the_session_opens():
 
 
 def test_floor_rejects_a_small_drop_below_the_floor():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     session = open_session(ds, model_with_accuracy(0.9), epsilon=1e4, allowed_drop=0.05, floor=0.88)
     assert session.accepts(model_with_accuracy(0.89)) is True
     assert session.accepts(model_with_accuracy(0.87)) is False  # drop 0.03 ≤ 0.05, but below the floor
 
 
 def test_session_report_is_public_facts_and_marks_seeded_noise():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     info = open_session(ds, model_with_accuracy(0.9)).to_dict()
     assert info["noise"].startswith("TEST ONLY") and info["sensitivity"] == 2 / N
     assert not any("utility" in k or "accuracy" in k for k in info)
@@ -183,7 +183,7 @@ def test_session_report_is_public_facts_and_marks_seeded_noise():
 
 # --- Laplace release and the naive baseline --------------------------------------------------------------
 def test_release_is_charged_and_its_noise_has_the_formula_scale():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     sampler = LaplaceSampler.seeded_for_tests(5)
     values = [release_utility(ds, model_with_accuracy(0.5), score_fn=accuracy, epsilon=2.0, sampler=sampler).value
               for _ in range(1200)]
@@ -195,14 +195,14 @@ def test_release_is_charged_and_its_noise_has_the_formula_scale():
 
 
 def test_release_with_a_large_epsilon_is_close_and_clamped():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     release = release_utility(ds, model_with_accuracy(1.0), score_fn=accuracy, epsilon=1e6,
                               sampler=LaplaceSampler.seeded_for_tests(0))
     assert 0.999 <= release.value <= 1.0 and release.seeded and release.to_dict()["epsilon"] == 1e6
 
 
 def test_naive_baseline_charges_every_query():
-    ds = PrivateDataset(list(range(N)), dataset_id="val")
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     validator = NaiveLaplaceValidator(ds, reference=model_with_accuracy(0.9), score_fn=accuracy,
                                       epsilon_per_query=0.1, allowed_drop=0.02,
                                       sampler=LaplaceSampler.seeded_for_tests(0))
@@ -214,7 +214,7 @@ def test_naive_baseline_charges_every_query():
 
 
 def test_naive_baseline_stops_at_the_data_set_budget():
-    ds = PrivateDataset(list(range(N)), dataset_id="val", epsilon_budget=0.35)
+    ds = PrivateDataset(list(range(N)), dataset_id="val", public_size=N, epsilon_budget=0.35)
     validator = NaiveLaplaceValidator(ds, reference=model_with_accuracy(0.9), score_fn=accuracy,
                                       epsilon_per_query=0.1, allowed_drop=0.02)
     for _ in range(3):
@@ -226,7 +226,7 @@ def test_naive_baseline_stops_at_the_data_set_budget():
 
 def test_svt_cost_is_flat_while_naive_cost_grows_with_validations():
     # Tables 14–15: ~150 validations for 19 models. SVT: ε per model regardless of count.
-    ds_svt = PrivateDataset(list(range(N)), dataset_id="val")
+    ds_svt = PrivateDataset(list(range(N)), dataset_id="val", public_size=N)
     session = open_session(ds_svt, model_with_accuracy(0.9), epsilon=1.0, cutoff=10**6)
     for _ in range(150):
         session.accepts(model_with_accuracy(0.9))

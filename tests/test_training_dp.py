@@ -74,12 +74,30 @@ def test_smaller_epsilon_gets_more_noise():
     assert low.noise_multiplier > high.noise_multiplier
 
 
-def test_same_seed_same_weights_other_seed_other_weights():
-    a, _ = _run()
-    b, _ = _run()
-    c, _ = _run(seed=5)
+def test_seeded_mode_same_seed_same_weights_other_seed_other_weights():
+    a, ra = _run(secure_mode=False)
+    b, _ = _run(secure_mode=False)
+    c, _ = _run(secure_mode=False, seed=5)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+    assert ra.metadata.seeded and ra.metadata.to_dict()["seeded"] is True
+    assert "not a privacy guarantee" in ra.metadata.to_dict()["noise"]
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_default_run_is_not_reproducible_from_its_recorded_arguments(mode):
+    """Issue 13 (critical 2): retraining with the recorded arguments under each neighbouring data set
+    must not reproduce the released weights, or the data set is identified with certainty."""
+    config = DPConfig(epsilon=4.0, delta=1e-5, epochs=2, batch_size=64, lr=0.5, grad_sample_mode=mode)
+    assert config.secure_mode and DPConfig(**config.to_dict()) == config  # the record rebuilds the config
+    runs = []
+    for _ in range(2):
+        model = _model()
+        result = train_dp(model, _data(), forward=_forward, criterion=nn.CrossEntropyLoss(),
+                          config=DPConfig(**config.to_dict()), dataset_ids=("toy",))
+        runs.append(model)
+        assert not result.metadata.seeded and result.metadata.to_dict()["seeded"] is False
+    assert not all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), runs[1].parameters()))
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])

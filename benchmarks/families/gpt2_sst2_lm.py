@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from hf_dpdedup.data import builtin_path
 from hf_dpdedup.training import DPConfig, read_tsv, train_members
 from hf_dpdedup.training.data import seed_everything
 from hf_dpdedup.training.tasks import mean_score, next_token_accuracy
@@ -33,7 +34,7 @@ from minilm_sst2 import fairness_drops, write_figures  # sibling build script
 
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[2] / "shared" / "data" / "sst2"
+DATA = builtin_path("sst2", "dev").parent  # SST-2 ships with the package
 SEED = 7
 EPSILONS = [1.0, 2.0, 4.0, 6.0, 8.0]
 DELTA = 1e-5

@@ -8,7 +8,7 @@ part (95 %) and a disjoint private validation part (5 %, for the dedup engine's 
 validation: ``dev.tsv``; reported accuracy: ``test.tsv``. Strategy ``top-cls`` (see
 ``hf_dpdedup.training.heads``): the [CLS] activations of the frozen part are cached once, then the
 top layer's post-attention block, the pooler and the classifier (~1.48 M parameters, 14 tensors)
-are DP-trained. Deterministic given the seed (seeded Opacus noise, ``secure_mode=False``).
+are DP-trained. Secure DP-SGD noise (``DPConfig`` default); the split and the head init are seeded.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from hf_dpdedup.data import builtin_path
 from hf_dpdedup.training import DPConfig, read_tsv, split_private, train_text_family
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[2] / "shared" / "data" / "sst2"
+DATA = builtin_path("sst2", "dev").parent  # SST-2 ships with the package
 SEED = 0
 VALIDATION_FRACTION = 0.05
 EPSILONS = [1.0, 2.0, 4.0, 6.0, 8.0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import TrainingConfigError
+from ..errors import PrivacyBudgetError, TrainingConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,18 +22,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="member folder name to use as base (default: smallest ε)")
     p.add_argument("--task", default="text-classification", choices=["text-classification", "causal-lm"])
     p.add_argument("--val", required=True, help="public validation TSV")
+    p.add_argument("--confirm", help="second public TSV: accepted replacements are confirmed on it and the "
+                   "longest cheapest-first prefix that passes is kept (guards against overfitting --val)")
     p.add_argument("--test", help="public test TSV for reported accuracies")
     p.add_argument("--test-dataset-id", help="Hub id of the public test set, for model-card results (e.g. stanfordnlp/sst2)")
     p.add_argument("--private-val", help="private validation TSV (used only through SVT / naive Laplace)")
     p.add_argument("--private-id", help="data set id of the private validation set (default: the members' training id)")
+    p.add_argument("--private-size", type=int,
+                   help="public normaliser n of the private validation set, fixed before looking at it (e.g. the "
+                        "planned split size); its true row count is private. Required with --private-val")
     p.add_argument("--validation", default="public", choices=["public", "svt", "naive"])
     p.add_argument("--threshold", type=float, default=0.015, help="allowed utility drop (0.015 = 1.5 points)")
-    p.add_argument("--strategy", default="binary", choices=["greedy", "binary", "halving", "mcts"])
+    p.add_argument("--strategy", default="gallop", choices=["gallop", "greedy", "binary", "halving", "mcts"])
     p.add_argument("--greedy-n", type=int, default=10)
     p.add_argument("--min-group", type=int, default=4)
+    p.add_argument("--max-validations", type=int, default=25, help="gallop: validations per target at most")
     p.add_argument("--mcts-group", type=int, default=20)
     p.add_argument("--mcts-episodes", type=int, default=20)
     p.add_argument("--block-size", type=int, default=65536)
+    p.add_argument("--candidates", default="aligned", choices=["aligned", "nearest"],
+                   help="aligned: the base's block at the same position (default); nearest: the paper's rule")
+    p.add_argument("--close-ratio", type=float, default=0.5,
+                   help="offer another block only if nearer than this × the aligned distance")
+    p.add_argument("--order", default="cost", choices=["cost", "saliency"],
+                   help="cost: estimated loss increase of each replacement (default); saliency: the paper's")
+    p.add_argument("--cost", default="fisher", choices=["fisher", "taylor", "wanda", "delta"])
     p.add_argument("--saliency", default="magnitude", choices=["magnitude", "gradient", "fisher", "wanda"])
     p.add_argument("--aggregate", default="mean", choices=["mean", "l1", "l2", "linf", "q3"])
     p.add_argument("--metric", default="l2", choices=["l2", "l1", "cosine"])
@@ -41,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svt-cutoff", type=int, default=3)
     p.add_argument("--naive-epsilon", type=float, default=0.1)
     p.add_argument("--no-interactive", action="store_true", help="no floor from the previous model")
+    p.add_argument("--fairness", choices=["flag", "drop", "off"], default="flag",
+                   help="flag (default): members with a higher ε but a lower public utility than a lower-ε member are "
+                        "stored and flagged; drop: leave them out of the store; off: no verdict. Any verdict charges "
+                        "each member the training of every lower-ε member it compared with")
+    p.add_argument("--overlap", nargs=2, action="append", default=[], metavar=("ID_A", "ID_B"),
+                   help="two data set ids that share individuals (composed sequentially); repeatable")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
     d = p.add_argument_group("distributed (under torchrun / accelerate launch)")
@@ -55,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def strategy_options(args: argparse.Namespace) -> dict:
     return {
+        "gallop": {"min_group": args.min_group, "max_validations": args.max_validations},
         "greedy": {"n": args.greedy_n},
         "binary": {"min_group": args.min_group},
         "halving": {"min_group": args.min_group},
@@ -84,21 +104,28 @@ def run(args: argparse.Namespace) -> int:
     kw = {"max_length": args.max_length}
     private = None
     if args.private_val:
+        if args.private_size is None:
+            raise PrivacyBudgetError("--private-val needs --private-size N: the public size every private "
+                                     "mechanism normalises by, fixed in advance (the true row count is private).")
         dataset_id = args.private_id or members[0].privacy.datasets[0]
-        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id, **kw)
+        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id,
+                              public_size=args.private_size, **kw)
     data = DedupData(
         score_fn=SCORES[args.task],
         public_val=tsv_batches(tokenizer, args.val, args.task, **kw),
         public_test=tsv_batches(tokenizer, args.test, args.task, **kw) if args.test else None,
+        public_confirm=tsv_batches(tokenizer, args.confirm, args.task, **kw) if args.confirm else None,
         private_val=private,
         public_test_dataset=args.test_dataset_id,
     )
     config = DedupConfig(
         block_size=args.block_size, threshold=args.threshold, strategy=args.strategy,
         strategy_options=strategy_options(args),
-        plan=PlanConfig(saliency=args.saliency, aggregate=args.aggregate, metric=args.metric),
+        plan=PlanConfig(candidates=args.candidates, close_ratio=args.close_ratio, order=args.order, cost=args.cost,
+                        saliency=args.saliency, aggregate=args.aggregate, metric=args.metric),
         validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
         naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
+        fairness=args.fairness, overlaps=tuple(tuple(pair) for pair in args.overlap),
     )
     if distributed.launched_distributed():
         report = distributed.deduplicate_family_distributed(members, data, config, args.out, parallel=args.parallel,

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--license", help="license id for the model cards")
     p.add_argument("--force", action="store_true",
                    help="push even into repos that hold another block store (repoints them)")
+    p.add_argument("--allow-seeded", action="store_true",
+                   help="publish members built with seeded (test-only, not private) noise; refused otherwise")
     p.set_defaults(func=run)
 
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         license=args.license,
         force=args.force,
+        allow_seeded=args.allow_seeded,
     )
     for label, repo in [("store", result.store), *result.members.items()]:
         state = f"new commit ({len(repo.files)} files)" if repo.changed else "up to date"

@@ -3,7 +3,7 @@
 Example::
 
     hf-dpdedup serve-bench family/ --queries 100 --pattern round-robin --budget-models 2 \\
-        --sentences ../shared/data/sst2/dev.tsv
+        --sentences hf_dpdedup/data/sst2/dev.tsv
 
 Both servers get the same memory budget: the pool counts its unique bytes (the family's blocks,
 loaded once, plus materialized tensors); the baseline holds ``budget-models`` full transformers

@@ -2,7 +2,7 @@
 
 Example::
 
-    hf-dpdedup train-family --base path/to/bert --data ../shared/data/sst2 \\
+    hf-dpdedup train-family --base path/to/bert --data hf_dpdedup/data/sst2 \\
         --epsilons 1 2 4 6 8 --delta 1e-5 --out families/my-family
 """
 
@@ -46,9 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm C")
     p.add_argument("--grad-sample-mode", choices=("ghost", "hooks"), default="ghost")
     p.add_argument("--max-length", type=int, default=32, help="tokens per sentence")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split, classifier init, sampling and noise")
-    p.add_argument("--secure-mode", action="store_true",
-                   help="draw noise from /dev/urandom (not reproducible; use for releases)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the split and classifier init (and, with --seeded-noise, sampling and noise)")
+    p.add_argument("--seeded-noise", action="store_true",
+                   help="TEST ONLY: seed DP-SGD's sampling and noise from --seed (reproducible, not a privacy "
+                        "guarantee; recorded as seeded in privacy.json and every card). Default: os.urandom")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         epsilon=args.epsilons[0], delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, lr=args.lr, optimizer=args.optimizer,
         momentum=args.momentum, max_grad_norm=args.max_grad_norm,
-        grad_sample_mode=args.grad_sample_mode, seed=args.seed, secure_mode=args.secure_mode,
+        grad_sample_mode=args.grad_sample_mode, seed=args.seed, secure_mode=not args.seeded_noise,
     )
     train_file, val_file, test_file = _data_files(args)
     private = read_tsv(train_file)

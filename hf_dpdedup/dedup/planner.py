@@ -3,8 +3,14 @@
 Semantics (DESIGN "The deduplication algorithm"):
 
 1. members are grouped by architecture signature (tensor names, shapes, dtypes) and training data;
-2. fairness pre-filter: a member with a higher ε but a lower public utility than another is dropped
-   (utility on the public test set when given — the figure buyers see —, else on public validation);
+2. fairness verdict (``fairness="flag"``, the default): a member with a higher ε but a lower public
+   utility than a lower-ε member is *flagged* in the report and its card, and stored like any other
+   (utility on the public test set when given — the figure buyers see —, else on public validation).
+   The verdict reads every lower-ε member of the group, so each member is charged their training,
+   whatever the verdict says (a charge that depended on the verdict would itself leak it).
+   ``fairness="drop"`` also leaves flagged members out of the store (an explicit choice); the search
+   still runs on them so that no other member's decisions depend on who was dropped.
+   ``fairness="off"``: no verdict, nothing read, nothing charged;
 3. the base is the smallest-ε member unless named; it is stored as is;
 4. targets go in ascending ε order; with ``interactive`` the floor of model i is
    ``max(U'_{i-1}, U_i − t)`` so a higher-ε model never ends below a lower-ε one;
@@ -18,7 +24,6 @@ Semantics (DESIGN "The deduplication algorithm"):
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +33,7 @@ from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..errors import DivergedProcessesError
 from ..privacy import (
+    SEEDED_LABEL,
     Charge,
     LaplaceSampler,
     NaiveLaplaceValidator,
@@ -42,7 +48,7 @@ from ..store.family import FamilyStore
 from ..store.member import update_dedup_record
 from .live import LiveBlocks, Replacement
 from .plan import PlanConfig, plan_replacements
-from .report import FamilyReport, ModelReport, stored_bytes_of
+from .report import FamilyReport, ModelReport, stored_bytes_of, stored_bytes_of_tensors
 from .search import confirm, run_search
 from .validate import (
     MechanismValidator,
@@ -88,7 +94,7 @@ class DedupData:
 class DedupConfig:
     block_size: int = 65536
     threshold: float = 0.015
-    strategy: str = "binary"
+    strategy: str = "gallop"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     plan: PlanConfig = field(default_factory=PlanConfig)
     validation: str = "public"  # "public" | "svt" | "naive"
@@ -105,10 +111,17 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if self.agreement and self.interactive:
             raise ValueError("agreement validation compares each model with itself: use interactive=False.")
+        if self.fairness not in FAIRNESS_MODES:
+            raise ValueError(f"fairness must be one of {FAIRNESS_MODES}, got {self.fairness!r}: 'flag' stores and "
+                             "flags dominated members, 'drop' leaves them out of the store, 'off' gives no verdict.")
     base: str | None = None
     noise_seed: int | None = None  # seeded noise: tests only, marked in every report
+    # Pairs of data set ids that share examples (the ledger joins their components: sequential composition).
+    overlaps: tuple[tuple[str, str], ...] = ()
+    fairness: str = "flag"  # "flag" | "drop" | "off" (see the module docstring)
 
     def sampler(self) -> LaplaceSampler:
+        """A new noise source; call it once per run (two seeded samplers would draw the same noise)."""
         if self.noise_seed is None:
             return LaplaceSampler.secure()
         return LaplaceSampler.seeded_for_tests(self.noise_seed)
@@ -118,15 +131,30 @@ def signature(model: torch.nn.Module) -> tuple:
     return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
 
 
-def fairness_filter(members: list[Member], utility: dict[str, float]) -> tuple[list[Member], list[Member]]:
-    """Drop every member that has a higher ε but a lower utility than some other member."""
-    kept, dropped = [], []
+FAIRNESS_MODES = ("flag", "drop", "off")
+
+
+def fairness_verdicts(members: list[Member], utility: dict[str, float], *, on: str) -> dict[str, dict[str, Any]]:
+    """Per member: the lower-ε members its verdict read, and those of them with a higher utility.
+
+    A member is flagged when some member with a smaller ε has a higher utility. ``compared_with``
+    (every lower-ε member) depends on the budgets only, never on the data: it is what gets charged.
+    """
+    verdicts = {}
     for m in members:
-        dominated = any(
-            o.privacy.epsilon < m.privacy.epsilon and utility[o.name] > utility[m.name] for o in members
-        )
-        (dropped if dominated else kept).append(m)
-    return kept, dropped
+        lower = sorted((o for o in members if o.privacy.epsilon < m.privacy.epsilon), key=lambda o: o.name)
+        dominated_by = [o.name for o in lower if utility[o.name] > utility[m.name]]
+        verdicts[m.name] = {"flagged": bool(dominated_by), "dominated_by": dominated_by,
+                            "compared_with": [o.name for o in lower], "on": on}
+    return verdicts
+
+
+def verdict_charges(members: list[Member], verdict: dict[str, Any] | None) -> list[Charge]:
+    """The training of every member a fairness verdict read (whatever the verdict said)."""
+    if verdict is None:
+        return []
+    by_name = {m.name: m for m in members}
+    return [Charge.from_metadata(name, by_name[name].privacy) for name in verdict["compared_with"]]
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
@@ -156,8 +184,9 @@ def deduplicate_family(
     check_unique_names(members)
     family = new_family_store(out, members, config)
     report = FamilyReport(config=_config_dict(config))
+    sampler = config.sampler()  # one noise source for the whole run
     for group in group_members(members):
-        for outcome in dedup_group(group, data, config):
+        for outcome in dedup_group(group, data, config, sampler=sampler):
             report.models.append(store_outcome(family, outcome))
     report.family_stored_bytes = family.stored_bytes()
     return report
@@ -173,70 +202,113 @@ def new_family_store(out: str | Path, members: list[Member], config: DedupConfig
     return FamilyStore.create(out, block_size=config.block_size, dtype=next(members[0].model.parameters()).dtype)
 
 
-def dedup_group(group: list[Member], data: DedupData, config: DedupConfig) -> list[Outcome]:
+def dedup_group(group: list[Member], data: DedupData, config: DedupConfig, *,
+                sampler: LaplaceSampler | None = None) -> list[Outcome]:
     """Search one group (same architecture and data): models are edited in place, nothing is stored.
 
-    Outcomes come in storing order: dropped members, the base, then the targets by ascending ε.
+    Outcomes come in order: the base, then the targets by ascending ε (with ``fairness="drop"`` the
+    flagged ones have role "dropped" and are not stored).
     """
-    # Fairness is about the utilities buyers are shown: the public test set's when there is one.
-    on_test = data.public_test is not None
-    fair_data = data.public_test if on_test else data.public_val
-    utility = {m.name: public_utility(m.model, fair_data, data.score_fn) for m in group}
-    kept, dropped = fairness_filter(group, utility)
-    outcomes = [Outcome(m, ModelReport.dropped(m.name, m.privacy.epsilon, utility[m.name], on_test=on_test))
-                for m in dropped]
-    kept.sort(key=lambda m: (m.privacy.epsilon, m.name))
-    base = next((m for m in kept if m.name == config.base), None) if config.base else kept[0]
+    sampler = sampler if sampler is not None else config.sampler()
+    verdicts = _fairness(group, data, config)
+    ordered = sorted(group, key=lambda m: (m.privacy.epsilon, m.name))
+    base = next((m for m in ordered if m.name == config.base), None) if config.base else ordered[0]
     if base is None:
-        raise ValueError(f"Base {config.base!r} is not among the kept members {[m.name for m in kept]}.")
+        raise ValueError(f"Base {config.base!r} is not a member of this group: {[m.name for m in ordered]}.")
     base_live = LiveBlocks(base.model, config.block_size)
     base_matrix = base_live.matrix()
-    base_report = _start(base, "base", base_live.n_blocks, data)
-    base_report.charges = [Charge.from_metadata(base.name, base.privacy)]
-    outcomes.append(Outcome(base, _finish(base, base_report, data)))
+    base_report = _start(base, "base", base_live.n_blocks, data, config)
+    base_report.fairness = verdicts.get(base.name)
+    base_report.charges = [Charge.from_metadata(base.name, base.privacy),
+                           *verdict_charges(group, base_report.fairness)]
+    if len(base_report.charges) > 1:  # a named base above the smallest ε: its verdict read others
+        base_report.ledger = _account(base_report.charges, config)
+        base_report.ledger_at_own_delta = _account_at_own_delta(base_report.charges, base, config)
+    outcomes = [Outcome(base, _finish(base, base_report, data))]
     floor_source: ModelReport | None = base_report if config.interactive else None
-    targets = [m for m in kept if m is not base]
+    targets = [m for m in ordered if m is not base]
     # one bar for the group, advancing per validation (the expensive step), the member in its postfix
     with tqdm(desc=f"dedup against {base.name}", unit="validation", disable=None) as bar:
         for target in targets:
             bar.set_postfix_str(target.name, refresh=False)
-            outcome = _dedup_target(target, base, base_matrix, floor_source, data, config, progress=bar.update)
+            outcome = _dedup_target(target, base, base_matrix, floor_source, data, config,
+                                    verdict=verdicts.get(target.name), group=group, sampler=sampler,
+                                    progress=bar.update)
             outcomes.append(outcome)
             if config.interactive:
                 floor_source = outcome.report
+    if config.fairness == "drop":
+        for outcome in outcomes:
+            if outcome.report.fairness and outcome.report.fairness["flagged"]:
+                outcome.report.role = "dropped"
     return outcomes
 
 
+def _fairness(group: list[Member], data: DedupData, config: DedupConfig) -> dict[str, dict[str, Any]]:
+    """Verdicts on the public utilities buyers are shown: the public test set's when there is one."""
+    if config.fairness == "off":
+        return {}
+    on_test = data.public_test is not None
+    fair_data = data.public_test if on_test else data.public_val
+    utility = {m.name: public_utility(m.model, fair_data, data.score_fn) for m in group}
+    return fairness_verdicts(group, utility, on="public test" if on_test else "public validation")
+
+
 def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
-                  data: DedupData, config: DedupConfig,
+                  data: DedupData, config: DedupConfig, *, verdict: dict[str, Any] | None = None,
+                  group: list[Member] | None = None, sampler: LaplaceSampler | None = None,
                   progress: Callable[[int], object] | None = None) -> Outcome:
-    start = time.perf_counter()
+    sampler = sampler if sampler is not None else config.sampler()
     live = LiveBlocks(target.model, config.block_size)
-    model_report = _start(target, "target", live.n_blocks, data)
+    model_report = _start(target, "target", live.n_blocks, data, config)
     model_report.base = base.name
-    charges = [Charge.from_metadata(target.name, target.privacy), Charge.from_metadata(base.name, base.privacy)]
+    model_report.differing_tensors = differing_tensors(target.model, base.model)
+    model_report.fairness = verdict
+    charges = [Charge.from_metadata(target.name, target.privacy), Charge.from_metadata(base.name, base.privacy),
+               *verdict_charges(group or [], verdict)]
     floor = None
     if previous is not None:
-        floor, floor_charges = _previous_floor(previous, data, config)
+        floor, floor_charges = _previous_floor(previous, data, config, sampler)
         charges += floor_charges + previous.charges
-    validator = _validator(target, data, config, floor)
+    validator = _validator(target, data, config, floor, sampler)
     confirmation = _confirmation_validator(target, data, config)  # built on the unedited target
     calibration = _calibration(target, data, config)
     sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=calibration,
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
-    result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
-                        **config.strategy_options)
-    if confirmation is not None:
+    try:
+        result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
+                            **config.strategy_options)
+    finally:
+        validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
+    if confirmation is not None:  # public data: no private mechanism involved
         confirm(target.model, live, result, confirmation)
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges
-    # Convert the tight (RDP) figure at the target's own δ, so ε before and after are comparable:
-    # composition can then only raise ε (the loose sum, at the summed δ, is reported beside it).
-    model_report.ledger = account(charges, target_delta=target.privacy.delta or None)
-    model_report.seconds = time.perf_counter() - start
+    model_report.ledger = _account(charges, config)
+    model_report.ledger_at_own_delta = _account_at_own_delta(charges, target, config)
     return Outcome(target, _finish(target, model_report, data), list(result.accepted))
+
+
+def differing_tensors(model: torch.nn.Module, base: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the tensors whose values differ from the base's (before any replacement)."""
+    theirs = base.state_dict()
+    return tuple(n for n, t in model.state_dict().items() if n not in theirs or not torch.equal(t, theirs[n]))
+
+
+def _account(charges: list[Charge], config: DedupConfig):
+    """The ledger: loose and tight both at each component's summed δ, so the min of the two is valid."""
+    return account(charges, overlaps=config.overlaps)
+
+
+def _account_at_own_delta(charges: list[Charge], member: Member, config: DedupConfig):
+    """The RDP figure at the δ the member was trained with (None when that is the ledger's δ anyway)."""
+    own = member.privacy.delta
+    ledger = account(charges, overlaps=config.overlaps)
+    if own == 0 or own == ledger.delta or ledger.epsilon_tight is None:
+        return None
+    return account(charges, target_delta=own, overlaps=config.overlaps)
 
 
 def _check_same_plan(name: str, sequence: list[Replacement]) -> None:
@@ -254,9 +326,10 @@ def _check_same_plan(name: str, sequence: list[Replacement]) -> None:
         )
 
 
-def _start(member: Member, role: str, n_blocks: int, data: DedupData) -> ModelReport:
+def _start(member: Member, role: str, n_blocks: int, data: DedupData, config: DedupConfig) -> ModelReport:
     """A report with the member's public utilities before any change."""
     model_report = ModelReport.start(member, role, n_blocks)
+    model_report.noise = SEEDED_LABEL if config.noise_seed is not None else "secure"
     val = public_utility_stats(member.model, data.public_val, data.score_fn)
     model_report.val_utility_before, model_report.val_utility_se = val.mean, val.se
     if data.public_test is not None:
@@ -265,12 +338,13 @@ def _start(member: Member, role: str, n_blocks: int, data: DedupData) -> ModelRe
     return model_report
 
 
-def _previous_floor(previous: ModelReport, data: DedupData, config: DedupConfig) -> tuple[float, list[Charge]]:
+def _previous_floor(previous: ModelReport, data: DedupData, config: DedupConfig,
+                    sampler: LaplaceSampler) -> tuple[float, list[Charge]]:
     """U'_{i-1}: on public data it is free; on private data it is released with Laplace noise."""
     if config.validation == "public":
         return previous.val_utility_after, []
     release = release_utility(data.private_val, previous.model, score_fn=data.score_fn,
-                              epsilon=config.floor_epsilon, sampler=config.sampler(),
+                              epsilon=config.floor_epsilon, sampler=sampler,
                               label=f"floor-after-{previous.name}")
     return min(1.0, max(0.0, release.value)), [release.charge]
 
@@ -297,7 +371,8 @@ def _confirmation_validator(target: Member, data: DedupData, config: DedupConfig
     return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=config.threshold)
 
 
-def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None):
+def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None,
+               sampler: LaplaceSampler):
     t = config.threshold
     if config.validation == "public" and config.agreement:
         batches = agreement_batches(data.public_val, target.model, data.predict_fn)
@@ -311,7 +386,7 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, floor: floa
     score_fn = (agreement_score(copy.deepcopy(target.model).eval(), data.predict_fn) if config.agreement
                 else data.score_fn)
     common = dict(reference=target.model, score_fn=score_fn, allowed_drop=t, floor=floor,
-                  sampler=config.sampler(), label=f"{config.validation}-{target.name}")
+                  sampler=sampler, label=f"{config.validation}-{target.name}")
     if config.validation == "svt":
         return MechanismValidator(SVTSession(data.private_val, epsilon=config.svt_epsilon,
                                              cutoff=config.svt_cutoff, **common))
@@ -346,7 +421,10 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
                                     files_from=member.files_from, privacy=privacy,
                                     dedup=model_report.card_fields(member.privacy))
     model_report.own_bytes = stored_bytes_of(family, constitution, rows_before)
-    model_report.original_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = model.state_dict()
+    model_report.original_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
+        family, constitution, rows_before, state, set(model_report.differing_tensors))
     # Figures known only once the rows are stored go into the member's record afterwards.
     update_dedup_record(family.member_path(member.name),
                         {"compression": model_report.compression, "public_test": model_report.public_test()})
@@ -361,5 +439,6 @@ def _config_dict(config: DedupConfig) -> dict[str, Any]:
         "saliency": config.plan.saliency,
         "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
         "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
-        "noise": "TEST ONLY: seeded noise" if config.noise_seed is not None else "secure",
+        "noise": SEEDED_LABEL if config.noise_seed is not None else "secure", "fairness": config.fairness,
+        "overlaps": [list(p) for p in config.overlaps],
     }

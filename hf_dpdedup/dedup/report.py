@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..privacy import PrivacyMetadata
+from ..privacy import SEEDED_LABEL, PrivacyMetadata
+from ..privacy.charge import sum_rounded_up
 from ..store.constitution import Constitution
 from ..store.family import FamilyStore
 from ..store.format import EXTRAS_FILE
@@ -28,10 +29,22 @@ def stored_bytes_of(family: FamilyStore, constitution: Constitution, rows_before
     return len(new_rows) * row_bytes + extras
 
 
+def stored_bytes_of_tensors(family: FamilyStore, constitution: Constitution, rows_before: int,
+                            state: dict[str, Any], names: set[str]) -> tuple[int, int]:
+    """(own stored bytes, original bytes) of the tensors ``names`` alone: their new rows, and the
+    bytes of those among them that are extras (stored whole in the member's extras file)."""
+    row_bytes = family.blocks.block_size * family.blocks.dtype.itemsize
+    blocked = {t.name: t for t in constitution.tensors}
+    new_rows = {r for n in names if n in blocked for r in blocked[n].rows if r >= rows_before}
+    extras = sum(state[n].numel() * state[n].element_size() for n in names if n not in blocked and n in state)
+    original = sum(state[n].numel() * state[n].element_size() for n in names if n in state)
+    return len(new_rows) * row_bytes + extras, original
+
+
 @dataclass
 class ModelReport:
     name: str
-    role: str  # "base" | "target" | "dropped"
+    role: str  # "base" | "target" | "dropped" (flagged by the fairness verdict, left out on request)
     epsilon_before: float
     delta_before: float
     n_blocks: int = 0
@@ -52,22 +65,23 @@ class ModelReport:
     rejected_by_confirmation: int = 0  # accepted by the search, reverted by the confirmation
     own_bytes: int = 0
     original_bytes: int = 0
-    seconds: float = 0.0
+    # the tensors in which the member differs from the base (where exact sharing cannot help, e.g.
+    # those DP training changed), and the member's own/original bytes over them alone
+    differing_tensors: tuple[str, ...] = ()
+    own_bytes_differing: int = 0
+    original_bytes_differing: int = 0
     public_test_name: str | None = None  # Hub id of the public test set, when known
     public_test_split: str = "test"
-    ledger: Any = None  # privacy.LedgerReport
+    ledger: Any = None  # privacy.LedgerReport: loose and tight at the same (summed) δ per component
+    ledger_at_own_delta: Any = None  # the same charges converted at the δ the member was trained with
+    fairness: dict[str, Any] | None = None  # the verdict: flagged, dominated_by, compared_with, on
+    noise: str = "secure"  # the dedup noise (DedupConfig.noise_seed): "secure" or SEEDED_LABEL
     charges: list = field(default_factory=list, repr=False)
     model: Any = field(default=None, repr=False)
 
     @classmethod
     def start(cls, member, role: str, n_blocks: int) -> "ModelReport":
         return cls(member.name, role, member.privacy.epsilon, member.privacy.delta, n_blocks=n_blocks)
-
-    @classmethod
-    def dropped(cls, name: str, epsilon: float, utility: float, *, on_test: bool) -> "ModelReport":
-        if on_test:
-            return cls(name, "dropped", epsilon, 0.0, test_utility_before=utility)
-        return cls(name, "dropped", epsilon, 0.0, val_utility_before=utility)
 
     def record_search(self, result, candidates: int, floor: float | None) -> None:
         counts = Counter(r.source for r in result.accepted)
@@ -84,12 +98,39 @@ class ModelReport:
         return self.own_bytes / self.original_bytes if self.original_bytes else None
 
     @property
+    def compression_differing(self) -> float | None:
+        """Own stored bytes ÷ original over the tensors that differ from the base alone."""
+        return self.own_bytes_differing / self.original_bytes_differing if self.original_bytes_differing else None
+
+    @property
     def epsilon_after(self) -> float:
         return self.ledger.epsilon if self.ledger is not None else self.epsilon_before
 
     @property
     def svt_epsilon(self) -> float:
-        return sum(c.epsilon for c in self.charges if c.kind == "svt")
+        """ε of the SVT sessions alone (kept for old readers; ``private_validation`` has every mechanism)."""
+        return sum_rounded_up(c.epsilon for c in self.charges if c.kind == "svt")
+
+    @property
+    def seeded(self) -> bool:
+        """True when any noise behind this member (training or dedup) came from a known seed."""
+        return self.noise != "secure" or any(c.seeded for c in self.charges)
+
+    @property
+    def private_validation(self) -> dict[str, dict[str, Any]]:
+        """Per private data set id: Σ ε of every non-training charge (SVT, Laplace floors, naive
+        queries) and how many of each kind — what dedup spent querying private data."""
+        out: dict[str, dict[str, Any]] = {}
+        for charge in {c.source_id: c for c in self.charges if c.kind != "training"}.values():
+            for dataset in charge.datasets:
+                entry = out.setdefault(dataset, {"epsilon": 0.0, "mechanisms": {}})
+                entry["epsilon"] = sum_rounded_up([entry["epsilon"], charge.epsilon])
+                entry["mechanisms"][charge.kind] = entry["mechanisms"].get(charge.kind, 0) + 1
+        return out
+
+    @property
+    def delta_after(self) -> float:
+        return self.ledger.delta if self.ledger is not None else self.delta_before
 
     def public_test(self) -> dict[str, Any] | None:
         """The public test result for a model card's ``model-index`` (needs the data set's Hub id)."""
@@ -100,6 +141,7 @@ class ModelReport:
 
     def card_fields(self, original: PrivacyMetadata) -> dict[str, Any]:
         """What goes into the constitution's ``dedup`` block (and from there into the model card)."""
+        own = self.ledger_at_own_delta
         return {
             "role": self.role,
             "base": self.base,
@@ -109,7 +151,17 @@ class ModelReport:
                 "loose": self.ledger.epsilon_loose if self.ledger is not None else original.epsilon,
                 "tight": self.ledger.epsilon_tight if self.ledger is not None else None,
             },
+            "delta_after": {
+                "loose": self.ledger.delta_loose if self.ledger is not None else original.delta,
+                "tight": self.ledger.delta_tight if self.ledger is not None else None,
+            },
+            "tight_at_training_delta": None if own is None or own.epsilon_tight is None
+            else {"epsilon": own.epsilon_tight, "delta": own.delta_tight},
             "svt_epsilon": self.svt_epsilon,
+            "private_validation": self.private_validation,
+            "fairness": self.fairness,
+            "seeded": self.seeded,
+            "noise": SEEDED_LABEL if self.seeded else "secure",
             "blocks": {"total": self.n_blocks, "from_base": self.from_base, "from_self": self.from_self},
             "validations": self.validations,
             "public_test_accuracy": {"before": self.test_utility_before, "after": self.test_utility_after},
@@ -126,12 +178,15 @@ class ModelReport:
             "test_utility_before": self.test_utility_before, "test_utility_after": self.test_utility_after,
             "val_utility_se": self.val_utility_se, "test_utility_se": self.test_utility_se,
             "own_bytes": self.own_bytes, "original_bytes": self.original_bytes, "compression": self.compression,
+            "compression_differing_tensors": self.compression_differing,
+            "differing_tensors": len(self.differing_tensors),
             "epsilon_before": self.epsilon_before, "delta_before": self.delta_before,
             "epsilon_after": self.epsilon_after,
             "epsilon_after_loose": self.ledger.epsilon_loose if self.ledger is not None else None,
             "epsilon_after_tight": self.ledger.epsilon_tight if self.ledger is not None else None,
-            "delta_after": self.ledger.delta if self.ledger is not None else self.delta_before,
-            "svt_epsilon": self.svt_epsilon, "seconds": self.seconds,
+            "delta_after": self.delta_after,
+            "svt_epsilon": self.svt_epsilon, "private_validation": self.private_validation,
+            "fairness": self.fairness, "noise": SEEDED_LABEL if self.seeded else "secure",
         }
 
 
@@ -152,8 +207,11 @@ class FamilyReport:
         target_original = sum(m.original_bytes for m in targets)
         drops = [m.test_utility_before - m.test_utility_after for m in stored
                  if m.test_utility_before is not None and m.test_utility_after is not None]
+        differing = sum(m.original_bytes_differing for m in targets)
         return {
             "targets_compression": sum(m.own_bytes for m in targets) / target_original if target_original else None,
+            "targets_compression_differing_tensors":
+                sum(m.own_bytes_differing for m in targets) / differing if differing else None,
             "family_stored_over_original": self.family_stored_bytes / original if original else None,
             "family_stored_bytes": self.family_stored_bytes,
             "family_original_bytes": original,
@@ -161,6 +219,8 @@ class FamilyReport:
             "max_validations_per_target": max((m.validations for m in targets), default=0),
             "max_public_test_drop": max(drops, default=None),
             "fairness_holds": fairness_holds(stored),
+            "fairness_flagged": [m.name for m in self.models if m.fairness and m.fairness["flagged"]],
+            "dropped": [m.name for m in self.models if m.role == "dropped"],
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,25 +235,30 @@ class FamilyReport:
 
     def table(self) -> str:
         head = (f"{'model':<22}{'role':<8}{'blocks':>7}{'base':>6}{'self':>6}{'own':>6}{'valid.':>7}"
-                f"{'compr.':>8}{'test before':>12}{'test after':>11}{'ε before':>9}{'ε after':>9}{'ε svt':>7}{'s':>7}")
+                f"{'compr.':>8}{'Δ-only':>8}{'test before':>12}{'test after':>11}{'ε before':>9}{'ε after':>9}"
+                f"{'ε priv.':>8}{'δ after':>9}  fairness")
         lines = [head]
         for m in self.models:
             comp = f"{m.compression:.1%}" if m.compression is not None else "-"
+            comp_d = f"{m.compression_differing:.1%}" if m.compression_differing is not None else "-"
             lines.append(
                 f"{m.name:<22}{m.role:<8}{m.n_blocks:>7}{m.from_base:>6}{m.from_self:>6}{m.own_blocks:>6}"
-                f"{m.validations:>7}{comp:>8}{_fmt(m.test_utility_before):>12}{_fmt(m.test_utility_after):>11}"
-                f"{m.epsilon_before:>9.3g}{m.epsilon_after:>9.3g}{m.svt_epsilon:>7.3g}{m.seconds:>7.1f}"
+                f"{m.validations:>7}{comp:>8}{comp_d:>8}{_fmt(m.test_utility_before):>12}"
+                f"{_fmt(m.test_utility_after):>11}{m.epsilon_before:>9.3g}{m.epsilon_after:>9.3g}"
+                f"{sum_rounded_up(v['epsilon'] for v in m.private_validation.values()):>8.3g}"
+                f"{m.delta_after:>9.2g}  {_verdict(m.fairness)}"
             )
         s = self.summary()
         lines.append("")
         lines.append(
-            "targets' compression {}; family stored/original {}; validations {} (max {} per target); "
-            "max public-test drop {}; fairness holds: {}".format(
-                _pct(s["targets_compression"]), _pct(s["family_stored_over_original"]), s["validations"],
+            "targets' compression {} (over the tensors that differ from the base: {}); family stored/original {}; "
+            "validations {} (max {} per target); max public-test drop {}; fairness holds: {}".format(
+                _pct(s["targets_compression"]), _pct(s["targets_compression_differing_tensors"]),
+                _pct(s["family_stored_over_original"]), s["validations"],
                 s["max_validations_per_target"], _fmt(s["max_public_test_drop"]), s["fairness_holds"])
         )
-        if self.config.get("noise", "secure") != "secure":
-            lines.append(self.config["noise"])
+        if self.config.get("noise", "secure") != "secure" or any(m.seeded for m in self.models):
+            lines.append(SEEDED_LABEL)
         return "\n".join(lines)
 
     def plot(self, path: Path) -> None:
@@ -222,6 +287,14 @@ def fairness_holds(models: list[ModelReport]) -> bool:
     known = [m for m in models if m.test_utility_after is not None]
     return all(not (a.epsilon_before > b.epsilon_before and a.test_utility_after < b.test_utility_after)
                for a in known for b in known)
+
+
+def _verdict(fairness: dict[str, Any] | None) -> str:
+    if fairness is None:
+        return "-"
+    if fairness["flagged"]:
+        return "FLAGGED: lower utility than lower-ε " + ", ".join(fairness["dominated_by"])
+    return "ok"
 
 
 def _fmt(x: float | None) -> str:

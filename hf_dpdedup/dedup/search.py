@@ -5,6 +5,11 @@ block first), applies groups of them in place on the live model, asks the valida
 rejected groups exactly. They stop early when the validator halts (the SVT cut-off). The result is
 the set of replacements left applied on the model.
 
+* ``gallop`` (default): walk the cost-ordered sequence in groups that double after an accepted group
+  and halve after a rejected one; a rejected group of ``min_group`` is skipped. Rejections happen
+  only where the sequence turns bad, which is what the SVT's cut-off counts, and the walk goes past
+  an expensive block to the cheap ones behind it (the cost order is an estimate). At most
+  ``max_validations`` validations.
 * ``greedy``: fixed groups of N (the paper's GreedyN).
 * ``binary``: take the first half of what remains; a group that fails is split in two and its
   halves are tried (down to ``min_group``); the right half is only tried when the left half mostly
@@ -70,6 +75,21 @@ class _Trial:
     def finish(self) -> SearchResult:
         self.result.halted = self.halted
         return self.result
+
+
+def gallop(trial: _Trial, sequence: list[Replacement], *, min_group: int = 4, max_validations: int = 25) -> None:
+    if min_group < 1 or max_validations < 1:
+        raise ValueError(f"gallop needs min_group ≥ 1 and max_validations ≥ 1, got {min_group}, {max_validations}.")
+    start, size = 0, min_group
+    while start < len(sequence) and not trial.halted and trial.result.validations < max_validations:
+        group = sequence[start : start + size]
+        if trial.try_group(group):
+            start += len(group)
+            size *= 2
+        elif size <= min_group:
+            start += len(group)  # the smallest group failed: leave it, try what follows
+        else:
+            size = max(min_group, size // 2)
 
 
 def greedy(trial: _Trial, sequence: list[Replacement], *, n: int = 10) -> None:
@@ -159,7 +179,7 @@ def _uct(node: list[float], parent_visits: float, c: float = 1.4) -> float:
     return total / visits + c * math.sqrt(math.log(max(parent_visits, 1.0)) / visits)
 
 
-STRATEGIES = {"greedy": greedy, "binary": binary, "halving": halving, "mcts": mcts}
+STRATEGIES = {"gallop": gallop, "greedy": greedy, "binary": binary, "halving": halving, "mcts": mcts}
 
 
 def run_search(

@@ -64,13 +64,14 @@ def tsv_batches(tokenizer, path: str | Path, task: str, **kw) -> list[dict[str, 
     return text_batches(tokenizer, list(data.texts), labels, **kw)
 
 
-def private_tsv(tokenizer, path: str | Path, task: str, *, dataset_id: str, batch_size: int = 128,
-                max_length: int = 64) -> PrivateDataset:
-    """A private validation set behind the firewall: only charged mechanisms can read it."""
+def private_tsv(tokenizer, path: str | Path, task: str, *, dataset_id: str, public_size: int,
+                batch_size: int = 128, max_length: int = 64) -> PrivateDataset:
+    """A private validation set behind the firewall: only charged mechanisms can read it.
+    ``public_size`` is the normaliser fixed in advance (``PrivateDataset``), not the file's row count."""
     data = read_tsv(path)
     (columns,) = text_batches(tokenizer, list(data.texts), list(data.labels) if task != "causal-lm" else None,
                               batch_size=len(data.texts), max_length=max_length)
-    return PrivateDataset(columns, dataset_id=dataset_id, batch_size=batch_size)
+    return PrivateDataset(columns, dataset_id=dataset_id, public_size=public_size, batch_size=batch_size)
 
 
 # --- fast validation of BERT-style classifiers ------------------------------------------------------
@@ -121,5 +122,6 @@ class ClsHeadTask:
         n = len(columns["labels"])
         return [{k: v[i : i + batch_size] for k, v in columns.items()} for i in range(0, n, batch_size)]
 
-    def private(self, texts: list[str], labels: list[int], *, dataset_id: str) -> PrivateDataset:
-        return PrivateDataset(self.columns(texts, labels), dataset_id=dataset_id, batch_size=512)
+    def private(self, texts: list[str], labels: list[int], *, dataset_id: str, public_size: int) -> PrivateDataset:
+        return PrivateDataset(self.columns(texts, labels), dataset_id=dataset_id, public_size=public_size,
+                              batch_size=512)

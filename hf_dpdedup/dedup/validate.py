@@ -33,6 +33,9 @@ class Validator(Protocol):
 
     def accepts(self, model: Any) -> bool: ...
 
+    def close(self) -> None:
+        """Called once the search is done (private mechanisms wipe their reference)."""
+
 
 @dataclass(frozen=True)
 class Utility:
@@ -146,6 +149,9 @@ class PublicValidator:
         self.last_utility = public_utility(model, self.batches, self.score_fn)
         return self.last_utility >= self.minimum
 
+    def close(self) -> None:
+        """Nothing to wipe: public data (same interface as :class:`MechanismValidator`)."""
+
 
 class MechanismValidator:
     """A charged private-data mechanism (:class:`SVTSession` or :class:`NaiveLaplaceValidator`)
@@ -166,3 +172,7 @@ class MechanismValidator:
     def accepts(self, model: torch.nn.Module) -> bool:
         self.validations += 1
         return self.mechanism.accepts(model)
+
+    def close(self) -> None:
+        """End the mechanism: its grant is revoked and its private reference wiped."""
+        self.mechanism.close()

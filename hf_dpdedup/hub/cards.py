@@ -13,8 +13,12 @@ namespaced block ``hf_dpdedup`` with the exact, machine-readable privacy and ded
       privacy:
         original: {epsilon, delta, accountant}       # from the constitution's ``privacy``
         after_dedup: {loose: {epsilon, delta}, tight: {epsilon, delta} | null, accountant}
-        svt_epsilon: <ε spent on private validation through SVT>
-        datasets: [<private training data set ids>]
+                     # loose and tight at the same δ; tight_at_training_delta: {epsilon, delta} beside
+        svt_epsilon: <ε spent on private validation through SVT alone>
+        private_validation: {<data set id>: {epsilon, mechanisms: {svt: n, laplace: n, naive_laplace: n}}}
+        datasets: [<every private data set id the member was charged for: training and validation>]
+        seeded: true, noise: "TEST ONLY: ..."   # only when some noise came from a known seed
+      fairness: {flagged, dominated_by, compared_with, on}   # the fairness verdict, when given
       dedup: {base, compression, blocks, validations}  # what the record holds
       block_store: {repo_id, revision, store_id, block_size, dtype}
       family: {members, stored_fraction}
@@ -31,6 +35,12 @@ the deduplication engine fills them as it computes them):
 - ``epsilon_after``: ``{"loose": ε, "tight": ε | None}`` and ``delta_after``: δ (or ``{"loose", "tight"}``);
   alternatively ``ledger``: a ``LedgerReport.to_dict()``, from which both are read;
 - ``svt_epsilon``: ε spent by the Sparse Vector Technique on private validation data;
+- ``private_validation``: per private data set id, Σ ε of every non-training charge (SVT, Laplace
+  floor releases, naive queries) — what the card reports as spent on private validation;
+- ``tight_at_training_delta``: ``{"epsilon", "delta"}``, the RDP figure at the δ the model was trained
+  with (a guarantee at that δ, shown on its own row, never compared with figures at another δ);
+- ``fairness``: the fairness verdict ``{"flagged", "dominated_by", "compared_with", "on"}``;
+- ``seeded`` / ``noise``: set when some noise (training or deduplication) came from a known seed;
 - ``compression``: stored blocks of this member ÷ its original blocks (a fraction);
 - ``blocks``: ``{"total", "from_base", "from_self", "own"}`` block counts; ``validations``: int;
 - ``public_test``: ``{"dataset": hub id, "dataset_name", "config", "split", "metric", "before",
@@ -46,6 +56,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..privacy import SEEDED_LABEL
 from ..store.constitution import Constitution
 from ..store.format import FORMAT, StoreIndex
 
@@ -122,9 +133,9 @@ def member_card(
         store_url=f"{endpoint.rstrip('/')}/{store_repo}/tree/{store_commit}",
         store_commit=store_commit,
         store_id=constitution.block_store.store_id,
-        privacy_prose=_privacy_prose(privacy, dedup),
+        privacy_prose=_privacy_prose(privacy, dedup, seeded=is_seeded(constitution)),
         privacy_rows=_privacy_rows(block["privacy"]),
-        privacy_notes=_privacy_notes(block["privacy"]),
+        privacy_notes=_privacy_notes(block["privacy"], block.get("fairness")),
         dedup_prose=_dedup_prose(constitution, dedup, family),
         results_prose=_results_prose(dedup),
         format=FORMAT,
@@ -174,6 +185,11 @@ def _original_privacy(constitution: Constitution) -> dict:
 def _card_block(constitution: Constitution, store_repo: str, store_commit: str, family: dict | None) -> dict:
     dedup = constitution.dedup or {}
     privacy = _original_privacy(constitution)
+    private_validation = dedup.get("private_validation") or None
+    seeded = is_seeded(constitution)
+    datasets = sorted({*(privacy.get("datasets") or []), *((constitution.privacy or {}).get("datasets") or []),
+                       *(private_validation or {})})
+    tight_own = dedup.get("tight_at_training_delta")
     block: dict[str, Any] = {
         "format": FORMAT,
         "member": constitution.name,
@@ -181,9 +197,14 @@ def _card_block(constitution: Constitution, store_repo: str, store_commit: str, 
             "original": _drop_none({"epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
                                     "accountant": privacy.get("accountant")}) or None,
             "after_dedup": _after_dedup(dedup),
+            "tight_at_training_delta": tight_own or None,
             "svt_epsilon": dedup.get("svt_epsilon"),
-            "datasets": list(privacy.get("datasets") or []) or None,
+            "private_validation": private_validation,
+            "datasets": datasets or None,
+            "seeded": True if seeded else None,
+            "noise": SEEDED_LABEL if seeded else None,
         }),
+        "fairness": dedup.get("fairness") or None,
         "dedup": _drop_none({k: dedup.get(k) for k in ("base", "compression", "blocks", "validations")}) or None,
         "block_store": {"repo_id": store_repo, "revision": store_commit,
                         "store_id": constitution.block_store.store_id,
@@ -191,6 +212,15 @@ def _card_block(constitution: Constitution, store_repo: str, store_commit: str, 
         "family": family or None,
     }
     return _drop_none(block)
+
+
+def is_seeded(constitution: Constitution) -> bool:
+    """True when the training or the deduplication noise of this member came from a known seed."""
+    dedup = constitution.dedup or {}
+    ledger = dedup.get("ledger") or {}
+    return bool(_original_privacy(constitution).get("seeded") or (constitution.privacy or {}).get("seeded")
+                or dedup.get("seeded") or dedup.get("noise", "secure") != "secure"
+                or ledger.get("noise", "secure") != "secure")
 
 
 def _after_dedup(dedup: dict) -> dict | None:
@@ -271,9 +301,13 @@ def _summary(constitution: Constitution, base_model: str | None) -> str:
     )
 
 
-def _privacy_prose(privacy: dict, dedup: dict) -> str:
+def _privacy_prose(privacy: dict, dedup: dict, *, seeded: bool = False) -> str:
     if not privacy:
         return "No privacy metadata was recorded for this model: treat it as **not** privacy-protected."
+    warning = (f"**{SEEDED_LABEL}.** Some of the noise behind this model (its DP-SGD training or the "
+               "deduplication's private checks) was drawn from a known seed: anyone with the seed can "
+               "reproduce it, so the ε figures below describe the mechanism, not a protection. Do not "
+               "ship it.\n\n") if seeded else ""
     eps, delta = privacy.get("epsilon"), privacy.get("delta")
     datasets = ", ".join(f"`{d}`" for d in privacy.get("datasets") or []) or "its training data"
     text = (
@@ -285,17 +319,18 @@ def _privacy_prose(privacy: dict, dedup: dict) -> str:
     )
     after = _after_dedup(dedup)
     if after:
-        private_checks = bool(dedup.get("svt_epsilon"))
+        private_checks = bool(dedup.get("svt_epsilon")) or any(
+            v.get("epsilon") for v in (dedup.get("private_validation") or {}).values())
         text += (
             "\n\nDeduplication replaced some of its weight blocks with blocks of another model trained on the "
-            "same data" + (", and checked accuracy on private validation data through a noisy mechanism "
-                           "(Sparse Vector Technique)" if private_checks else "")
+            "same data" + (", and checked accuracy on private validation data through noisy, charged "
+                           "mechanisms" if private_checks else "")
             + ". A model built from another model's blocks carries that model's training too, so the budget "
             "that holds **for the model as shipped** is the *after deduplication* row below. The loose "
             "figure adds up the budgets of everything it was built from (always valid)"
             + ("; the tight one composes the same mechanisms with Rényi DP." if after.get("tight") else ".")
         )
-    return text
+    return warning + text
 
 
 def _efactor(eps: Any) -> str:
@@ -313,19 +348,47 @@ def _privacy_rows(privacy: dict) -> list[tuple[str, str, str]]:
         rows.append(("as trained" + (f" ({o['accountant']} accountant)" if o.get("accountant") else ""),
                      _fmt(o.get("epsilon")), _fmt(o.get("delta"))))
     after = privacy.get("after_dedup") or {}
+    labels = {"loose": "after deduplication, loose (sum over sources)",
+              "tight": "after deduplication, tight (Rényi DP composition)"}
     for kind in ("loose", "tight"):
         if after.get(kind):
-            rows.append((f"after deduplication, {kind}", _fmt(after[kind].get("epsilon")), _fmt(after[kind].get("delta"))))
+            rows.append((labels[kind], _fmt(after[kind].get("epsilon")), _fmt(after[kind].get("delta"))))
+    own = privacy.get("tight_at_training_delta")
+    if own:
+        rows.append(("after deduplication, Rényi DP at the training δ", _fmt(own.get("epsilon")),
+                     _fmt(own.get("delta"))))
     return rows or [("not recorded", "—", "—")]
 
 
-def _privacy_notes(privacy: dict) -> str:
+_MECHANISMS = {"svt": "Sparse Vector Technique session", "laplace": "Laplace utility release",
+               "naive_laplace": "Laplace validation query"}
+
+
+def _privacy_notes(privacy: dict, fairness: dict | None = None) -> str:
     notes = []
-    if privacy.get("svt_epsilon"):
+    if privacy.get("seeded"):
+        notes.append(f"**{SEEDED_LABEL}.**")
+    if len(privacy.get("after_dedup") or {}) > 2 or privacy.get("tight_at_training_delta"):
+        notes.append("Each ε holds at the δ of its own row: compare ε only between rows of equal δ.")
+    spent = {d: v for d, v in (privacy.get("private_validation") or {}).items() if v.get("epsilon")}
+    for dataset, entry in sorted(spent.items()):
+        kinds = ", ".join(f"{n} {_MECHANISMS.get(k, k)}{'s' if n > 1 else ''}"
+                          for k, n in sorted((entry.get("mechanisms") or {}).items()))
+        notes.append(f"Of the after-deduplication budget, ε = {_fmt(entry['epsilon'])} was spent querying the "
+                     f"private validation data `{dataset}`" + (f" ({kinds})." if kinds else "."))
+    if not spent and privacy.get("svt_epsilon"):
         notes.append(f"Of the after-deduplication budget, ε = {_fmt(privacy['svt_epsilon'])} was spent on "
                      "private validation queries (Sparse Vector Technique).")
-    elif privacy.get("after_dedup"):
+    elif not spent and privacy.get("after_dedup"):
         notes.append("No private data was queried during deduplication (accuracy was checked on public data).")
+    if fairness and fairness.get("flagged"):
+        notes.append("**Fairness: flagged.** Before deduplication this model scored lower on the "
+                     f"{fairness.get('on', 'public')} data than the lower-ε member(s) "
+                     + ", ".join(f"`{n}`" for n in fairness.get("dominated_by") or [])
+                     + ": a smaller budget bought more utility there.")
+    if fairness and fairness.get("compared_with"):
+        notes.append("The fairness verdict compared this model with " + ", ".join(
+            f"`{n}`" for n in fairness["compared_with"]) + "; their training is part of the budget above.")
     if not privacy.get("after_dedup"):
         notes.append("Only exact deduplication was applied (byte-identical blocks stored once): no weight "
                      "changed, so the budget is the one the model was trained with.")

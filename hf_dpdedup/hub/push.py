@@ -45,12 +45,12 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
-from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError
+from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError, SeededPushError
 from ..store.constitution import StoreRef
 from ..store.family import FamilyStore
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
-from .cards import member_card, store_card
+from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS, is_repo_id
 from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
 from .retry import retry_call
@@ -116,6 +116,7 @@ def push_family_to_hub(
     license: str | None = None,
     commit_message: str | None = None,
     force: bool = False,
+    allow_seeded: bool = False,
 ) -> PushResult:
     """Push a family folder (block store + members) to ``namespace`` on the Hub.
 
@@ -130,12 +131,15 @@ def push_family_to_hub(
         endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
         base_model: Hub id of the pretrained model the family was fine-tuned from (model cards).
         license: license id for the model cards.
+        allow_seeded: publish members whose training or dedup noise was seeded (tests, reproductions;
+            their cards say "not a privacy guarantee"). Without it such members are refused.
         force: push even into repos that hold another block store or its members (they are
             repointed at this family's store; their old commits keep loading what they pinned).
 
     Raises:
         RepoNameError: a repo id huggingface_hub would refuse.
         RepoCollisionError: a target repo belongs to another block store (and ``force`` is off).
+        SeededPushError: members built with seeded noise (and ``allow_seeded`` is off).
         HubAuthError, PushError: the Hub refused or failed; re-running the same push resumes.
 
     Example:
@@ -148,6 +152,14 @@ def push_family_to_hub(
     names = list(members) if members is not None else family.members()
     for name in names:
         check_member_name(name)
+    seeded = [name for name in names if is_seeded(family.constitution(name))]
+    if seeded and not allow_seeded:
+        raise SeededPushError(
+            f"Members {seeded} were built with seeded noise (DPConfig(secure_mode=False) or "
+            "DedupConfig(noise_seed=...)): anyone with the seed can remove it, so their ε is not a privacy "
+            "guarantee. Retrain / deduplicate them with secure noise, or pass allow_seeded=True "
+            "(--allow-seeded) to publish them marked as test-only."
+        )
     api = HfApi(endpoint=endpoint, token=token)
     store_repo = store_repo_id(namespace, family_name)
     repo_ids = {name: member_repo_id(namespace, family_name, name) for name in names}

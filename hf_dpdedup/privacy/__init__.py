@@ -2,7 +2,8 @@
 
 The engine's view, in four steps (see ``docs/privacy.md``):
 
-1. wrap private validation data: ``PrivateDataset(examples, dataset_id=...)``;
+1. wrap private validation data: ``PrivateDataset(examples, dataset_id=..., public_size=n)`` (n fixed in
+   advance: the true size is private under the add/remove relation);
 2. per target model open ``SVTSession(dataset, reference=model, score_fn=..., epsilon=..., cutoff=...,
    allowed_drop=...)`` and ask ``session.accepts(model)`` after each group of replacements;
 3. release any private figure that drives a later decision with ``release_utility`` (charged);

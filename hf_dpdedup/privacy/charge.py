@@ -58,7 +58,8 @@ class Charge:
     @classmethod
     def from_metadata(cls, source_id: str, metadata: PrivacyMetadata) -> "Charge":
         """The training charge of a source model, from its :class:`PrivacyMetadata`."""
-        return cls(source_id, metadata.datasets, metadata.epsilon, metadata.delta, "training", metadata.history)
+        return cls(source_id, metadata.datasets, metadata.epsilon, metadata.delta, "training", metadata.history,
+                   seeded=metadata.seeded)
 
     def rdp_curve(self, orders: Sequence[float] = DEFAULT_ORDERS) -> np.ndarray | None:
         """The best RDP curve this charge supports (elementwise min of all valid ones), or None."""

@@ -1,10 +1,11 @@
 """Laplace mechanisms on private data: a charged utility release and the naive validation baseline.
 
-* :func:`release_utility` — U(M) + Lap(1/(|D|·ε)): the mean of per-example scores in [0, 1] has
-  sensitivity 1/|D| (|D| public), so the release is ε-DP. Use it where a private utility must
+* :func:`release_utility` — U(M) + Lap(1/(n·ε)) with U = Σ scores / n and n the data set's public
+  size: adding or removing one example (score in [0, 1]) moves U by at most 1/n, so the release is
+  ε-DP under add/remove (and under replace-one). Use it where a private utility must
   drive a later decision, e.g. the interactive floor U'_{i−1} of the next model.
 * :class:`NaiveLaplaceValidator` — the baseline of the paper's §5.8: every validation is its own
-  Laplace release of the drop q (sensitivity 2/|D|), compared with the allowed drop, and charged
+  Laplace release of the drop q (sensitivity ≤ 2/n, n public), compared with the allowed drop, and charged
   ε_q. k validations cost k·ε_q (loose); SVT costs its ε once however many validations it makes.
 
 Noise is exact discrete Laplace on integer sums (see :mod:`.noise`); the released float is a
@@ -19,18 +20,24 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from ..errors import PrivateDataAccessError
 from ._checks import check_epsilon, check_unit_interval
 from .charge import Charge, sum_rounded_up
 from .noise import SEEDED_LABEL, LaplaceSampler
 from .private_data import (
     SCORE_GRID,
+    NoisedValue,
     PrivateDataset,
     ScoreFn,
     current_collective,
+    held_private,
+    hold_private,
     mechanism_id,
     open_grant,
     quantized_total,
+    release_from_main,
     revoke_grant,
+    wipe_private,
 )
 
 
@@ -40,7 +47,7 @@ class NoisyRelease:
 
     value: float
     epsilon: float
-    scale: float  # Laplace scale in utility units, 1/(|D|·ε)
+    scale: float  # Laplace scale in utility units, 1/(n·ε) with n the public size
     charge: Charge
     seeded: bool
 
@@ -63,7 +70,7 @@ def release_utility(
     sampler: LaplaceSampler | None = None,
     label: str | None = None,
 ) -> NoisyRelease:
-    """Charge ε to ``dataset`` and release U(model) + Lap(1/(|D|·ε)), clamped to [0, 1]."""
+    """Charge ε to ``dataset`` and release U(model) + Lap(1/(n·ε)), clamped to [0, 1] (n = public size)."""
     eps = check_epsilon(epsilon)
     sampler = sampler if sampler is not None else LaplaceSampler.secure()
     collective = current_collective()
@@ -75,13 +82,13 @@ def release_utility(
     finally:
         revoke_grant(dataset, grant)
     scale_units = Fraction(SCORE_GRID) / Fraction(eps)  # one example moves the sum by ≤ SCORE_GRID
-    units = len(dataset) * SCORE_GRID
+    units = dataset.public_size * SCORE_GRID  # never |D|: the grid of released values would reveal it
 
-    def noisy_value() -> float:
+    def noisy_value() -> NoisedValue:
         noisy = Fraction(total + sampler.discrete_laplace(scale_units), units)
-        return float(min(max(noisy, Fraction(0)), Fraction(1)))
+        return NoisedValue(min(max(noisy, Fraction(0)), Fraction(1)))
 
-    value = collective.from_main(noisy_value)
+    value = float(release_from_main(collective, noisy_value))
     return NoisyRelease(value, eps, float(scale_units / units), charge, sampler.seeded)
 
 
@@ -113,7 +120,7 @@ class NaiveLaplaceValidator:
         self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
         self._dataset = dataset
         self._score_fn = score_fn
-        units = Fraction(len(dataset) * SCORE_GRID)
+        units = Fraction(dataset.public_size * SCORE_GRID)
         self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
         self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
         self._collective = current_collective()
@@ -122,7 +129,8 @@ class NaiveLaplaceValidator:
         self.queries = 0
         # The reference is read now (the engine edits it in place later), under the first query's charge.
         self._pending = self._open_query()
-        self._reference_total = quantized_total(dataset, self._pending, reference, score_fn)
+        self.closed = False
+        hold_private(dataset, self, quantized_total(dataset, self._pending, reference, score_fn))
 
     @property
     def epsilon_spent(self) -> float:
@@ -133,20 +141,30 @@ class NaiveLaplaceValidator:
         return self._sampler.seeded
 
     def accepts(self, candidate: Any) -> bool:
-        """Charge ε_q, release q + Lap(2/(|D|·ε_q)) and accept iff it is below the allowed drop."""
+        """Charge ε_q, release q + Lap(2/(n·ε_q)) and accept iff it is below the allowed drop."""
+        if self.closed:
+            raise PrivateDataAccessError(f"Validator {self._label!r} is closed: open a new one to query again.")
         grant, self._pending = self._pending or self._open_query(), None
         try:
             total = quantized_total(self._dataset, grant, candidate, self._score_fn)
         finally:
             revoke_grant(self._dataset, grant)
         self.queries += 1
-        query = Fraction(self._reference_total - total)
+        query = Fraction(held_private(self._dataset, self) - total)
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
         scale_units = Fraction(2 * SCORE_GRID) / Fraction(self._eps)
         # main process only: the noise never exists on the others, they receive the answer
-        return self._collective.from_main(
-            lambda: bool(query + self._sampler.discrete_laplace(scale_units) < self._threshold))
+        return release_from_main(
+            self._collective, lambda: bool(query + self._sampler.discrete_laplace(scale_units) < self._threshold))
+
+    def close(self) -> None:
+        """No further queries; the private reference is wiped (the charges made stay charged)."""
+        if self._pending is not None:
+            revoke_grant(self._dataset, self._pending)
+            self._pending = None
+        self.closed = True
+        wipe_private(self._dataset, self)
 
     def _open_query(self) -> Any:
         charge = Charge(f"{self._label}/q{len(self.charges) + 1}", (self._dataset.dataset_id,), self._eps, 0.0,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PrivacyBudgetError
+from .noise import SEEDED_LABEL
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class PrivacyMetadata:
 
     ``epsilon`` may be ``math.inf`` for a model trained without DP (it then dominates any sum).
     ``accountant`` names the Opacus accountant that produced ``epsilon`` ("rdp", "prv", "gdp").
+    ``seeded`` is True when the noise (or the sampling) of some mechanism behind the model came from a
+    known seed: anyone with the seed can re-run the mechanism, so ε is then **not a privacy guarantee**
+    (tests and reproductions only). Every report and card derived from the model says so.
     """
 
     epsilon: float
@@ -49,6 +53,7 @@ class PrivacyMetadata:
     datasets: tuple[str, ...]
     accountant: str | None = None
     history: tuple[AccountantStep, ...] = field(default_factory=tuple)
+    seeded: bool = False
 
     def __post_init__(self) -> None:
         if not (self.epsilon >= 0) or math.isnan(self.epsilon):
@@ -62,14 +67,17 @@ class PrivacyMetadata:
             )
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "history", tuple(self.history))
+        if not isinstance(self.seeded, bool):
+            raise PrivacyBudgetError(f"seeded must be True or False, got {self.seeded!r}.")
 
     @classmethod
     def from_opacus(
-        cls, *, epsilon: float, delta: float, datasets: tuple[str, ...] | list[str], accountant: Any
+        cls, *, epsilon: float, delta: float, datasets: tuple[str, ...] | list[str], accountant: Any,
+        seeded: bool = False,
     ) -> "PrivacyMetadata":
         """Build from an Opacus accountant (``privacy_engine.accountant``) after training."""
         history = tuple(AccountantStep(float(s), float(q), int(n)) for s, q, n in accountant.history)
-        return cls(float(epsilon), float(delta), tuple(datasets), accountant.mechanism(), history)
+        return cls(float(epsilon), float(delta), tuple(datasets), accountant.mechanism(), history, seeded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +89,8 @@ class PrivacyMetadata:
                 {"noise_multiplier": h.noise_multiplier, "sample_rate": h.sample_rate, "steps": h.steps}
                 for h in self.history
             ],
+            "seeded": self.seeded,
+            **({"noise": SEEDED_LABEL} if self.seeded else {}),
         }
 
     @classmethod
@@ -92,6 +102,7 @@ class PrivacyMetadata:
                 datasets=tuple(data["datasets"]),
                 accountant=data.get("accountant"),
                 history=tuple(AccountantStep(**h) for h in data.get("history") or ()),
+                seeded=bool(data.get("seeded", False)),
             )
         except (KeyError, TypeError) as exc:
             raise PrivacyBudgetError(

@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from ..errors import PrivacyBudgetError
 
-SEEDED_LABEL = "TEST ONLY: seeded noise"
+SEEDED_LABEL = "TEST ONLY: seeded noise, not a privacy guarantee"
 
 
 def exact_fraction(x: float | int | Fraction, *, name: str = "scale") -> Fraction:

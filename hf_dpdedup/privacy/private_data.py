@@ -16,7 +16,13 @@ data without charging it", not protection against hostile code in the same proce
 Scores: ``score_fn(model, batch)`` returns one score per example. Inside the mechanism the scores
 are made safe — NaN → 0, clipped to [0, 1] — and quantised to integers ``floor(s · SCORE_GRID)``,
 so every private sum is an exact integer with known sensitivity and the noise can be exact.
-The data set size ``len(D)`` is treated as public (it is printed in model cards anyway).
+
+Neighbouring relation: **add or remove one example** (the relation of Opacus' DP-SGD accounting, so
+validation and training charges compose). The true size |D| is therefore private: every mechanism
+normalises its sums by ``public_size``, a number the caller fixes before looking at the data (the
+planned size of the split), never by |D|, so neither a released value nor its grid reveals |D|.
+Utilities inside the mechanisms are ``Σ scores / public_size`` (they may exceed 1 when |D| is larger;
+releases are clamped to [0, 1]); ``len(D)`` is the operator's own figure and is published nowhere.
 
 Distribution: inside :func:`collective_scope`, a mechanism's pass over the data
 (:func:`quantized_total`) scores only this process' contiguous shard of batches and sums the
@@ -90,6 +96,32 @@ def collective_scope(collective: Collective):
         _ACTIVE.reset(token)
 
 
+class NoisedValue(float):
+    """A float released by a noise mechanism (the only non-boolean a mechanism may send to other processes)."""
+
+    __slots__ = ()
+
+
+def release_from_main(collective: Collective, compute: Callable[[], T]) -> T:
+    """``collective.from_main(compute)`` for outputs of private evaluation, checked at run time on both
+    sides: only a boolean decision or a :class:`NoisedValue` may cross processes (the static guard
+    matches names only; this catches an unnoised sum or score passed by mistake)."""
+
+    def checked() -> T:
+        return _check_release(compute())
+
+    return _check_release(collective.from_main(checked))
+
+
+def _check_release(value: T) -> T:
+    if type(value) is bool or isinstance(value, NoisedValue):
+        return value
+    raise PrivacyError(
+        f"A private mechanism tried to send a {type(value).__name__} to the other processes; only a boolean "
+        "decision or a NoisedValue (the output of a noise mechanism) may leave the main process."
+    )
+
+
 def shard_range(n_items: int, rank: int, size: int) -> range:
     """Contiguous shard ``rank`` of ``size`` over ``range(n_items)``; the first ``n_items % size``
     shards get one more item. The shards partition the range exactly (no padding, no repeats)."""
@@ -109,11 +141,14 @@ class _Grant:
 
 
 class _Vault:
-    __slots__ = ("examples", "grants")
+    __slots__ = ("examples", "grants", "held")
 
     def __init__(self, examples: Any) -> None:
         self.examples = examples
         self.grants: set[_Grant] = set()
+        # Exact private figures a mechanism keeps between queries (its reference sum), by mechanism:
+        # never an attribute of the mechanism, wiped when it closes (or is garbage-collected).
+        self.held: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
 
 _VAULT: "weakref.WeakKeyDictionary[PrivateDataset, _Vault]" = weakref.WeakKeyDictionary()
@@ -125,13 +160,15 @@ class PrivateDataset:
     ``examples`` is either a sequence of examples (batches are lists passed through ``collate``)
     or a mapping of equal-length arrays/tensors (batches are dicts of row slices).
     ``epsilon_budget`` optionally caps the total ε that mechanisms may charge to this data set.
+    ``public_size`` is the normaliser every mechanism divides by (see the module docstring): fix it in
+    advance, from the plan of the split, not from the data.
 
-    >>> ds = PrivateDataset([0, 1, 1], dataset_id="toy-val")
-    >>> len(ds), ds.raw_accesses
+    >>> ds = PrivateDataset([0, 1, 1], dataset_id="toy-val", public_size=3)
+    >>> ds.public_size, ds.raw_accesses
     (3, 0)
     """
 
-    __slots__ = ("_dataset_id", "_size", "_batch_size", "_collate", "_budget", "_charges",
+    __slots__ = ("_dataset_id", "_size", "_public_size", "_batch_size", "_collate", "_budget", "_charges",
                  "_raw_accesses", "_charged_reads", "__weakref__")
 
     def __init__(
@@ -139,6 +176,7 @@ class PrivateDataset:
         examples: Any,
         *,
         dataset_id: str,
+        public_size: int,
         batch_size: int = 64,
         collate: Callable[[list[Any]], Any] | None = None,
         epsilon_budget: float | None = None,
@@ -153,8 +191,14 @@ class PrivateDataset:
             )
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise PrivacyBudgetError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if isinstance(public_size, bool) or not isinstance(public_size, int) or public_size < 1:
+            raise PrivacyBudgetError(
+                f"public_size must be a positive integer fixed before looking at the data (e.g. the planned "
+                f"size of the validation split), got {public_size!r}; the true size is private."
+            )
         self._dataset_id = dataset_id
         self._size = size
+        self._public_size = public_size
         self._batch_size = batch_size
         self._collate = collate
         self._budget = None if epsilon_budget is None else check_epsilon(epsilon_budget, name="epsilon_budget")
@@ -169,7 +213,13 @@ class PrivateDataset:
         return self._dataset_id
 
     def __len__(self) -> int:
+        """The true size |D|: the operator's own figure (private under add/remove; never published)."""
         return self._size
+
+    @property
+    def public_size(self) -> int:
+        """The public normaliser n of every mechanism on this data set (fixed in advance)."""
+        return self._public_size
 
     @property
     def charges(self) -> tuple[Charge, ...]:
@@ -191,12 +241,18 @@ class PrivateDataset:
         return self._raw_accesses
 
     @property
+    def open_mechanisms(self) -> int:
+        """Mechanisms still holding an exact private figure (not closed yet). 0 after a finished run."""
+        return len(_VAULT[self].held)
+
+    @property
     def charged_reads(self) -> int:
         """Passes over the data made by charged mechanisms."""
         return self._charged_reads
 
     def __repr__(self) -> str:
-        return f"PrivateDataset(dataset_id={self._dataset_id!r}, size={self._size}, epsilon_spent={self.epsilon_spent})"
+        return (f"PrivateDataset(dataset_id={self._dataset_id!r}, public_size={self._public_size}, "
+                f"epsilon_spent={self.epsilon_spent})")
 
     # --- everything that would leak is refused ----------------------------------------------------
     def evaluate(self, *args: Any, **kwargs: Any) -> NoReturn:
@@ -258,6 +314,26 @@ def open_grant(dataset: PrivateDataset, charge: Charge) -> _Grant:
 def revoke_grant(dataset: PrivateDataset, grant: _Grant) -> None:
     grant.revoked = True
     _VAULT[dataset].grants.discard(grant)
+
+
+def hold_private(dataset: PrivateDataset, mechanism: Any, value: int) -> None:
+    """Keep an exact private figure of ``mechanism`` (e.g. its reference sum) inside the firewall."""
+    _VAULT[dataset].held[mechanism] = int(value)
+
+
+def held_private(dataset: PrivateDataset, mechanism: Any) -> int:
+    """The figure ``mechanism`` holds; refused once it was wiped (the mechanism is closed)."""
+    try:
+        return _VAULT[dataset].held[mechanism]
+    except KeyError:
+        raise PrivacyError(
+            f"The mechanism on {dataset.dataset_id!r} is closed: its private reference was wiped. "
+            "Open a new (charged) mechanism to ask further queries."
+        ) from None
+
+
+def wipe_private(dataset: PrivateDataset, mechanism: Any) -> None:
+    _VAULT[dataset].held.pop(mechanism, None)
 
 
 def quantized_scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> np.ndarray:

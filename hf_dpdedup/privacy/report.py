@@ -89,7 +89,8 @@ class LedgerReport:
         """Metadata for the derived model (headline ε, δ; no history: it is a composition)."""
         if not self.datasets:
             raise PrivacyAccountingError("An empty ledger describes no private data set; charge the sources first.")
-        return PrivacyMetadata(self.epsilon, self.delta, self.datasets, accountant="hf_dpdedup-ledger")
+        return PrivacyMetadata(self.epsilon, self.delta, self.datasets, accountant="hf_dpdedup-ledger",
+                               seeded=self.seeded)
 
     def to_dict(self) -> dict[str, Any]:
         return {

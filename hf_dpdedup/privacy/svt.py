@@ -2,8 +2,9 @@
 
 One :class:`SVTSession` per target model. The query is the utility drop ``q = U(M) − U(M')`` of a
 candidate ``M'`` against the reference ``M`` (the target as it was when the session opened), both
-means over the private set D of per-example scores in [0, 1]; with |D| public its sensitivity is
-Δ = 2/|D|. With ε = ε1 + ε2 and ε1 : ε2 = 1 : (2c)^(2/3):
+sums over the private set D of per-example scores in [0, 1] divided by its public size n (fixed in
+advance, never |D|). Adding or removing one example moves q by at most 1/n, replacing one by at
+most 2/n; we use Δ = 2/n, valid under both relations (add/remove is the package's relation). With ε = ε1 + ε2 and ε1 : ε2 = 1 : (2c)^(2/3):
 
 * ρ ~ Lap(Δ/ε1) is drawn once, when the session opens;
 * each query draws ν ~ Lap(2cΔ/ε2); the answer "too big a drop" is ``q + ν ≥ T + ρ``;
@@ -19,7 +20,7 @@ The mechanism, its noise and its charge are those of one process.
 
 A public floor (``floor``, e.g. the previous model's released utility) turns the query into
 ``max(U(M) − U(M'), T + floor − U(M'))``: too big a drop *or* below the floor. Each term has
-sensitivity ≤ 2/|D|, so the max does too.
+sensitivity ≤ 2/n, so the max does too.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ from .private_data import (
     PrivateDataset,
     ScoreFn,
     current_collective,
+    held_private,
+    hold_private,
     mechanism_id,
     open_grant,
     quantized_total,
+    release_from_main,
     revoke_grant,
+    wipe_private,
 )
 
 
@@ -59,7 +64,7 @@ class SVTParameters:
 
     @property
     def sensitivity(self) -> float:
-        """Δ = 2/|D|, in utility units."""
+        """Δ = 2/n (n the public size), in utility units."""
         return 2.0 / self.size
 
     @property
@@ -76,7 +81,7 @@ class SVTParameters:
         return {
             "epsilon": self.epsilon,
             "cutoff": self.cutoff,
-            "validation_size": self.size,
+            "public_size": self.size,
             "epsilon_threshold": self.epsilon_threshold,
             "epsilon_queries": self.epsilon_queries,
             "sensitivity": self.sensitivity,
@@ -100,7 +105,7 @@ def svt_parameters(*, epsilon: float, cutoff: int, size: int) -> SVTParameters:
     if not (isinstance(size, int) and size >= 1):
         raise PrivacyBudgetError(f"The private validation set must have ≥ 1 example, got size {size!r}.")
     eps1, eps2 = split_budget(epsilon, cutoff)
-    delta_units = 2 * SCORE_GRID  # Δ = 2/|D| in units of 1/(|D|·SCORE_GRID)
+    delta_units = 2 * SCORE_GRID  # Δ = 2/n in units of 1/(n·SCORE_GRID)
     return SVTParameters(
         epsilon=float(epsilon),
         cutoff=cutoff,
@@ -139,11 +144,11 @@ class SVTSession:
         sampler: LaplaceSampler | None = None,
         label: str | None = None,
     ) -> None:
-        self.parameters = svt_parameters(epsilon=epsilon, cutoff=cutoff, size=len(dataset))
+        self.parameters = svt_parameters(epsilon=epsilon, cutoff=cutoff, size=dataset.public_size)
         self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
         self._dataset = dataset
         self._score_fn = score_fn
-        units = Fraction(len(dataset) * SCORE_GRID)
+        units = Fraction(dataset.public_size * SCORE_GRID)
         self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
         self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
         self._collective = current_collective()
@@ -151,7 +156,7 @@ class SVTSession:
         self.charge = Charge(source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
                              seeded=self._sampler.seeded)
         self._grant = open_grant(dataset, self.charge)
-        self._reference_total = quantized_total(dataset, self._grant, reference, score_fn)
+        hold_private(dataset, self, quantized_total(dataset, self._grant, reference, score_fn))
         # Only the main process holds ρ and draws ν; the others learn nothing but the answers.
         self._rho = (self._sampler.discrete_laplace(self.parameters.threshold_scale_units)
                      if self._collective.is_main else None)
@@ -188,10 +193,10 @@ class SVTSession:
                 f"answers (cut-off {self.parameters.cutoff}); stop deduplicating this model."
             )
         total = quantized_total(self._dataset, self._grant, candidate, self._score_fn)
-        query = Fraction(self._reference_total - total)
+        query = Fraction(held_private(self._dataset, self) - total)
         if self._floor is not None:
             query = max(query, self._threshold + self._floor - total)
-        too_big = self._collective.from_main(lambda: self._too_big(query))
+        too_big = release_from_main(self._collective, lambda: self._too_big(query))
         self.queries += 1
         if too_big:
             self.above_count += 1
@@ -204,8 +209,10 @@ class SVTSession:
         return bool(query + nu >= self._threshold + self._rho)
 
     def close(self) -> None:
-        """End the session (its ε stays charged); later queries raise SVTHaltedError."""
+        """End the session (its ε stays charged) and wipe its private reference; later queries raise
+        SVTHaltedError."""
         revoke_grant(self._dataset, self._grant)
+        wipe_private(self._dataset, self)
 
     def to_dict(self) -> dict[str, Any]:
         """Public facts for reports: parameters, counts, noise mode (never a utility)."""

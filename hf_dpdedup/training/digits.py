@@ -60,6 +60,13 @@ def load_splits(seed: int = SEED) -> dict[str, Split]:
     }
 
 
+def public_test_images(seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The public test split as raw images (8×8, pixel values 0–16, what a user would hand a
+    ``pipeline`` as greyscale pictures) and their labels."""
+    x, y = load_splits(seed)["public_test"]
+    return np.rint((x[:, 0].numpy() * 0.5 + 0.5) * 16).astype(np.uint8), y.numpy()
+
+
 def build_model(seed: int = SEED):
     """The untrained ViT, with digit names as labels (``pipeline`` shows "3", not "LABEL_3")."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -74,10 +81,11 @@ def build_model(seed: int = SEED):
 
 def processor():
     """The image processor members are saved with: 8×8 greyscale, pixel values 0–16 → [−1, 1]."""
-    from transformers import ViTImageProcessor
+    from transformers import ViTImageProcessorPil  # one channel: no RGB conversion, no torchvision needed
 
-    return ViTImageProcessor(do_resize=True, size={"height": 8, "width": 8}, do_rescale=True,
-                             rescale_factor=1 / 16, do_normalize=True, image_mean=[0.5], image_std=[0.5])
+    return ViTImageProcessorPil(do_resize=True, size={"height": 8, "width": 8}, do_rescale=True,
+                                rescale_factor=1 / 16, do_normalize=True, image_mean=[0.5], image_std=[0.5],
+                                do_convert_rgb=False)
 
 
 def forward(module: nn.Module, batch: Split):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,19 @@ ForwardFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, 
 
 @dataclass(frozen=True)
 class DPConfig:
-    """Hyper-parameters of one DP-SGD run. ``batch_size`` is the *logical* (expected) batch size."""
+    """Hyper-parameters of one DP-SGD run. ``batch_size`` is the *logical* (expected) batch size.
+
+    ``secure_mode`` (default True): the Poisson sampling and the Gaussian noise come from generators
+    seeded with 64 bits of ``os.urandom`` each, and the noise is drawn the floating-point-robust way
+    of Opacus' own secure mode (the sum of four draws, halved). Opacus' ``secure_mode=True`` needs
+    ``torchcsprng``, which has no build for current torch; the noise itself is never released, so a
+    secret 64-bit seed keeps it as unpredictable to a reader of the weights. ``secure_mode=False``
+    seeds sampling and noise from ``seed``: a run is then reproducible bit for bit, which is what
+    tests and reproductions want and exactly what breaks DP (retraining under each neighbouring data
+    set identifies the one used). The metadata of such a run says ``seeded=True`` and every report
+    and card derived from it says "not a privacy guarantee". ``seed`` always seeds the public
+    randomness (initialisation, shuffling).
+    """
 
     epsilon: float
     delta: float
@@ -50,7 +63,7 @@ class DPConfig:
     grad_sample_mode: str = "ghost"
     accountant: str = "rdp"
     seed: int = 0
-    secure_mode: bool = False
+    secure_mode: bool = True
 
     def __post_init__(self) -> None:
         validate_budget(self.epsilon, self.delta)
@@ -142,7 +155,8 @@ def train_dp(
     )
     epsilon = engine.accountant.get_epsilon(delta=config.delta)
     meta = PrivacyMetadata.from_opacus(
-        epsilon=epsilon, delta=config.delta, datasets=dataset_ids, accountant=engine.accountant
+        epsilon=epsilon, delta=config.delta, datasets=dataset_ids, accountant=engine.accountant,
+        seeded=not config.secure_mode,
     )
     steps = sum(h.steps for h in meta.history)
     sample_rate = meta.history[0].sample_rate if meta.history else 0.0
@@ -174,13 +188,16 @@ def _train_private(module, loader, forward, criterion, optimizer, config, progre
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    # Seeded noise makes benchmark families reproducible; secure_mode draws from /dev/urandom instead
-    # (training_args.json records which one a member used).
-    generator = None if config.secure_mode else torch.Generator().manual_seed(config.seed)
+    # Seeded mode: noise from ``seed``, sampling from the global generator torch.manual_seed(seed)
+    # set (reproducible, not private). Secure mode: both from secret urandom-seeded generators.
+    generator = secure_generator() if config.secure_mode else torch.Generator().manual_seed(config.seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*Optimal order.*")
-        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        # Opacus' own secure_mode needs torchcsprng (see DPConfig); its sampler reads ``secure_rng``.
+        engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
+        if config.secure_mode:
+            engine.secure_rng = secure_generator()
         # = make_private_with_epsilon, with the calibration done by calibrate_noise (fast, cached).
         made = engine.make_private(
             module=module, optimizer=optimizer, criterion=criterion, data_loader=loader,
@@ -194,6 +211,8 @@ def _train_private(module, loader, forward, criterion, optimizer, config, progre
         dp_module, dp_optimizer, dp_criterion, dp_loader = made
     else:
         (dp_module, dp_optimizer, dp_loader), dp_criterion = made, criterion
+    # Opacus' floating-point-robust noise (its optimizer's secure_mode flag needs no torchcsprng).
+    dp_optimizer.secure_mode = config.secure_mode
     dp_module.train()
     physical = config.physical_batch_size or config.batch_size
     total = config.epochs * len(dp_loader)
@@ -213,6 +232,11 @@ def _train_private(module, loader, forward, criterion, optimizer, config, progre
                             progress(len(losses), total, losses[-1])
     _unwrap(dp_module)
     return losses, engine, dp_optimizer.noise_multiplier
+
+
+def secure_generator() -> torch.Generator:
+    """A CPU generator seeded with 64 bits of ``os.urandom``: nobody, this process included, can re-draw it."""
+    return torch.Generator().manual_seed(secrets.randbits(64))
 
 
 # Integer Rényi orders only: Opacus' default grid adds ~100 fractional orders that make the binary
