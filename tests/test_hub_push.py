@@ -183,11 +183,11 @@ def test_seeded_members_are_refused_unless_allowed_and_their_cards_say_so(hub, m
     family.add_model("m1", models["m1"], privacy=PrivacyMetadata(2.0, 1e-5, ("private-reviews",), seeded=True))
     with pytest.raises(SeededPushError, match="allow_seeded"):
         push(hub, family)
-    assert not hub.repos.get("alice/m1")
+    assert not hub.repos.get("alice/tiny-m1")
     push(hub, family, allow_seeded=True)
-    card = hub.blobs[hub.repos["alice/m1"].resolve("main").files["README.md"]].decode()
+    card = hub.blobs[hub.repos["alice/tiny-m1"].resolve("main").files["README.md"]].decode()
     assert "not a privacy guarantee" in card and "seeded: true" in card
-    clean = hub.blobs[hub.repos["alice/m0"].resolve("main").files["README.md"]].decode()
+    clean = hub.blobs[hub.repos["alice/tiny-m0"].resolve("main").files["README.md"]].decode()
     assert "not a privacy guarantee" not in clean
-    loaded = DedupedModel.from_pretrained("alice/m1", endpoint=hub.url, cache_dir=tmp_path / "c")
+    loaded = DedupedModel.from_pretrained("alice/tiny-m1", endpoint=hub.url, cache_dir=tmp_path / "c")
     assert loaded.dedup_info.seeded and "not a privacy guarantee" in loaded.dedup_info.noise
