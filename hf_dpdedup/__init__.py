@@ -32,6 +32,7 @@ _LAZY = {
     "DedupInfo": "modeling",
     "FORMAT": "store",
     "BlockStore": "store",
+    "Codec": "store",
     "FamilyStore": "store",
     "push_family_to_hub": "hub",
     "pipeline": "hub",
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import pipeline, push_family_to_hub
     from .dedup.planner import deduplicate_family
     from .serving import ServingPool
-    from .store import FORMAT, BlockStore, FamilyStore
+    from .store import FORMAT, BlockStore, Codec, FamilyStore
 
 
 def __getattr__(name: str) -> Any:

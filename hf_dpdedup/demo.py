@@ -178,13 +178,16 @@ def closing_summary(built: BuiltFamily, result: dict, seconds: float) -> dict:
         taken = f"{m.from_base}/{m.n_blocks} blocks from the base" if m.role == "target" else "the base"
         print(f"  {m.name}: public test accuracy {m.test_utility_before:.3f} → {m.test_utility_after:.3f} "
               f"(± {m.test_utility_se:.3f}, {built.splits['public_test']} images); {taken}; "
-              f"ε {m.epsilon_before:.3g} → {m.epsilon_after:.3g}")
+              f"ε {m.epsilon_before:.3g} → {m.epsilon_after:.3g} (δ {m.delta_before:.0e} → {m.delta_after:.0e})"
+              + (" — flagged: lower public test accuracy than a lower-ε member (stored all the same)"
+                 if (m.fairness or {}).get("flagged") else ""))
     print(f"  targets stored in {summary['targets_compression']:.1%} of their bytes "
           f"({summary['targets_compression_differing_tensors']:.1%} over the DP-changed tensors alone); the whole "
           f"family in {summary['family_stored_over_original']:.1%} of its members' separate bytes")
-    print("  ε rises for every target: its search read the base's blocks, so the base's training (ε = "
-          f"{report.models[0].epsilon_before:g}, same private data) composes with the target's own, whether or not "
-          "a base block was kept (docs/privacy.md)")
+    print(f"  ε rises for every target (δ too: figures after deduplication are at the summed δ): its search read the "
+          f"base's blocks and the fairness check read every lower-ε member's public utility, so their training "
+          f"(ε = {report.models[0].epsilon_before:.3g} for the base, same private data) composes with the target's "
+          "own, whether or not a base block was kept (docs/privacy.md)")
     print(f"  load from the store {result['load_s']:.3f} s vs transformers {result['plain_load_s']:.3f} s")
     if "hub" in result:
         hub = result["hub"]
@@ -196,11 +199,10 @@ def closing_summary(built: BuiltFamily, result: dict, seconds: float) -> dict:
 
 
 def _sample_images(n: int = 32, *, with_labels: bool = False):
-    """Public test digits as PIL images (what a user hands a pipeline)."""
-    from PIL import Image
-
+    """Public test digits as greyscale pictures (height × width × 1, uint8 0–16): what a user hands
+    an image-classification pipeline. (PIL images would be converted to RGB by the pipeline.)"""
     images, labels = recipe.public_test_images()
-    picked = [Image.fromarray(images[i], mode="L") for i in range(n)]
+    picked = [images[i][:, :, None] for i in range(n)]
     return (picked, [int(y) for y in labels[:n]]) if with_labels else picked
 
 

@@ -29,6 +29,10 @@ class UnsupportedFormatVersionError(StoreFormatError):
     """A ``format`` field this version of hf_dpdedup does not know."""
 
 
+class UnknownCodecError(UnsupportedFormatVersionError):
+    """A block store coded with a codec this version of hf_dpdedup cannot decode."""
+
+
 class ChecksumMismatchError(StoreFormatError):
     """A file whose bytes do not match the sha256 recorded for it (truncated, corrupted, tampered)."""
 

@@ -123,3 +123,30 @@ def test_progress_advances_once_per_validation(strategy, options):
     result = run_search(strategy, model, live, sequence, oracle, progress=ticks.append, **options)
     assert sum(ticks) == oracle.validations and len(ticks) >= 1
     assert result.validations >= sum(ticks)
+
+
+class AlwaysAccepts:
+    validations = 0
+    halted = False
+
+    def accepts(self, model) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("mode", ["prefix", "gallop"])
+def test_confirmation_reverts_what_the_second_split_rejects(mode):
+    from hf_dpdedup.dedup.search import confirm
+
+    model, live, original, sequence, oracle = setup({5})  # the confirmation split rejects block 5
+    result = run_search("greedy", model, live, sequence, AlwaysAccepts(), n=len(sequence))
+    assert len(result.accepted) == live.n_blocks  # the search's own split accepted everything
+    confirm(model, live, result, oracle, mode=mode, max_validations=12)
+    kept = {r.block for r in result.accepted}
+    assert 5 not in kept and oracle.accepts(model)
+    assert changed_blocks(live, sequence) == kept  # what is reported is what is applied
+    assert result.rejected_by_confirmation == live.n_blocks - len(kept)
+    if mode == "prefix":
+        assert kept == set(range(5))  # the longest passing prefix
+    else:
+        assert set(range(5)) < kept and len(kept) > 10  # walks past the rejected block
+    assert result.confirmations == oracle.validations - 1  # (the oracle was asked once more above)

@@ -24,11 +24,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf_dpdedup.dedup.plan import PlanConfig
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, dedup_group, fairness_verdicts
 from hf_dpdedup.privacy import PrivacyMetadata
 
 EPSILONS = {"a": 0.5, "b": 1.0, "t": 1.5}  # a: the base, b: a lower-ε sibling, t: the target
 BLOCK = 16
+NO_DATA_PLAN = PlanConfig(cost="delta")  # the toy members have no loss to take gradients of
 
 
 class BitModel(torch.nn.Module):
@@ -87,7 +89,7 @@ def worst_log_ratio(dist) -> float:
 @pytest.mark.parametrize("interactive", [False, True])
 @pytest.mark.parametrize("fairness", ["flag", "drop"])
 def test_randomized_response_family_claimed_epsilon_bounds_the_likelihood_ratio(interactive, fairness):
-    config = DedupConfig(block_size=BLOCK, threshold=0.0, interactive=interactive, fairness=fairness)
+    config = DedupConfig(block_size=BLOCK, threshold=0.0, interactive=interactive, plan=NO_DATA_PLAN, fairness=fairness)
     dist, claimed = outcome_distributions(config)
     assert worst_log_ratio(dist) <= max(claimed) * (1 + 1e-9), (worst_log_ratio(dist), sorted(claimed))
     assert len(claimed) == 1, f"the claimed ε depends on the data: {sorted(claimed)}"
@@ -97,7 +99,7 @@ def test_randomized_response_family_claimed_epsilon_bounds_the_likelihood_ratio(
 
 
 def test_without_a_verdict_a_non_interactive_target_pays_only_what_its_search_read():
-    config = DedupConfig(block_size=BLOCK, threshold=0.0, interactive=False, fairness="off")
+    config = DedupConfig(block_size=BLOCK, threshold=0.0, interactive=False, plan=NO_DATA_PLAN, fairness="off")
     dist, claimed = outcome_distributions(config)
     assert claimed == {EPSILONS["t"] + EPSILONS["a"]}
     assert worst_log_ratio(dist) <= EPSILONS["t"] + EPSILONS["a"] + 1e-9
@@ -113,7 +115,7 @@ def test_declared_overlaps_join_the_validation_set_with_the_training_set():
                    for name, eps in EPSILONS.items()]
         private = PrivateDataset([0] * 50, dataset_id="rr-val", public_size=50)
         data = DedupData(bit_score, public_val=[[0] * 4], private_val=private)
-        config = DedupConfig(block_size=BLOCK, threshold=0.5, interactive=False, fairness="off", validation="svt",
+        config = DedupConfig(block_size=BLOCK, threshold=0.5, interactive=False, plan=NO_DATA_PLAN, fairness="off", validation="svt",
                              svt_epsilon=4.0, overlaps=overlaps)
         return next(o for o in dedup_group(members, data, config) if o.member.name == "t").report.ledger
 

@@ -20,7 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..demo import run_demo
+
+    # The demo's ViT is tiny: one intra-op thread beats thread hand-offs (and oversubscription
+    # on a busy machine) for models this small.
+    torch.set_num_threads(1)
 
     hub = None if args.no_hub else args.hub_endpoint
     run_demo(Path(args.out), hub=hub, token=args.token, namespace=args.namespace)

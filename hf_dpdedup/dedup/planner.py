@@ -107,6 +107,12 @@ class DedupConfig:
     # share of public validation examples whose prediction changed, which bounds the accuracy change
     # on any data set and is a far less noisy signal than the accuracy on a small validation set.
     agreement: bool = False
+    # The confirmation split accepts a drop of threshold + confirm_margin_se standard errors of the
+    # target's utility on it (0: the same threshold as the search).
+    confirm_margin_se: float = 0.0
+    # what the confirmation keeps when it rejects the accepted set: "prefix" (the longest cheapest-
+    # first prefix that passes) or "gallop" (walk the accepted replacements, skipping rejected ones)
+    confirmation: str = "prefix"
 
     def __post_init__(self) -> None:
         if self.agreement and self.interactive:
@@ -282,7 +288,7 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     finally:
         validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
     if confirmation is not None:  # public data: no private mechanism involved
-        confirm(target.model, live, result, confirmation)
+        confirm(target.model, live, result, confirmation, mode=config.confirmation)
     charges += getattr(validator, "charges", [])
     model_report.record_search(result, len(sequence), floor)
     model_report.charges = charges
@@ -368,7 +374,8 @@ def _confirmation_validator(target: Member, data: DedupData, config: DedupConfig
                else data.public_confirm)
     # The interactive floor is a utility on the validation data and does not transfer to another
     # split; the confirmation checks the threshold against the target's own utility on it.
-    return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=config.threshold)
+    return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=config.threshold,
+                           margin_se=config.confirm_margin_se)
 
 
 def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None,
@@ -439,6 +446,7 @@ def _config_dict(config: DedupConfig) -> dict[str, Any]:
         "saliency": config.plan.saliency,
         "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
         "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
+        "confirm_margin_se": config.confirm_margin_se, "confirmation": config.confirmation,
         "noise": SEEDED_LABEL if config.noise_seed is not None else "secure", "fairness": config.fairness,
         "overlaps": [list(p) for p in config.overlaps],
     }

@@ -129,6 +129,8 @@ def halving(trial: _Trial, sequence: list[Replacement], *, min_group: int = 4) -
         rest = current[mid:] + rest
         if trial.try_group(left):
             current, rest = rest, []
+        elif len(left) == len(current):
+            return  # a single replacement failed: it cannot be halved further (min_group=1)
         else:
             current = left
 
@@ -202,30 +204,44 @@ def run_search(
     return trial.finish()
 
 
-def confirm(model, live: LiveBlocks, result: SearchResult, validator: Validator) -> SearchResult:
-    """Check the accepted replacements on data the search did not use; keep the longest prefix
-    (in acceptance order, i.e. cheapest first) that ``validator`` accepts and revert the rest.
+def confirm(model, live: LiveBlocks, result: SearchResult, validator: Validator, *, mode: str = "prefix",
+            max_validations: int = 12) -> SearchResult:
+    """Check the accepted replacements on data the search did not use and revert what it rejects.
 
     The search's many validations on one set select replacements that happen to pass on it; a
-    second, independent set catches that. One validation when everything holds, else a bisection
-    over the prefix length (about log2(accepted) more). Updates and returns ``result``.
+    second, independent set catches that. One validation when everything holds. Otherwise
+    ``mode="prefix"`` keeps the longest prefix (in acceptance order, i.e. cheapest first) that
+    ``validator`` accepts, by bisection (about log2(accepted) more validations); ``mode="gallop"``
+    walks the accepted replacements with :func:`gallop` on the confirmation data (a rejected one is
+    skipped and the walk goes on, at most ``max_validations``), so one bad early replacement does
+    not cost every good one behind it — at the price of more selection on the confirmation split.
+    Updates and returns ``result``.
     """
+    if mode not in ("prefix", "gallop"):
+        raise ValueError(f"Unknown confirmation mode {mode!r}; use 'prefix' or 'gallop'.")
     if not result.accepted:
         return result
     result.confirmations += 1
     if validator.accepts(model):
         return result
     live.revert(result.undo)  # back to the target as it was before the search
-    kept, bad = 0, len(result.accepted)  # prefix ``kept`` is applied; prefix ``bad`` was rejected
-    while bad - kept > 1:
-        mid = (kept + bad) // 2
-        undo = live.apply(result.accepted[kept:mid])
-        result.confirmations += 1
-        if validator.accepts(model):
-            kept = mid
-        else:
-            live.revert(undo)
-            bad = mid
-    result.rejected_by_confirmation = len(result.accepted) - kept
-    result.accepted, result.undo = result.accepted[:kept], result.undo[:kept]
+    if mode == "gallop":
+        trial = _Trial(live, validator, model)
+        gallop(trial, result.accepted, min_group=1, max_validations=max_validations)
+        kept, undo = trial.result.accepted, trial.result.undo
+        result.confirmations += trial.result.validations
+    else:
+        kept_n, bad = 0, len(result.accepted)  # prefix ``kept_n`` is applied; prefix ``bad`` was rejected
+        while bad - kept_n > 1:
+            mid = (kept_n + bad) // 2
+            step = live.apply(result.accepted[kept_n:mid])
+            result.confirmations += 1
+            if validator.accepts(model):
+                kept_n = mid
+            else:
+                live.revert(step)
+                bad = mid
+        kept, undo = result.accepted[:kept_n], result.undo[:kept_n]
+    result.rejected_by_confirmation = len(result.accepted) - len(kept)
+    result.accepted, result.undo = list(kept), list(undo)
     return result

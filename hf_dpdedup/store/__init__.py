@@ -1,8 +1,9 @@
-"""On-disk format ``hf_dpdedup/1``: block store, member folders and the family folder."""
+"""On-disk format ``hf_dpdedup/1`` (``/2`` for coded block stores): block store, member folders, family folder."""
 
 from .block_store import BlockStore
+from .codec import Codec
 from .constitution import Constitution, StoreRef, TensorEntry
 from .family import FamilyStore
 from .format import FORMAT
 
-__all__ = ["FORMAT", "BlockStore", "Constitution", "FamilyStore", "StoreRef", "TensorEntry"]
+__all__ = ["FORMAT", "BlockStore", "Codec", "Constitution", "FamilyStore", "StoreRef", "TensorEntry"]

@@ -15,6 +15,7 @@ import os
 import struct
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -24,7 +25,10 @@ from safetensors import safe_open
 
 from ..blocks import check_block_size, dtype_name, parse_dtype
 from ..errors import ConstitutionError, DtypeMismatchError, StoreFormatError
+from .codec import Codec, encode_rows
+from .decoded_cache import load_decoded
 from .format import (
+    CODED_FORMAT,
     FORMAT,
     INDEX_FILE,
     LOCK_FILE,
@@ -32,9 +36,8 @@ from .format import (
     ShardInfo,
     StoreIndex,
     shard_file_name,
-    check_format,
 )
-from .io import atomic_write, atomic_write_json, read_json, sha256_file, verify_files
+from .io import atomic_write, atomic_write_json, read_json, sha256_bytes, sha256_file, verify_files
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
 
@@ -55,16 +58,25 @@ class BlockStore:
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, *, block_size: int, dtype: torch.dtype | str) -> "BlockStore":
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        block_size: int,
+        dtype: torch.dtype | str,
+        codec: Codec | str = Codec.NONE,
+    ) -> "BlockStore":
+        """A new, empty store; ``codec`` (see :class:`~.codec.Codec`) is how its shards are coded."""
         path = Path(path)
         check_block_size(block_size)
+        codec = Codec.parse(codec)
         dtype = dtype if isinstance(dtype, str) else dtype_name(dtype)
         parse_dtype(dtype)
         if (path / INDEX_FILE).exists():
             raise StoreFormatError(
                 f"A block store already exists at {path}; open it with BlockStore.open to add models."
             )
-        index = StoreIndex(store_id=uuid.uuid4().hex, block_size=block_size, dtype=dtype)
+        index = StoreIndex(store_id=uuid.uuid4().hex, block_size=block_size, dtype=dtype, codec=codec)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / INDEX_FILE, index.to_dict())
         return cls(path, index)
@@ -72,9 +84,7 @@ class BlockStore:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "BlockStore":
         path = Path(path)
-        data = read_json(path / INDEX_FILE, "block_store.json")
-        check_format(data, f"block store {path}")
-        return cls(path, StoreIndex.from_dict(data))
+        return cls(path, StoreIndex.from_dict(read_json(path / INDEX_FILE, f"block_store.json of {path}")))
 
     @property
     def block_size(self) -> int:
@@ -83,6 +93,10 @@ class BlockStore:
     @property
     def dtype(self) -> torch.dtype:
         return parse_dtype(self.index.dtype)
+
+    @property
+    def codec(self) -> Codec:
+        return self.index.codec
 
     @property
     def store_id(self) -> str:
@@ -185,21 +199,19 @@ class BlockStore:
         for count in _pack(new_groups, max_rows):
             number = len(shards) + 1
             name = shard_file_name(number)
-            chunk = rows[start : start + count].contiguous()
+            raw = rows[start : start + count]
+            chunk = encode_rows(raw, self.codec)
             meta = {"format": FORMAT, "first_row": str(self.index.total_rows + start)}
+            raw_sha256 = None
+            if self.codec is not Codec.NONE:
+                meta.update(format=CODED_FORMAT, codec=self.codec.value)
+                raw_sha256 = sha256_bytes(raw.contiguous().view(torch.uint8).numpy())
             atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
-            shards.append(
-                ShardInfo(name, self.index.total_rows + start, count, path.stat().st_size, sha256_file(path))
-            )
+            first = self.index.total_rows + start
+            shards.append(ShardInfo(name, first, count, path.stat().st_size, sha256_file(path), raw_sha256))
             start += count
-        index = StoreIndex(
-            self.index.store_id,
-            self.block_size,
-            self.index.dtype,
-            tuple(shards),
-            self.index.row_hashes + tuple(new_digests),
-        )
+        index = replace(self.index, shards=tuple(shards), row_hashes=self.index.row_hashes + tuple(new_digests))
         index.validate()
         # The switch: until this rename the old index (and everything it names) is what readers see.
         atomic_write_json(self.path / INDEX_FILE, index.to_dict())
@@ -223,7 +235,10 @@ class BlockStore:
         return [self.index.shards[i] for i in used]
 
     def read_shards(self, shards: Sequence[ShardInfo], *, verify: bool = True) -> dict[int, torch.Tensor]:
-        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor (memory-mapped)."""
+        """Map each shard's ``first_row`` to its ``[num_rows, block_size]`` tensor: memory-mapped for
+        raw shards, decoded for coded ones (once per machine: see :mod:`.decoded_cache`)."""
+        if self.codec is not Codec.NONE:
+            return {s.first_row: self._decoded(s, verify) for s in shards}
         if verify:
             verify_files((self.path / s.file, s.sha256, "block shard") for s in shards)
         out: dict[int, torch.Tensor] = {}
@@ -237,6 +252,18 @@ class BlockStore:
                 )
             out[shard.first_row] = tensor
         return out
+
+    def _decoded(self, shard: ShardInfo, verify: bool) -> torch.Tensor:
+        path = self.path / shard.file
+        return load_decoded(
+            shard,
+            lambda: _load_shard_tensor(path),
+            path,
+            codec=self.codec,
+            block_size=self.block_size,
+            dtype=self.dtype,
+            verify=verify,
+        )
 
     def stored_bytes(self) -> int:
         return sum(s.bytes for s in self.index.shards) + (self.path / INDEX_FILE).stat().st_size
@@ -259,7 +286,7 @@ def _pack(groups: list[int], max_rows: int) -> list[int]:
     return shards
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 ALIGNMENT = 64
 
 

@@ -5,6 +5,11 @@ shard is one 2-D tensor ``blocks`` of shape ``[num_rows, block_size]``. Rows are
 in append order and never move, so a row id stays valid for the life of the store. Shard names do
 not encode the shard count (unlike transformers' ``-of-N`` names) because a store only ever grows:
 appending a model adds shards and never renames one that members already point at.
+
+A block store whose shards are entropy-coded (``codec`` other than ``"none"``, see
+:mod:`.codec`) is written as format ``hf_dpdedup/2``, so a reader that predates codecs refuses it
+with its "upgrade" error instead of misreading coded bytes as weights. Raw stores stay
+``hf_dpdedup/1``, byte for byte what earlier versions wrote and read.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from typing import Any
 
 from ..blocks import BLOCK_DTYPES, check_block_size
 from ..errors import BlockLayoutError, StoreFormatError, UnsupportedFormatVersionError
+from .codec import Codec
 
 FORMAT = "hf_dpdedup/1"
+#: the format of a block store whose shards are coded (``codec`` other than ``"none"``)
+CODED_FORMAT = "hf_dpdedup/2"
 INDEX_FILE = "block_store.json"
 CONSTITUTION_FILE = "dedup_constitution.json"
 EXTRAS_FILE = "extras.safetensors"
@@ -27,12 +35,12 @@ def shard_file_name(number: int) -> str:
     return f"blocks-{number:05d}.safetensors"
 
 
-def check_format(data: dict[str, Any], what: str) -> None:
+def check_format(data: dict[str, Any], what: str, accepted: tuple[str, ...] = (FORMAT,)) -> None:
     found = data.get("format")
-    if found != FORMAT:
+    if found not in accepted:
         raise UnsupportedFormatVersionError(
-            f"{what} has format {found!r}, but this hf_dpdedup reads {FORMAT!r}. Upgrade hf_dpdedup "
-            "(pip install -U hf_dpdedup) or re-create the store with this version."
+            f"{what} has format {found!r}, but this hf_dpdedup reads {' or '.join(map(repr, accepted))}. "
+            "Upgrade hf_dpdedup (pip install -U hf_dpdedup) or re-create the store with this version."
         )
 
 
@@ -49,7 +57,8 @@ class ShardInfo:
     first_row: int
     num_rows: int
     bytes: int
-    sha256: str
+    sha256: str  # of the file as stored
+    raw_sha256: str | None = None  # of the decoded rows, for coded shards
 
     @property
     def end_row(self) -> int:
@@ -62,6 +71,7 @@ class ShardInfo:
             "num_rows": self.num_rows,
             "bytes": self.bytes,
             "sha256": self.sha256,
+            **({"raw_sha256": self.raw_sha256} if self.raw_sha256 is not None else {}),
         }
 
     @classmethod
@@ -76,30 +86,35 @@ class ShardInfo:
             num_rows=_require(data, "num_rows", int, what),
             bytes=_require(data, "bytes", int, what),
             sha256=_require(data, "sha256", str, what),
+            raw_sha256=_require(data, "raw_sha256", str, what) if "raw_sha256" in data else None,
         )
 
 
 @dataclass(frozen=True)
 class StoreIndex:
-    """Contents of ``block_store.json``; ``row_hashes[i]`` is the sha256 of row ``i``'s bytes."""
+    """Contents of ``block_store.json``; ``row_hashes[i]`` is the sha256 of row ``i``'s bytes (of the
+    raw row, whatever the codec: content addressing does not depend on how shards are coded)."""
 
     store_id: str
     block_size: int
     dtype: str
     shards: tuple[ShardInfo, ...] = ()
     row_hashes: tuple[str, ...] = field(default=(), repr=False)
+    codec: Codec = Codec.NONE
 
     @property
     def total_rows(self) -> int:
         return len(self.row_hashes)
 
     def to_dict(self) -> dict[str, Any]:
+        coded = {"codec": self.codec.value} if self.codec is not Codec.NONE else {}
         return {
-            "format": FORMAT,
+            "format": CODED_FORMAT if coded else FORMAT,
             "kind": "block_store",
             "store_id": self.store_id,
             "block_size": self.block_size,
             "dtype": self.dtype,
+            **coded,
             "total_rows": self.total_rows,
             "shards": [s.to_dict() for s in self.shards],
             "row_hashes": list(self.row_hashes),
@@ -108,7 +123,13 @@ class StoreIndex:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StoreIndex":
         what = "block_store.json"
-        check_format(data, what)
+        check_format(data, what, accepted=(FORMAT, CODED_FORMAT))
+        if data["format"] == CODED_FORMAT:
+            codec = Codec.parse(_require(data, "codec", str, what))
+        elif "codec" in data:
+            raise StoreFormatError(f"{what}: a {FORMAT!r} store has no codec, but it names {data['codec']!r}.")
+        else:
+            codec = Codec.NONE
         try:
             block_size = check_block_size(data.get("block_size"))
         except BlockLayoutError as exc:
@@ -118,7 +139,7 @@ class StoreIndex:
             raise StoreFormatError(f"{what}: dtype {dtype!r} is not one of {sorted(BLOCK_DTYPES)}.")
         shards = tuple(ShardInfo.from_dict(s) for s in _require(data, "shards", list, what))
         row_hashes = tuple(_require(data, "row_hashes", list, what))
-        index = cls(_require(data, "store_id", str, what), block_size, dtype, shards, row_hashes)
+        index = cls(_require(data, "store_id", str, what), block_size, dtype, shards, row_hashes, codec)
         index.validate(declared_total=_require(data, "total_rows", int, what))
         return index
 

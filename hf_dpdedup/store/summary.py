@@ -11,14 +11,16 @@ from ..errors import StoreFormatError
 from .block_store import BlockStore
 from .constitution import Constitution
 from .family import FamilyStore
-from .format import CONSTITUTION_FILE, FORMAT, INDEX_FILE
+from .codec import Codec
+from .format import CODED_FORMAT, CONSTITUTION_FILE, FORMAT, INDEX_FILE
 from .member import read_constitution
 
 
 def store_summary(store: BlockStore) -> dict[str, Any]:
     index = store.index
     return {
-        "format": FORMAT,
+        "format": FORMAT if store.codec is Codec.NONE else CODED_FORMAT,
+        "codec": store.codec.value,
         "path": str(store.path),
         "store_id": index.store_id,
         "block_size": index.block_size,

@@ -3,7 +3,7 @@
 scikit-learn's 1,797 8×8 digit images (they ship inside scikit-learn: nothing is downloaded) are
 split (seed 0) into a public and a private half. The public half is split into pre-training
 (60 %), public validation (10 %), public confirmation (10 %) and public test (20 %); a
-``ViTForImageClassification`` (patch 2, hidden 64, 4 layers, ~0.2 M parameters) is pre-trained on
+``ViTForImageClassification`` (patch 2, hidden 64, 4 layers, 0.14 M parameters) is pre-trained on
 it without DP. The private half is split into a private training part (80 %) and a disjoint
 private validation part (20 %, for the dedup engine's SVT). Every member is DP fine-tuned from the
 pre-trained model on the private training part with Opacus: the encoder, final LayerNorm and

@@ -1,0 +1,338 @@
+"""Engine v2 (issue 12): aligned candidates, cost order, confirmation on a second split, utilities
+with standard errors — on tiny models whose replaceable set is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_dpdedup import DedupedModel
+from hf_dpdedup.dedup.cost import replacement_costs
+from hf_dpdedup.dedup.live import LiveBlocks
+from hf_dpdedup.dedup.plan import PlanConfig, plan_replacements
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from hf_dpdedup.dedup.search import confirm, run_search
+from hf_dpdedup.dedup.tasks import classification_score
+from hf_dpdedup.dedup.validate import PublicValidator, public_utility_stats
+from hf_dpdedup.privacy import PrivacyMetadata
+
+from conftest import tiny_model
+
+BLOCK = 16
+OLD = PlanConfig(candidates="nearest", order="saliency", saliency="magnitude", close_ratio=None)
+
+
+class MLP(nn.Module):
+    """fc1 (8 blocks), fc2 (4 blocks + a small bias extra) and a layer the forward never uses."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2, self.unused = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def mse_loss(model, batch):
+    return nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+
+def calibration(n: int = 32, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return [{"x": x, "y": torch.randn(n, 4, generator=g)}]
+
+
+def bits(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().view(torch.int32) for k, v in model.state_dict().items()}
+
+
+def block_of(live: LiveBlocks, name: str, i: int = 0) -> int:
+    return next(s.first_block for s in live.layout.tensors if s.name == name) + i
+
+
+class PlantedOracle:
+    """Accepts iff none of the ``bad`` blocks differs from its original value."""
+
+    def __init__(self, live: LiveBlocks, bad: set[int]) -> None:
+        self.live, self.original = live, {b: live.read(b) for b in bad}
+        self.validations = 0
+
+    @property
+    def halted(self) -> bool:
+        return False
+
+    def accepts(self, model) -> bool:
+        self.validations += 1
+        return all(torch.equal(self.live.read(b), v) for b, v in self.original.items())
+
+
+def planted_pair(bad_fraction: float = 0.25, seed: int = 0):
+    """A base and a target whose blocks moved by growing amounts; the last ``bad_fraction`` of the
+    moves (the largest) are the bad ones. Target values include -0.0 and subnormals."""
+    base, target = MLP(seed), MLP(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    live = LiveBlocks(target, BLOCK)
+    with torch.no_grad():
+        for i in range(live.n_blocks):
+            part = live._slice(i)  # noqa: SLF001 - the test plants values block by block
+            signs = torch.randint(0, 2, part.shape, generator=g) * 2.0 - 1
+            part.add_((0.01 * (i + 1)) * signs)  # ‖Δ‖ grows with the block index
+        target.fc1.weight[0, 0] = -0.0
+        target.fc1.weight[0, 1] = 1e-40  # subnormal
+    n = live.n_blocks
+    bad = set(range(n - int(bad_fraction * n), n))
+    return base, target, live, bad
+
+
+@pytest.mark.parametrize("strategy,options", [
+    ("greedy", {"n": 3}), ("binary", {"min_group": 1}), ("halving", {"min_group": 1}),
+    ("mcts", {"group": 2, "episodes": 60}),
+])
+def test_each_strategy_on_a_planted_oracle_finds_the_replaceable_set(strategy, options):
+    base, target, live, bad = planted_pair()
+    before = bits(target)
+    base_matrix = LiveBlocks(base, BLOCK).matrix()
+    sequence = plan_replacements(target, live, base_matrix, PlanConfig(cost="delta", use_self=False))
+    assert [r.block for r in sequence][-len(bad):] == sorted(bad)  # Δ² order: the planted moves grow
+    oracle = PlantedOracle(live, bad)
+    result = run_search(strategy, target, live, sequence, oracle, **options)
+    kept = {r.block for r in result.accepted}
+    good = set(range(live.n_blocks)) - bad
+    assert not kept & bad and oracle.accepts(target)
+    if strategy == "greedy":  # exactly the groups of 3 without a bad block
+        groups = [sequence[i : i + 3] for i in range(0, len(sequence), 3)]
+        assert kept == {r.block for g in groups if not {r.block for r in g} & bad for r in g}
+    elif strategy in ("binary", "halving"):
+        assert kept == good  # a clean cheap-first prefix is found whole
+    else:
+        assert len(kept) >= len(good) // 2
+    # what is applied is exactly the accepted set: base rows there, the original bits elsewhere
+    after = LiveBlocks(target, BLOCK).matrix()
+    original = LiveBlocks(_with_bits(MLP(), before), BLOCK).matrix()
+    for i in range(live.n_blocks):
+        expected = base_matrix[i] if i in kept else original[i]
+        assert torch.equal(after[i].view(torch.int32), expected.view(torch.int32)), i
+
+
+def _with_bits(model, state: dict[str, torch.Tensor]):
+    model.load_state_dict({k: v.view(torch.float32) for k, v in state.items()})
+    return model
+
+
+def test_rejected_groups_are_reverted_bit_exactly():
+    base, target, live, _ = planted_pair()
+    before = bits(target)
+    bad = {block_of(live, "fc1.weight", 0)}  # holds the -0.0 and the subnormal
+    sequence = plan_replacements(target, live, LiveBlocks(base, BLOCK).matrix(),
+                                 PlanConfig(cost="delta", use_self=False))
+    result = run_search("greedy", target, live, sequence, PlantedOracle(live, bad), n=4)
+    assert result.validations == math.ceil(len(sequence) / 4) and len(result.accepted) < len(sequence)
+    live.revert(result.undo)
+    assert all(torch.equal(before[k], v) for k, v in bits(target).items())  # -0.0 stays -0.0
+
+
+def test_confirmation_bisects_the_accepted_prefix_and_reverts_the_rest_bit_exactly():
+    base, target, live, _ = planted_pair()
+    before = bits(target)
+    base_matrix = LiveBlocks(base, BLOCK).matrix()
+    sequence = plan_replacements(target, live, base_matrix, PlanConfig(cost="delta", use_self=False))
+    result = run_search("binary", target, live, sequence, PlantedOracle(live, set()))  # an overfit set
+    assert len(result.accepted) == len(sequence)
+    first_bad = 9
+    live.revert(result.undo)  # the confirmation's oracle remembers the original values
+    confirmer = PlantedOracle(live, {sequence[first_bad].block, sequence[first_bad + 3].block})
+    result.undo = live.apply(result.accepted)
+    confirm(target, live, result, confirmer)
+    assert [r.block for r in result.accepted] == [r.block for r in sequence[:first_bad]]
+    assert result.rejected_by_confirmation == len(sequence) - first_bad
+    assert result.confirmations == confirmer.validations <= 2 + math.ceil(math.log2(len(sequence)))
+    kept = {r.block for r in result.accepted}
+    original = LiveBlocks(_with_bits(MLP(), before), BLOCK).matrix()
+    after = LiveBlocks(target, BLOCK).matrix()
+    for i in range(live.n_blocks):
+        expected = base_matrix[i] if i in kept else original[i]
+        assert torch.equal(after[i].view(torch.int32), expected.view(torch.int32)), i
+    live.revert(result.undo)
+    assert all(torch.equal(before[k], v) for k, v in bits(target).items())
+
+
+# --- candidates ---------------------------------------------------------------------------------
+def _set_block(live: LiveBlocks, block: int, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        live._slice(block).copy_(values)  # noqa: SLF001
+
+
+def small_unrelated_pair():
+    """Two small, unrelated blocks of the target; their aligned base blocks are far away."""
+    base, target = MLP(0), MLP(0)
+    live, base_live = LiveBlocks(target, BLOCK), LiveBlocks(base, BLOCK)
+    g = torch.Generator().manual_seed(7)
+    a, b = block_of(live, "fc1.weight", 2), block_of(live, "fc1.weight", 5)
+    for blk in (a, b):
+        _set_block(live, blk, 0.01 * torch.randn(BLOCK, generator=g))
+        _set_block(base_live, blk, torch.randn(BLOCK, generator=g))
+    return base, target, live, base_live, a, b
+
+
+def sources(sequence) -> dict[int, tuple[str, int]]:
+    return {r.block: (r.source, r.source_block) for r in sequence}
+
+
+def test_a_small_unrelated_block_is_not_replaced_by_another_small_block_of_the_same_model():
+    base, target, live, base_live, a, b = small_unrelated_pair()
+    old = sources(plan_replacements(target, live, base_live.matrix(), OLD))
+    assert old[a] == ("self", b) or old[b] == ("self", a)  # the paper's nearest-by-L2 pairs them
+    new = sources(plan_replacements(target, live, base_live.matrix(), PlanConfig(cost="delta")))
+    assert new[a] == ("base", a) and new[b] == ("base", b)  # aligned: the base's block there
+
+
+def test_a_genuinely_close_self_or_cross_position_block_is_offered():
+    base, target = MLP(0), MLP(0)
+    live, base_live = LiveBlocks(target, BLOCK), LiveBlocks(base, BLOCK)
+    g = torch.Generator().manual_seed(3)
+    for i in range(live.n_blocks):  # every block moved well away from its aligned base block
+        _set_block(live, i, live.read(i)[: live._slice(i).numel()] + torch.randn(live._slice(i).numel(), generator=g))  # noqa: SLF001
+    src, dup = block_of(live, "fc1.weight", 1), block_of(live, "fc1.weight", 6)
+    _set_block(live, dup, live.read(src) + 1e-3 * torch.randn(BLOCK, generator=g))  # a near-copy
+    cross, far = block_of(live, "fc2.weight", 0), block_of(live, "fc1.weight", 3)
+    _set_block(live, cross, base_live.read(far) + 1e-3 * torch.randn(BLOCK, generator=g))
+    plan = sources(plan_replacements(target, live, base_live.matrix(), PlanConfig(cost="delta")))
+    assert plan.get(dup) == ("self", src) or plan.get(src) == ("self", dup)
+    assert plan[cross] == ("base", far)
+    others = {b for b, s in plan.items() if s != ("base", b)}
+    assert others <= {src, dup, cross}  # nothing else is offered anything but its aligned block
+    off = sources(plan_replacements(target, live, base_live.matrix(), PlanConfig(cost="delta", use_self=False)))
+    assert all(s == ("base", b) for b, s in off.items())
+
+
+# --- cost order ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cost", ["fisher", "taylor"])
+def test_the_cost_order_ranks_a_replacement_of_an_unused_weight_cheapest(cost):
+    base, target = MLP(0), MLP(0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for p in target.unused.parameters():
+            p.add_(5.0)  # far from the base, large in magnitude, but never used by the forward
+    live, base_matrix = LiveBlocks(target, BLOCK), LiveBlocks(base, BLOCK).matrix()
+    unused = set(range(block_of(live, "unused.weight"), block_of(live, "unused.bias") + 1))
+    assert len(unused) == 9
+    kw = dict(calibration=calibration(), loss_fn=mse_loss)
+    rows = torch.arange(live.n_blocks)
+    deltas = base_matrix.double() - live.matrix().double()
+    costs = replacement_costs(target, live.layout, rows, deltas, measure=cost, **kw)
+    assert all(costs[b] == 0 for b in unused) and costs.abs().sum() > 0  # zero gradient, zero Fisher
+    # (use_self off: the unused blocks, all moved by +5, are near one another — that is another test)
+    order = [r.block for r in plan_replacements(target, live, base_matrix, PlanConfig(cost=cost, use_self=False),
+                                                **kw)]
+    last_unused = max(order.index(b) for b in unused)
+    assert all(costs[b] <= 0 for b in order[:last_unused])  # before anything estimated to cost
+    if cost == "fisher":
+        assert set(order[: len(unused)]) <= unused | {b for b in order if costs[b] == 0}
+    by_delta = [r.block for r in plan_replacements(target, live, base_matrix,
+                                                   PlanConfig(cost="delta", use_self=False), **kw)]
+    assert set(by_delta[-len(unused):]) == unused  # the data-free order puts them last
+    by_saliency = [r.block for r in plan_replacements(target, live, base_matrix, OLD, **kw)]
+    assert not set(by_saliency[: len(unused)]) & unused  # and so does the paper's magnitude order
+
+
+# --- confirmation end to end -----------------------------------------------------------------------
+def overfit_family():
+    """The ε-1 base differs from the ε-8 target in the word embeddings of tokens 60–119 (badly) and
+    elsewhere by a hair. The validation split uses tokens 3–59 only, so it cannot see the damage;
+    the confirmation split uses tokens 60–119."""
+    target = tiny_model("bert", seed=0)
+    base = tiny_model("bert", seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(1e-4 * p.std() * torch.randn(p.shape, generator=g))
+        base.bert.embeddings.word_embeddings.weight[60:].add_(
+            3.0 * torch.randn(60, 32, generator=g))
+
+    def split(lo, hi, n, seed):
+        ids = torch.randint(lo, hi, (n, 12), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            labels = target(input_ids=ids).logits.argmax(-1)
+        return [{"input_ids": ids, "labels": labels}]
+
+    members = [Member("eps1", base, PrivacyMetadata(1.0, 1e-5, ("toy",))),
+               Member("eps8", target, PrivacyMetadata(8.0, 1e-5, ("toy",)))]
+    return members, split(3, 60, 200, 10), split(60, 120, 200, 11), split(3, 120, 200, 12)
+
+
+@pytest.mark.parametrize("with_confirmation", [False, True])
+def test_the_confirmation_catches_an_overfit_validation_set(tmp_path, with_confirmation):
+    members, val, conf, test = overfit_family()
+    target = members[1].model
+    embeddings = target.bert.embeddings.word_embeddings.weight
+    original = embeddings.detach().clone()
+    data = DedupData(classification_score, public_val=val, public_test=test,
+                     public_confirm=conf if with_confirmation else None)
+    config = DedupConfig(block_size=128, threshold=0.02, interactive=False)
+    report = deduplicate_family(members, data, config, tmp_path / "store")
+    (m,) = report.targets
+    damaged = not torch.equal(embeddings[60:], original[60:])
+    if not with_confirmation:
+        assert damaged and m.confirmations == 0  # the search's set passes on val alone
+        return
+    assert m.confirmations > 1 and m.rejected_by_confirmation > 0
+    assert not damaged  # the confirmation reverted what only the other split could see
+    checker = PublicValidator(conf, classification_score, reference=_fresh_target(), allowed_drop=0.02)
+    assert checker.accepts(target)
+    loaded = DedupedModel.from_pretrained(tmp_path / "store" / "members" / "eps8")
+    for k, v in target.state_dict().items():  # what is stored is what was validated, bit for bit
+        assert torch.equal(loaded.state_dict()[k].view(torch.uint8), v.contiguous().view(torch.uint8)), k
+
+
+def _fresh_target():
+    return tiny_model("bert", seed=0)
+
+
+# --- utilities with standard errors -------------------------------------------------------------------
+def test_utilities_carry_their_standard_error():
+    class Fixed(nn.Module):
+        def forward(self, s):
+            return s
+
+    scores = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])]
+    u = public_utility_stats(Fixed(), scores, lambda model, batch: model(batch))
+    # mean 3/4; sample variance ((1/4)² · 3 + (3/4)²) / 3 = 1/4; SE √(1/4 / 4) = 1/4
+    assert (u.mean, u.se, u.n) == (0.75, 0.25, 4)
+    u = public_utility_stats(Fixed(), [torch.tensor([0.5, 0.5, 0.5])], lambda model, batch: model(batch))
+    assert (u.mean, u.se, u.n) == (0.5, 0.0, 3)
+
+
+def test_reports_carry_the_standard_errors_of_the_utilities(tmp_path):
+    members, val, conf, test = overfit_family()
+    data = DedupData(classification_score, public_val=val, public_test=test, public_confirm=conf)
+    report = deduplicate_family(members, data, DedupConfig(block_size=128, threshold=0.02, interactive=False),
+                                tmp_path / "s")
+    for m in report.models:
+        for before, se, n in ((m.val_utility_before, m.val_utility_se, 200), (m.test_utility_before, m.test_utility_se, 200)):
+            assert se == pytest.approx(math.sqrt(before * (1 - before) * n / (n - 1) / n))
+    assert report.targets[0].to_dict()["test_utility_se"] == report.targets[0].test_utility_se
+
+
+def test_the_confirmation_margin_widens_the_allowed_drop_by_standard_errors():
+    class Scores(nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.values = values
+
+        def forward(self, batch):
+            return self.values
+
+    reference = Scores(torch.tensor([1.0, 0.0, 1.0, 1.0]))  # utility 3/4, SE 1/4 (above)
+    worse = Scores(torch.tensor([1.0, 0.0, 0.0, 1.0]))  # utility 1/2: a drop of 1/4
+    score = lambda model, batch: model(batch)  # noqa: E731
+    plain = PublicValidator([None], score, reference=reference, allowed_drop=0.1)
+    wide = PublicValidator([None], score, reference=reference, allowed_drop=0.1, margin_se=1.0)
+    assert (plain.minimum, wide.minimum) == (pytest.approx(0.65), pytest.approx(0.4))
+    assert not plain.accepts(worse) and wide.accepts(worse)
