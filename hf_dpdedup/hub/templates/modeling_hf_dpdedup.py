@@ -72,6 +72,9 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
 
     with open(store_file("block_store.json"), encoding="utf-8") as f:
         index = json.load(f)
+    if index.get("codec", "none") != "none":
+        raise OSError(f"The block store of {path} is entropy-coded ({index['codec']}): `pip install hf_dpdedup` "
+                      "to load it (this remote code reads uncoded stores on its own).")
     state_dict = rebuild(constitution, index, store_file)
     extras_path = member_file(constitution["extras"]["file"])
     check_sha256(extras_path, constitution["extras"]["sha256"])
