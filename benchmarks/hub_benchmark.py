@@ -4,13 +4,17 @@
 
 Everything goes through huggingface_hub against the local Hub-compatible server (127.0.0.1), so it
 runs offline. transformers has no ``endpoint=`` argument, so ``HF_ENDPOINT`` is set to the server's
-address *before* huggingface_hub is imported (it reads it once, at import).
+address *before* huggingface_hub is imported (it reads it once, at import), and ``HF_HUB_DISABLE_XET=1``
+so that large files are uploaded through git LFS, which the server implements.
 
 Figures (``benchmarks/results/hub.json``):
 - ``dedup_warm_load_s`` / ``hf_warm_load_s``: median time to load one member with
   ``DedupedModel.from_pretrained(repo_id)`` vs. ``AutoModelForSequenceClassification.from_pretrained``
   of the same model pushed as a plain repo, both from a warm cache (online: the branch is resolved),
   and the ``_offline`` variants (``local_files_only=True``: no request at all); ``*_ratio`` = dedup / hf.
+  ``remote_code_warm_load_s``: the member loaded with plain transformers,
+  ``AutoModelForSequenceClassification.from_pretrained(member, trust_remote_code=True)`` (the repo's
+  ``modeling_hf_dpdedup.py``, which uses hf_dpdedup when installed), ``remote_code_ratio`` = that / hf;
   ``*_fresh_process_s`` clears the in-process verification cache before each load, as a newly
   started process sees it: shards are then trusted through the markers ``hf_dpdedup.hub.download.
   verify_cached`` keeps beside the huggingface_hub cache (hashed once per downloaded blob);
@@ -37,17 +41,24 @@ def free_port() -> int:
 PORT = free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{PORT}"
 os.environ["HF_HUB_OFFLINE"] = "0"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))  # remote code, not ~/.cache
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+)
 
 from common import median_seconds, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402
-from hf_dpdedup.demo import make_member, minilm_folder  # noqa: E402
+from hf_dpdedup.demo import minilm_folder  # noqa: E402
 from hf_dpdedup.hub.local_server import HubServer  # noqa: E402
 from hf_dpdedup.privacy import PrivacyMetadata  # noqa: E402
 from hf_dpdedup.store.io import forget_verified  # noqa: E402
@@ -60,6 +71,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def make_member(base: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """A stand-in for a DP fine-tune: base weights with the top layer nudged, a fresh head."""
+    torch.manual_seed(seed)
+    member = BertForSequenceClassification(base.config).eval()
+    member.bert.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for p in member.bert.encoder.layer[-1].parameters():
+            p.add_(scale * torch.randn_like(p) * p.std())
+    return member
+
+
 def build(tmp: Path, block_size: int):
     folder = minilm_folder()
     base = AutoModel.from_pretrained(folder).eval()
@@ -69,7 +91,7 @@ def build(tmp: Path, block_size: int):
     family = FamilyStore.create(tmp / "family", block_size=block_size)
     members = {}
     for i, eps in enumerate(EPSILONS):
-        name = f"minilm-eps{eps:g}"
+        name = f"eps{eps:g}"
         members[name] = make_member(base, seed=i, scale=0.01 * (i + 1))
         family.add_model(name, members[name], tokenizer=tokenizer, privacy=PrivacyMetadata(eps, 1e-5, ("bench",)))
         members[name].save_pretrained(tmp / "plain" / name)
@@ -95,26 +117,30 @@ def main() -> None:
         # bytes: all 5 members into one fresh cache, as a family and as plain repos
         family_cache, plain_cache = tmp / "family-cache", tmp / "plain-cache"
         for name in members:
-            DedupedModel.from_pretrained(f"bench/{name}", cache_dir=family_cache, token=TOKEN)
+            DedupedModel.from_pretrained(f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN)
             AutoModelForSequenceClassification.from_pretrained(f"bench/plain-{name}", cache_dir=plain_cache,
                                                                token=TOKEN)
         family_bytes, plain_bytes = folder_bytes(family_cache), folder_bytes(plain_cache)
         stored = family.stored_bytes()
 
         # load time from the warm caches, same run, interleaved repeats
-        name = "minilm-eps4"
+        name = "eps4"
         figures = {}
         for mode, kwargs in (("", {}), ("_offline", {"local_files_only": True})):
             dedup_s = median_seconds(lambda: DedupedModel.from_pretrained(
-                f"bench/{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats)
+                f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats)
             hf_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
                 f"bench/plain-{name}", cache_dir=plain_cache, token=TOKEN, **kwargs), args.repeats)
             fresh_s = median_seconds(lambda: DedupedModel.from_pretrained(
-                f"bench/{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats, setup=forget_verified)
+                f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats,
+                setup=forget_verified)
             figures.update({f"dedup_warm_load{mode}_s": dedup_s, f"hf_warm_load{mode}_s": hf_s,
                             f"warm_load{mode}_ratio": dedup_s / hf_s,
                             f"dedup_warm_load{mode}_fresh_process_s": fresh_s,
                             f"warm_load{mode}_fresh_process_ratio": fresh_s / hf_s})
+        remote_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
+            f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, trust_remote_code=True), args.repeats)
+        figures.update({"remote_code_warm_load_s": remote_s, "remote_code_ratio": remote_s / figures["hf_warm_load_s"]})
     figures.update({
         "family_members": len(members),
         "family_download_bytes": family_bytes,

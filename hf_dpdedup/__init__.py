@@ -16,11 +16,16 @@ transformers.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import HfDpDedupError
 
 __version__ = "0.1.0"
+
+# A library logs through ``logging.getLogger(__name__)`` and leaves handlers to the application (as
+# huggingface_hub and transformers do); ``hf-dpdedup -v`` turns the messages on.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
     "DedupedModel": "modeling",

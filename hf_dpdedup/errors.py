@@ -125,6 +125,16 @@ class PushError(HubError):
     """A push that failed midway; every repo still holds its previous (loadable) commit: re-run it."""
 
 
+class RepoNameError(HubError, ValueError):
+    """A repo id the Hub would refuse (``huggingface_hub.utils.validate_repo_id``)."""
+
+
+class RepoCollisionError(PushError):
+    """A push that would repoint an existing repo at another block store (pass ``force=True``)."""
+
+
+class LoadArgumentError(HfDpDedupError, TypeError):
+    """A ``from_pretrained`` / ``pipeline`` keyword that neither hf_dpdedup nor transformers knows."""
 class SeededPushError(HubError, PrivacyError):
     """A member whose noise came from a known seed (not private) was about to be published."""
 

@@ -11,6 +11,7 @@ Members load from a local member folder or from a Hub repo id (``namespace/name`
 
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from typing import Any
 import torch
 import transformers
 from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from .blocks import parse_dtype
-from .errors import ConstitutionError, StoreFormatError
+from .errors import ConstitutionError, LoadArgumentError, StoreFormatError
+from .hub.download import HubOptions, download_member, fetch_store, is_repo_id
 from .privacy.noise import SEEDED_LABEL
 from .store.constitution import Constitution
 from .store.io import live_dir
@@ -88,50 +90,77 @@ class DedupedModel:
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        *,
+        *model_args: Any,
+        config: PretrainedConfig | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
+        subfolder: str = "",
         endpoint: str | None = None,
         store_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: str | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
         model_class: type[PreTrainedModel] | None = None,
         verify: bool = True,
+        **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a member (local folder or Hub repo) as a transformers model with bit-identical weights.
+
+        The keywords follow ``PreTrainedModel.from_pretrained`` in transformers 5: hub keywords
+        (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``force_download``,
+        ``subfolder``) locate the member; ``config`` replaces its ``config.json``; ``dtype``
+        (alias ``torch_dtype``), ``device_map`` and ``attn_implementation`` shape the model; every
+        other keyword updates the config (``num_labels=``, ``output_hidden_states=True``, ...), as
+        transformers does. Keywords transformers' auto classes and pipelines pass along
+        (``trust_remote_code``, ``proxies``, ``code_revision``, ...) are accepted and ignored.
 
         Args:
             pretrained_model_name_or_path: a member folder (``.../members/<name>``) or the Hub repo id
                 of a member (``namespace/name``, as pushed by ``push_family_to_hub``).
+            config: a config to use instead of the member's ``config.json``.
             revision: the member repo's branch, tag or commit (default ``main``). The block store is
                 always read at the commit sha its constitution pins, never at a branch.
             cache_dir: huggingface_hub cache folder (default ``HF_HUB_CACHE``).
-            token: Hub token for private repos (default: the saved login).
+            token: Hub token for private or gated repos (default: the saved login).
             local_files_only: use the cache only (also implied by ``HF_HUB_OFFLINE=1``).
             force_download: download again even if cached (e.g. after a checksum error).
+            subfolder: the member folder inside the repo or folder, if not at its root.
             endpoint: Hub URL (default ``HF_ENDPOINT`` or huggingface.co).
             store_dir: the block store folder, if not where the member's constitution says.
-            torch_dtype: cast the weights to this dtype after rebuilding (default: stored dtype).
+            dtype: cast the weights to this dtype after rebuilding (``"auto"`` or ``None``: the stored
+                dtype). ``torch_dtype`` is the transformers 4 name of the same argument.
             device_map: ``"auto"``, a device string, or an Accelerate device map dict.
             device: move the model to this device (shorthand for a single-device ``device_map``).
+            attn_implementation: ``"eager"``, ``"sdpa"``, ... as in transformers.
             model_class: the class to build; default ``config.architectures[0]``.
             verify: check the sha256 of every file read (on by default; each file version is
                 hashed once per process).
 
+        Raises:
+            LoadArgumentError: a keyword that is neither a loading option nor a config attribute.
+
         Example:
             >>> model = DedupedModel.from_pretrained("family/members/eps4")
-            >>> model = DedupedModel.from_pretrained("my-org/minilm-sst2-eps4")  # from the Hub
+            >>> model = DedupedModel.from_pretrained("my-org/minilm-sst2-eps4", dtype="bfloat16")
             >>> model.dedup_info.epsilon
             4.0
         """
-        from .hub.download import HubOptions
-
+        if model_args:
+            raise LoadArgumentError(
+                f"DedupedModel.from_pretrained takes no positional model arguments (got {len(model_args)}); "
+                "pass config overrides as keywords (e.g. num_labels=3)."
+            )
+        dtype = _one_dtype(dtype, torch_dtype)
+        for name in _IGNORED_KWARGS:
+            kwargs.pop(name, None)
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download, endpoint)
-        member_dir, repo_id = _resolve_member(pretrained_model_name_or_path, hub)
+        member_dir, repo_id = _resolve_member(pretrained_model_name_or_path, hub, subfolder)
+        _config(member_dir, config, kwargs)  # a misspelt keyword or a bad config.json fails before any download
 
         def read(folder: Path, constitution: Constitution) -> tuple[PreTrainedModel, Constitution, Any]:
             ref = constitution.block_store
@@ -139,8 +168,6 @@ class DedupedModel:
             if where is None and (repo_id is not None or ref.path is None):
                 # A downloaded member never resolves a local path: its blocks come from the pinned
                 # store commit only (a path in a Hub constitution could name any local folder).
-                from .hub.download import fetch_store
-
                 where = fetch_store(constitution, hub, verify=verify)
             store = open_member_store(folder, constitution, where)
             # Checking and gathering the weights (GIL-free hashing and copies) runs beside building
@@ -148,18 +175,20 @@ class DedupedModel:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 weights = pool.submit(load_member_state_dict, folder, constitution, store, verify=verify)
                 try:
-                    config = read_config(folder)
-                    klass = model_class or _model_class(config, constitution.architecture)
-                    skeleton = empty_model(klass, config, parse_dtype(constitution.dtype)) if constitution.tensors else None
+                    member_config = _config(folder, config, kwargs)
+                    klass = model_class or _model_class(member_config, constitution.architecture)
+                    skeleton = (empty_model(klass, member_config, parse_dtype(constitution.dtype),
+                                            attn_implementation=attn_implementation)
+                                if constitution.tensors else None)
                 finally:
                     state_dict = weights.result()
-            model = build_model(klass, config, state_dict, aliases=constitution.aliases, extras=constitution.extras,
-                                skeleton=skeleton)
+            model = build_model(klass, member_config, state_dict, aliases=constitution.aliases,
+                                extras=constitution.extras, skeleton=skeleton, attn_implementation=attn_implementation)
             return model, constitution, store
 
         model, constitution, store = read_consistently(member_dir, read)
         ref = constitution.block_store
-        model = _place(model, torch_dtype=torch_dtype, device_map=device_map, device=device)
+        model = _place(model, torch_dtype=dtype, device_map=device_map, device=device)
         model.dedup_info = DedupInfo(
             name=constitution.name,
             member_path=str(member_dir),
@@ -174,9 +203,12 @@ class DedupedModel:
         return model
 
 
-def read_config(member_dir: Path) -> Any:
-    """The member's transformers config; a missing, invalid or unknown one is a typed error."""
+def read_config(member_dir: Path, **overrides: Any) -> Any:
+    """The member's transformers config; a missing, invalid or unknown one is a typed error. With
+    ``overrides``: ``(config, unused overrides)``, as ``AutoConfig.from_pretrained`` returns them."""
     try:
+        if overrides:
+            return AutoConfig.from_pretrained(member_dir, return_unused_kwargs=True, **overrides)
         return AutoConfig.from_pretrained(member_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise StoreFormatError(
@@ -186,16 +218,52 @@ def read_config(member_dir: Path) -> Any:
         ) from None
 
 
-def _resolve_member(path_or_id: str | os.PathLike, hub: Any) -> tuple[Path, str | None]:
+# keywords transformers' auto classes and pipelines pass to a remote class's from_pretrained, which
+# mean nothing for a member (its code and weights come from this package and its block store)
+_IGNORED_KWARGS = (
+    "trust_remote_code", "code_revision", "proxies", "adapter_kwargs", "_from_auto", "_from_pipeline",
+    "_commit_hash", "use_safetensors", "weights_only", "low_cpu_mem_usage", "tqdm_class",
+)
+
+
+def _one_dtype(dtype: Any, torch_dtype: Any) -> Any:
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise LoadArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only dtype=.")
+    return dtype if dtype is not None else torch_dtype
+
+
+def _config(member_dir: Path, config: PretrainedConfig | None, overrides: dict[str, Any]) -> PretrainedConfig:
+    """The member's config (or ``config``) with ``overrides`` applied, as transformers applies
+    ``from_pretrained(..., num_labels=3)``; a keyword that is no config attribute is refused."""
+    if config is None and overrides:
+        config, unused = read_config(member_dir, **overrides)
+    elif config is None:
+        config, unused = read_config(member_dir), {}
+    else:
+        config = copy.deepcopy(config)
+        unused = {}
+        for key, value in overrides.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+    if unused:
+        raise LoadArgumentError(
+            f"DedupedModel.from_pretrained got unexpected keyword arguments {sorted(unused)}: they are neither "
+            "loading options nor attributes of the member's config. Check the spelling (see "
+            "help(DedupedModel.from_pretrained))."
+        )
+    return config
+
+
+def _resolve_member(path_or_id: str | os.PathLike, hub: HubOptions, subfolder: str = "") -> tuple[Path, str | None]:
     """The member folder, and the Hub repo id it was downloaded from (None for a local folder)."""
-    path = Path(path_or_id)
+    path = Path(path_or_id) / subfolder if subfolder else Path(path_or_id)
     if (live_dir(path) / CONSTITUTION_FILE).is_file():
         return path, None
-    if not path.exists() and isinstance(path_or_id, str):
-        from .hub.download import download_member, is_repo_id
-
-        if is_repo_id(path_or_id):
-            return download_member(path_or_id, hub), path_or_id
+    if not Path(path_or_id).exists() and isinstance(path_or_id, str) and is_repo_id(path_or_id):
+        folder = download_member(path_or_id, hub, subfolder=subfolder)
+        return (folder / subfolder if subfolder else folder), path_or_id
     if path.is_dir():
         raise StoreFormatError(
             f"{path} has no {CONSTITUTION_FILE}: it is not a deduplicated member folder. "
@@ -227,12 +295,14 @@ def build_model(
     aliases: dict[str, str] | None = None,
     extras: tuple[str, ...] = (),
     skeleton: PreTrainedModel | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Build ``klass`` with no weights (or take ``skeleton``, built so by :func:`empty_model`) and
     assign ``state_dict`` into it; re-tie ``aliases``. (``extras``: the tensors read from
     extras.safetensors, named in errors about them.)"""
     dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-    model = skeleton if skeleton is not None else empty_model(klass, config, dtype)
+    model = skeleton if skeleton is not None else empty_model(klass, config, dtype,
+                                                             attn_implementation=attn_implementation)
     aliases = aliases or {}
     own = {k: v for k, v in state_dict.items() if k not in aliases}
     check_shapes(model, own, extras)
@@ -256,12 +326,14 @@ def build_model(
     return model
 
 
-def empty_model(klass: type[PreTrainedModel], config: Any, dtype: torch.dtype | None) -> PreTrainedModel:
+def empty_model(klass: type[PreTrainedModel], config: Any, dtype: torch.dtype | None, *,
+                attn_implementation: str | None = None) -> PreTrainedModel:
     """``klass`` with meta tensors. Weights are assigned right after: transformers' weight
     initialisation is skipped (on meta tensors it is pure Python overhead, most of the
     construction time of a small model)."""
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(), no_init_weights():
-        return klass._from_config(config, dtype=dtype)
+        return klass._from_config(config, dtype=dtype, **extra)
 
 
 def check_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a Hub (set before huggingface_hub is imported)
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # uploads take the git-LFS path the local Hub serves
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

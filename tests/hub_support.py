@@ -1,6 +1,7 @@
 """Shared pieces of the Hub tests: a local Hub-compatible server and a tiny three-member family.
 
-conftest sets ``HF_HUB_OFFLINE=1`` so that no test can reach a real Hub. huggingface_hub reads it
+conftest sets ``HF_HUB_OFFLINE=1`` so that no test can reach a real Hub, and ``HF_HUB_DISABLE_XET=1``
+so that the real client uploads large files through git LFS, which the local server implements. huggingface_hub reads it
 once, at import, into ``huggingface_hub.constants``; the ``hub`` fixture turns it off for the test's
 duration only; every call passes ``endpoint=`` (a server on 127.0.0.1) and ``cache_dir=``, and the
 default cache is a temporary folder. (``constants.ENDPOINT`` is deliberately *not* patched:
@@ -34,6 +35,7 @@ def hub(monkeypatch, tmp_path):
 
     with HubServer(tokens=TOKENS) as server:
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        assert constants.HF_HUB_DISABLE_XET, "conftest sets HF_HUB_DISABLE_XET=1 before huggingface_hub is imported"
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "default-cache"))
         monkeypatch.setenv("HF_TOKEN", "hf_read")  # never a real token, even if one is saved

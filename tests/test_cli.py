@@ -76,3 +76,13 @@ def test_demo_trains_deduplicates_and_loads_from_the_hub(tmp_path):
         assert m.test_utility_before - m.test_utility_after <= 0.015 + 2 * m.test_utility_se
     assert result["hub"]["pipeline_accuracy"] > 0.5  # members learn: chance is 0.1
     assert result["hub"]["epsilon_after"] > 7.5  # ε 8 member after composing with the ε 1 base
+
+
+def test_version(capsys):
+    from hf_dpdedup import __version__
+    from hf_dpdedup.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"hf-dpdedup {__version__} (transformers ")

@@ -116,6 +116,15 @@ def test_live_blocks_see_tied_weights_once_and_edit_in_place():
     assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
 
 
+@pytest.mark.parametrize("strategy,options", [("binary", {"min_group": 2}), ("mcts", {"group": 20, "episodes": 5})])
+def test_progress_advances_once_per_validation(strategy, options):
+    model, live, _, sequence, oracle = setup({40, 300})
+    ticks = []
+    result = run_search(strategy, model, live, sequence, oracle, progress=ticks.append, **options)
+    assert sum(ticks) == oracle.validations and len(ticks) >= 1
+    assert result.validations >= sum(ticks)
+
+
 class AlwaysAccepts:
     validations = 0
     halted = False

@@ -46,10 +46,11 @@ def card(dedup=DEDUP, **kwargs) -> ModelCard:
 
 def test_metadata_has_the_hub_keys_and_the_privacy_block():
     data = card().data.to_dict()
-    assert data["library_name"] == "hf_dpdedup"
+    assert data["library_name"] == "transformers"
     assert data["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert data["base_model_relation"] == "finetune"
-    assert {"differential-privacy", "deduplicated", "hf_dpdedup"} <= set(data["tags"])
+    assert {"transformers", "differential-privacy", "deduplicated", "hf_dpdedup", "dp-epsilon-5.5"} <= set(data["tags"])
+    assert data["datasets"] == ["acme/private-reviews"]
     assert data["pipeline_tag"] == "text-classification"
     block = data["hf_dpdedup"]
     assert block["privacy"]["original"] == {"epsilon": 4.0, "delta": 1e-5, "accountant": "rdp"}
@@ -125,3 +126,27 @@ def test_engine_record_with_original_privacy_and_ledger():
     assert block["after_dedup"]["loose"] == {"epsilon": report.epsilon_loose, "delta": report.delta_loose}
     assert "tight" not in block["after_dedup"] or block["after_dedup"]["tight"]["epsilon"] is not None
     assert "budget ε = 4 " in c.text and "60 of them were replaced" in c.text
+
+
+def test_datasets_tags_and_split_for_the_hub():
+    from hf_dpdedup.privacy import Charge, account
+
+    report = account([Charge("eps4", ("acme/private-reviews",), 4.0, 1e-5),
+                      Charge("svt-eps4", ("acme/private-reviews", "acme/private-val"), 2.1000000000000005, 0.0,
+                             kind="svt")])
+    dedup = {"base": "eps1", "ledger": report.to_dict(),
+             "public_test": {"dataset": "stanfordnlp/sst2", "metric": "accuracy", "after": 0.8}}
+    data = card(dedup).data.to_dict()
+    assert data["datasets"] == ["acme/private-reviews", "acme/private-val"]  # training, then validation
+    assert "dp-epsilon-6.1" in data["tags"]  # rounded for display ...
+    assert data["hf_dpdedup"]["privacy"]["after_dedup"]["loose"]["epsilon"] == report.epsilon_loose  # ... exact here
+    assert "6.1000000000000005" not in card(dedup).text
+    [result] = data["model-index"][0]["results"]
+    assert result["dataset"]["split"] == "test"  # a split name, even when none was recorded
+
+
+def test_card_opens_with_how_to_load_it_with_and_without_hf_dpdedup():
+    body = str(card()).split("\n---\n", 1)[1].lstrip().splitlines()
+    assert body[0].startswith("# minilm-eps4")
+    assert 'hf_dpdedup.DedupedModel.from_pretrained("acme/minilm-eps4")' in body[2]
+    assert 'AutoModelForSequenceClassification.from_pretrained("acme/minilm-eps4", trust_remote_code=True)' in body[3]

@@ -41,7 +41,7 @@ def load(hub, repo_id, cache, **kwargs):
 def test_every_member_loads_bit_identical_in_a_fresh_cache_fetching_only_its_shards(hub, pushed, models, tmp_path):
     for name, original in models.items():
         hub.log.clear()
-        loaded = load(hub, f"alice/{name}", tmp_path / f"cache-{name}")
+        loaded = load(hub, f"alice/tiny-{name}", tmp_path / f"cache-{name}")
         assert type(loaded) is type(original)
         assert torch.equal(logits(loaded), logits(original))
         reference = original.state_dict()
@@ -49,7 +49,7 @@ def test_every_member_loads_bit_identical_in_a_fresh_cache_fetching_only_its_sha
         assert set(hub.fetched(STORE_REPO)) == {"block_store.json"} | NEEDS[name]  # partial download
         info = loaded.dedup_info
         assert (info.repo_id, info.store_repo_id, info.store_revision) == (
-            f"alice/{name}", STORE_REPO, pushed.store.commit)
+            f"alice/tiny-{name}", STORE_REPO, pushed.store.commit)
         assert COMMIT_SHA.match(info.store_revision) and info.epsilon == original_epsilon(name)
 
 
@@ -59,9 +59,9 @@ def original_epsilon(name: str) -> float:
 
 def test_second_member_reuses_the_cached_shards(hub, pushed, tmp_path):
     cache = tmp_path / "shared-cache"
-    load(hub, "alice/m1", cache)
+    load(hub, "alice/tiny-m1", cache)
     hub.log.clear()
-    load(hub, "alice/m2", cache)
+    load(hub, "alice/tiny-m2", cache)
     assert hub.fetched(STORE_REPO) == ["blocks-00003.safetensors"]  # shard 1 and the index: cached
     blobs = list((cache / "models--alice--tiny-blocks" / "blobs").iterdir())
     assert len(blobs) == 4  # index + three shards, each stored once
@@ -69,18 +69,18 @@ def test_second_member_reuses_the_cached_shards(hub, pushed, tmp_path):
 
 def test_offline_reload_from_the_cache_alone(hub, pushed, models, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    load(hub, "alice/m1", cache)
+    load(hub, "alice/tiny-m1", cache)
     hub.log.clear()
-    again = load(hub, "alice/m1", cache, local_files_only=True)
+    again = load(hub, "alice/tiny-m1", cache, local_files_only=True)
     assert torch.equal(logits(again), logits(models["m1"]))
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
-    offline = load(hub, "alice/m1", cache)
+    offline = load(hub, "alice/tiny-m1", cache)
     assert torch.equal(logits(offline), logits(models["m1"]))
     assert hub.log == []  # not one request reached the server
     with pytest.raises(HubOfflineError, match="not in the local cache"):
-        load(hub, "alice/m2", cache)  # its shard 3 was never downloaded
+        load(hub, "alice/tiny-m2", cache)  # its shard 3 was never downloaded
 
 
 def test_old_member_commit_keeps_loading_what_it_was_pinned_to(hub, pushed, family, models, tmp_path):
@@ -89,8 +89,8 @@ def test_old_member_commit_keeps_loading_what_it_was_pinned_to(hub, pushed, fami
     second = push_family_to_hub(family_plus(family, models["m0"], tmp_path), "alice", family_name="tiny",
                                 token="hf_write", endpoint=hub.url)
     assert second.store.changed and second.store.commit != pushed.store.commit
-    old = load(hub, "alice/m0", tmp_path / "c1", revision=old_member_commit)
-    new = load(hub, "alice/m0", tmp_path / "c2")
+    old = load(hub, "alice/tiny-m0", tmp_path / "c1", revision=old_member_commit)
+    new = load(hub, "alice/tiny-m0", tmp_path / "c2")
     assert old.dedup_info.store_revision == pushed.store.commit
     assert new.dedup_info.store_revision == second.store.commit
     assert torch.equal(logits(old), logits(models["m0"])) and torch.equal(logits(new), logits(models["m0"]))
@@ -119,7 +119,7 @@ def family_plus(family, base, tmp_path):
 
 
 def test_pipeline_from_a_repo_id_with_the_members_tokenizer(hub, pushed, models, tmp_path):
-    classify = pipeline("text-classification", "alice/m2", endpoint=hub.url, cache_dir=tmp_path / "cache",
+    classify = pipeline("text-classification", "alice/tiny-m2", endpoint=hub.url, cache_dir=tmp_path / "cache",
                         pipeline_kwargs={"top_k": None})
     scores = classify(["a very good film", "the plot is dull"])
     assert len(scores) == 2 and all(len(s) == 2 for s in scores)

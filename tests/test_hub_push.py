@@ -15,7 +15,7 @@ from hf_dpdedup.errors import HubAuthError, PushError
 
 from hub_support import family_models, hub, logits, make_family  # noqa: F401
 
-REPOS = ("alice/tiny-blocks", "alice/m0", "alice/m1", "alice/m2")
+REPOS = ("alice/tiny-blocks", "alice/tiny-m0", "alice/tiny-m1", "alice/tiny-m2")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_store_first_then_members_pinned_to_its_commit_sha(hub, family):
     assert result.commits_made == 4
     assert [p for _, p in hub.log if "/commit/" in p][0] == "/api/models/alice/tiny-blocks/commit/main"
     for name in ("m0", "m1", "m2"):
-        ref = remote_constitution(hub, f"alice/{name}")["block_store"]
+        ref = remote_constitution(hub, f"alice/tiny-{name}")["block_store"]
         assert ref == {"store_id": family.blocks.store_id, "path": None, "repo_id": "alice/tiny-blocks",
                        "revision": hub.head("alice/tiny-blocks")}
     # the local family is untouched: its constitutions still point at the local store folder
@@ -76,30 +76,30 @@ def test_repushing_an_unchanged_family_makes_no_commit(hub, family):
 def test_failed_push_keeps_every_repo_loadable_and_resumes(hub, family, models, tmp_path):
     first = push(hub, family)
     grow(family, models)
-    hub.inject("POST", r"/api/models/alice/m1/commit/", "drop")
+    hub.inject("POST", r"/api/models/alice/tiny-m1/commit/", "drop")
     with pytest.raises(PushError, match="Run the same push again") as err:
         push(hub, family)
     assert "alice/tiny-blocks" in str(err.value)  # says what is already up to date
     # m1 still holds its previous commit, pinned to the previous store commit, and loads
-    assert hub.head("alice/m1") == first.members["m1"].commit
-    old = DedupedModel.from_pretrained("alice/m1", endpoint=hub.url, cache_dir=tmp_path / "c")
+    assert hub.head("alice/tiny-m1") == first.members["m1"].commit
+    old = DedupedModel.from_pretrained("alice/tiny-m1", endpoint=hub.url, cache_dir=tmp_path / "c")
     assert old.dedup_info.store_revision == first.store.commit
     assert torch.equal(logits(old), logits(models["m1"]))
-    store_head, m0_head = hub.head("alice/tiny-blocks"), hub.head("alice/m0")
+    store_head, m0_head = hub.head("alice/tiny-blocks"), hub.head("alice/tiny-m0")
     resumed = push(hub, family)
     assert not resumed.store.changed and not resumed.members["m0"].changed  # already done: skipped
     assert resumed.members["m1"].changed and resumed.members["m3"].changed
-    assert (hub.head("alice/tiny-blocks"), hub.head("alice/m0")) == (store_head, m0_head)
-    assert remote_constitution(hub, "alice/m1")["block_store"]["revision"] == store_head
+    assert (hub.head("alice/tiny-blocks"), hub.head("alice/tiny-m0")) == (store_head, m0_head)
+    assert remote_constitution(hub, "alice/tiny-m1")["block_store"]["revision"] == store_head
 
 
 def test_commit_applied_but_answer_lost_is_not_committed_twice(hub, family):
-    hub.inject("POST", r"/api/models/alice/m0/commit/", "cut")
+    hub.inject("POST", r"/api/models/alice/tiny-m0/commit/", "cut")
     with pytest.raises(PushError):
         push(hub, family)
     before = counts(hub)
     push(hub, family)
-    assert counts(hub)["alice/m0"] == before["alice/m0"]  # the lost commit was there: nothing re-sent
+    assert counts(hub)["alice/tiny-m0"] == before["alice/tiny-m0"]  # the lost commit was there: nothing re-sent
 
 
 def test_token_without_write_access_is_refused_with_a_next_step(hub, family):
@@ -115,16 +115,16 @@ def test_private_family_needs_a_token_to_load(hub, family, tmp_path):
 
     push(hub, family, private=True)
     with pytest.raises(HubRepoNotFoundError, match="token"):
-        DedupedModel.from_pretrained("alice/m0", endpoint=hub.url, cache_dir=tmp_path / "a", token=False)
-    loaded = DedupedModel.from_pretrained("alice/m0", endpoint=hub.url, cache_dir=tmp_path / "b", token="hf_read")
-    assert loaded.dedup_info.repo_id == "alice/m0"
+        DedupedModel.from_pretrained("alice/tiny-m0", endpoint=hub.url, cache_dir=tmp_path / "a", token=False)
+    loaded = DedupedModel.from_pretrained("alice/tiny-m0", endpoint=hub.url, cache_dir=tmp_path / "b", token="hf_read")
+    assert loaded.dedup_info.repo_id == "alice/tiny-m0"
 
 
 def test_cli_push(hub, family, capsys):
     code = main(["push", str(family.root), "alice", "--family-name", "cli", "--token", "hf_write",
                  "--endpoint", hub.url, "--base-model", "google-bert/bert-base-uncased"])
     out = capsys.readouterr().out
-    assert code == 0 and "alice/cli-blocks" in out and "alice/m2" in out
+    assert code == 0 and "alice/cli-blocks" in out and "alice/cli-m2" in out
     assert main(["push", str(family.root), "alice", "--family-name", "cli", "--token", "hf_read",
                  "--endpoint", hub.url]) == 2
     assert "HubAuthError" in capsys.readouterr().err
@@ -165,7 +165,7 @@ def test_a_family_from_the_dedup_engine_pushes_with_its_privacy_record(hub, tmp_
                        tmp_path / "engine")
     family = FamilyStore.open(tmp_path / "engine")
     push(hub, family)
-    loaded = DedupedModel.from_pretrained("alice/eps8", endpoint=hub.url, cache_dir=tmp_path / "c")
+    loaded = DedupedModel.from_pretrained("alice/engine-eps8", endpoint=hub.url, cache_dir=tmp_path / "c")
     local = DedupedModel.from_pretrained(family.member_path("eps8"))
     assert torch.equal(logits(loaded), logits(local))
     card = ModelCard.load(Path(loaded.dedup_info.member_path) / "README.md")
@@ -183,11 +183,11 @@ def test_seeded_members_are_refused_unless_allowed_and_their_cards_say_so(hub, m
     family.add_model("m1", models["m1"], privacy=PrivacyMetadata(2.0, 1e-5, ("private-reviews",), seeded=True))
     with pytest.raises(SeededPushError, match="allow_seeded"):
         push(hub, family)
-    assert not hub.repos.get("alice/m1")
+    assert not hub.repos.get("alice/tiny-m1")
     push(hub, family, allow_seeded=True)
-    card = hub.blobs[hub.repos["alice/m1"].resolve("main").files["README.md"]].decode()
+    card = hub.blobs[hub.repos["alice/tiny-m1"].resolve("main").files["README.md"]].decode()
     assert "not a privacy guarantee" in card and "seeded: true" in card
-    clean = hub.blobs[hub.repos["alice/m0"].resolve("main").files["README.md"]].decode()
+    clean = hub.blobs[hub.repos["alice/tiny-m0"].resolve("main").files["README.md"]].decode()
     assert "not a privacy guarantee" not in clean
-    loaded = DedupedModel.from_pretrained("alice/m1", endpoint=hub.url, cache_dir=tmp_path / "c")
+    loaded = DedupedModel.from_pretrained("alice/tiny-m1", endpoint=hub.url, cache_dir=tmp_path / "c")
     assert loaded.dedup_info.seeded and "not a privacy guarantee" in loaded.dedup_info.noise

@@ -10,8 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "push",
         help="push a family to the Hugging Face Hub",
         description="Push the block store to NAMESPACE/<family-name>-blocks, then each member to "
-        "NAMESPACE/<member>, pinned to the store's commit. Re-running an unchanged push makes no "
-        "commit; re-running after a failure resumes.",
+        "NAMESPACE/<family-name>-<member>, pinned to the store's commit. Member repos load with "
+        "hf_dpdedup and with plain transformers (trust_remote_code=True). Re-running an unchanged push "
+        "makes no commit; re-running after a failure resumes.",
     )
     p.add_argument("family", help="family folder (block_store/ + members/)")
     p.add_argument("namespace", help="Hub user or organisation that owns the repos")
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     p.add_argument("--base-model", help="Hub id of the pretrained model the family was fine-tuned from")
     p.add_argument("--license", help="license id for the model cards")
+    p.add_argument("--force", action="store_true",
+                   help="push even into repos that hold another block store (repoints them)")
     p.add_argument("--allow-seeded", action="store_true",
                    help="publish members built with seeded (test-only, not private) noise; refused otherwise")
     p.set_defaults(func=run)
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         endpoint=args.endpoint,
         base_model=args.base_model,
         license=args.license,
+        force=args.force,
         allow_seeded=args.allow_seeded,
     )
     for label, repo in [("store", result.store), *result.members.items()]:

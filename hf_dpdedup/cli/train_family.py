@@ -12,6 +12,8 @@ import argparse
 import math
 from pathlib import Path
 
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
+
 from ..errors import TrainingConfigError
 
 
@@ -117,8 +119,6 @@ class _Bars:
         self.disabled, self.label, self.bar = disabled, None, None
 
     def update(self, label: str, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
         if label != self.label:
             self.close()
             self.label = label

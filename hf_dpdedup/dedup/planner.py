@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..errors import DivergedProcessesError
 from ..privacy import (
@@ -233,12 +233,16 @@ def dedup_group(group: list[Member], data: DedupData, config: DedupConfig, *,
     outcomes = [Outcome(base, _finish(base, base_report, data))]
     floor_source: ModelReport | None = base_report if config.interactive else None
     targets = [m for m in ordered if m is not base]
-    for target in tqdm(targets, desc=f"dedup against {base.name}", unit="model", disable=None):
-        outcome = _dedup_target(target, base, base_matrix, floor_source, data, config,
-                                verdict=verdicts.get(target.name), group=group, sampler=sampler)
-        outcomes.append(outcome)
-        if config.interactive:
-            floor_source = outcome.report
+    # one bar for the group, advancing per validation (the expensive step), the member in its postfix
+    with tqdm(desc=f"dedup against {base.name}", unit="validation", disable=None) as bar:
+        for target in targets:
+            bar.set_postfix_str(target.name, refresh=False)
+            outcome = _dedup_target(target, base, base_matrix, floor_source, data, config,
+                                    verdict=verdicts.get(target.name), group=group, sampler=sampler,
+                                    progress=bar.update)
+            outcomes.append(outcome)
+            if config.interactive:
+                floor_source = outcome.report
     if config.fairness == "drop":
         for outcome in outcomes:
             if outcome.report.fairness and outcome.report.fairness["flagged"]:
@@ -258,7 +262,8 @@ def _fairness(group: list[Member], data: DedupData, config: DedupConfig) -> dict
 
 def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
                   data: DedupData, config: DedupConfig, *, verdict: dict[str, Any] | None = None,
-                  group: list[Member] | None = None, sampler: LaplaceSampler | None = None) -> Outcome:
+                  group: list[Member] | None = None, sampler: LaplaceSampler | None = None,
+                  progress: Callable[[int], object] | None = None) -> Outcome:
     sampler = sampler if sampler is not None else config.sampler()
     live = LiveBlocks(target.model, config.block_size)
     model_report = _start(target, "target", live.n_blocks, data, config)
@@ -278,7 +283,8 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
     try:
-        result = run_search(config.strategy, target.model, live, sequence, validator, **config.strategy_options)
+        result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
+                            **config.strategy_options)
     finally:
         validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
     if confirmation is not None:  # public data: no private mechanism involved

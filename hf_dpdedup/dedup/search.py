@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .live import LiveBlocks, Replacement
 from .validate import Validator
@@ -44,9 +44,18 @@ class SearchResult:
 class _Trial:
     """Applies groups on the live model and keeps or reverts them by the validator's answer."""
 
-    def __init__(self, live: LiveBlocks, validator: Validator, model) -> None:
+    def __init__(self, live: LiveBlocks, validator: Validator, model,
+                 progress: Callable[[int], object] | None = None) -> None:
         self.live, self.validator, self.model = live, validator, model
+        self.progress = progress  # called with 1 after each validation (a progress bar's update)
         self.result = SearchResult()
+
+    def validate(self) -> bool:
+        self.result.validations += 1
+        accepted = self.validator.accepts(self.model)
+        if self.progress is not None:
+            self.progress(1)
+        return accepted
 
     @property
     def halted(self) -> bool:
@@ -56,8 +65,7 @@ class _Trial:
         if not group or self.halted:
             return False
         undo = self.live.apply(group)
-        self.result.validations += 1
-        if self.validator.accepts(self.model):
+        if self.validate():
             self.result.accepted.extend(group)
             self.result.undo.extend(undo)
             return True
@@ -149,8 +157,11 @@ def mcts(
         choice = prefix + tuple(rng.random() < 0.5 for _ in range(len(groups) - len(prefix)))
         chosen = [r for g, take in zip(groups, choice) if take for r in g]
         undo = trial.live.apply(chosen)
-        trial.result.validations += 1
-        ok = bool(chosen) and trial.validator.accepts(trial.model)
+        if chosen:
+            ok = trial.validate()
+        else:
+            trial.result.validations += 1
+            ok = False
         trial.live.revert(undo)
         reward = len(chosen) / max(1, len(sequence)) if ok else 0.0
         if ok and reward > best[0]:
@@ -179,14 +190,16 @@ def run_search(
     live: LiveBlocks,
     sequence: list[Replacement],
     validator: Validator,
+    progress: Callable[[int], object] | None = None,
     **options,
 ) -> SearchResult:
-    """Run ``strategy`` over ``sequence``; accepted replacements stay applied on ``model``."""
+    """Run ``strategy`` over ``sequence``; accepted replacements stay applied on ``model``.
+    ``progress(1)`` is called after every validation."""
     try:
         search = STRATEGIES[strategy]
     except KeyError:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}.") from None
-    trial = _Trial(live, validator, model)
+    trial = _Trial(live, validator, model, progress)
     search(trial, sequence, **options)
     return trial.finish()
 

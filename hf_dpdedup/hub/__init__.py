@@ -2,14 +2,40 @@
 
 - :func:`push_family_to_hub` — block store repo first, then one repo per member, pinned to the
   store's commit sha (``hf-dpdedup push`` on the command line);
-- ``DedupedModel.from_pretrained("namespace/member")`` — resolves members through
+- ``DedupedModel.from_pretrained("namespace/family-member")`` — resolves members through
   :mod:`hf_dpdedup.hub.download` (only the shards a member needs, from the huggingface_hub cache);
+- :mod:`hf_dpdedup.hub.remote` — the ``auto_map`` + ``modeling_hf_dpdedup.py`` every member repo
+  ships, so ``AutoModelFor<Task>.from_pretrained(repo, trust_remote_code=True)`` loads it too;
+- :mod:`hf_dpdedup.hub.retry` — 429 / 5xx retried with backoff, honouring ``Retry-After``;
 - :func:`pipeline` — a ``transformers.pipeline`` around a member in one call;
 - :mod:`hf_dpdedup.hub.cards` — DP model cards; :mod:`hf_dpdedup.hub.local_server` — a small
   Hub-compatible server for offline demos and tests.
 """
 
-from .pipelines import pipeline
-from .push import PushResult, RepoPush, push_family_to_hub, store_repo_id
+from __future__ import annotations
 
-__all__ = ["PushResult", "RepoPush", "pipeline", "push_family_to_hub", "store_repo_id"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# imported lazily (like the top-level package): ``hf_dpdedup.modeling`` imports ``hub.download``,
+# and ``hub.pipelines`` imports ``hf_dpdedup.modeling``
+_LAZY = {
+    "pipeline": "pipelines",
+    "PushResult": "push",
+    "RepoPush": "push",
+    "push_family_to_hub": "push",
+    "store_repo_id": "push",
+    "member_repo_id": "push",
+}
+
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipelines import pipeline
+    from .push import PushResult, RepoPush, member_repo_id, push_family_to_hub, store_repo_id
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_dpdedup.hub' has no attribute {name!r}")

@@ -1,8 +1,11 @@
 """Model cards for pushed members and block stores (``huggingface_hub.ModelCard``).
 
-A member card's YAML metadata has the Hub's own keys (``library_name: hf_dpdedup``, ``base_model``
-with ``base_model_relation: finetune``, ``tags``, ``pipeline_tag``, ``model-index`` for *public*
-test metrics only) and a namespaced block ``hf_dpdedup`` with the privacy and deduplication record::
+A member card's YAML metadata has the Hub's own keys (``library_name: transformers`` — members load
+with transformers through the repo's remote code —, ``base_model`` with ``base_model_relation:
+finetune``, ``datasets`` (training data sets and every data set a validation charge was made
+against), ``tags`` (``transformers``, ``differential-privacy``, ``dp-epsilon-<ε as shipped, rounded>``,
+...), ``pipeline_tag``, ``model-index`` for *public* test metrics only, with a split name) and one
+namespaced block ``hf_dpdedup`` with the exact, machine-readable privacy and deduplication record::
 
     hf_dpdedup:
       format: hf_dpdedup/1
@@ -60,7 +63,7 @@ from ..store.format import FORMAT, StoreIndex
 # Shipped inside the package (so installed wheels have it); ``model_cards/`` links to it.
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MEMBER_TEMPLATE = TEMPLATES / "dp_member_card.md"
-TAGS = ["differential-privacy", "deduplicated", "hf_dpdedup"]
+TAGS = ["transformers", "differential-privacy", "deduplicated", "hf_dpdedup"]
 CARD_KEY = "hf_dpdedup"
 
 _TASKS = {  # architecture suffix -> pipeline tag
@@ -76,6 +79,12 @@ _TASKS = {  # architecture suffix -> pipeline tag
 
 def pipeline_tag(architecture: str | None) -> str | None:
     return next((tag for suffix, tag in _TASKS.items() if architecture and architecture.endswith(suffix)), None)
+
+
+def auto_class(architecture: str | None) -> str:
+    """The transformers auto class that loads ``architecture`` (``AutoModel`` for a bare encoder)."""
+    suffix = next((s for s in _TASKS if architecture and architecture.endswith(s)), None)
+    return "AutoModelForCausalLM" if suffix == "LMHeadModel" else f"AutoModel{suffix or ''}"
 
 
 def member_card(
@@ -98,10 +107,12 @@ def member_card(
     block = _card_block(constitution, store_repo, store_commit, family)
     results = _eval_results(dedup, task)
     data = ModelCardData(
-        library_name="hf_dpdedup",
+        # transformers loads members (remote code in the repo): the Hub's snippet and pipeline() use it
+        library_name="transformers",
         license=license,
         base_model=base_model,
-        tags=list(TAGS),
+        datasets=_datasets(privacy, dedup) or None,
+        tags=[*TAGS, *_epsilon_tag(block)],
         pipeline_tag=task,
         eval_results=results,
         model_name=repo_id.split("/")[-1] if results else None,
@@ -116,6 +127,7 @@ def member_card(
         summary=_summary(constitution, base_model),
         repo_id=repo_id,
         architecture=constitution.architecture or "PreTrainedModel",
+        auto_class=auto_class(constitution.architecture),
         pipeline_tag=task,
         store_repo=store_repo,
         store_url=f"{endpoint.rstrip('/')}/{store_repo}/tree/{store_commit}",
@@ -228,6 +240,24 @@ def _after_dedup(dedup: dict) -> dict | None:
     return {**figures, "accountant": dedup.get("accountant") or "hf_dpdedup-ledger"}
 
 
+def _datasets(privacy: dict, dedup: dict) -> list[str]:
+    """The training data sets, then every data set a validation charge was made against."""
+    ids = list(privacy.get("datasets") or [])
+    for charge in (dedup.get("ledger") or {}).get("charges") or []:
+        ids.extend(charge.get("datasets") or [])
+    return list(dict.fromkeys(str(d) for d in ids))
+
+
+def _epsilon_tag(block: dict) -> list[str]:
+    """``dp-epsilon-<ε>``: the budget that holds for the model as shipped, rounded for display."""
+    privacy = block.get("privacy") or {}
+    after = privacy.get("after_dedup") or {}
+    eps = _first((after.get("loose") or {}).get("epsilon"), (privacy.get("original") or {}).get("epsilon"))
+    if eps is None:
+        return []
+    return [f"dp-epsilon-{'inf' if _fmt(eps).startswith('∞') else _fmt(eps)}"]
+
+
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -241,7 +271,7 @@ def _eval_results(dedup: dict, task: str | None) -> list[EvalResult] | None:
         dataset_type=test["dataset"],
         dataset_name=test.get("dataset_name") or test["dataset"],
         dataset_config=test.get("config"),
-        dataset_split=test.get("split"),
+        dataset_split=test.get("split") or "test",
         metric_type=test.get("metric") or "accuracy",
         metric_value=float(test["after"]),
     )]

@@ -49,12 +49,14 @@ from ..store.block_store import BlockStore
 from ..store.constitution import Constitution, StoreRef
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE, ShardInfo
 from ..store.io import atomic_write_json, mark_verified, verify_file
+from .retry import retry_call
 
 # huggingface_hub 2.x speaks httpx2, 1.x httpx: catch whichever transport errors it can raise
 TRANSPORT_ERRORS = tuple(
     importlib.import_module(m).HTTPError for m in ("httpx2", "httpx") if importlib.util.find_spec(m)
 )
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+DOWNLOAD_ATTEMPTS = 3  # tries per store file on HTTP 429 / 5xx before HubDownloadError
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -84,12 +86,15 @@ def is_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and ".." not in name
 
 
-def download_member(repo_id: str, options: HubOptions) -> Path:
-    """The member repo's snapshot folder in the cache (downloaded if needed)."""
+def download_member(repo_id: str, options: HubOptions, *, subfolder: str = "") -> Path:
+    """The member repo's snapshot folder in the cache (downloaded if needed); with ``subfolder``,
+    only that folder of the repo."""
     where = f"member repo {repo_id!r}" + (f" at revision {options.revision!r}" if options.revision else "")
+    patterns = [f"{subfolder.strip('/')}/*"] if subfolder else None
     with hub_errors(where, repo_id):
-        folder = Path(snapshot_download(repo_id, revision=options.revision, **options.common()))
-    if not (folder / CONSTITUTION_FILE).is_file():
+        folder = Path(snapshot_download(repo_id, revision=options.revision, allow_patterns=patterns,
+                                        **options.common()))
+    if not (folder / subfolder / CONSTITUTION_FILE).is_file():
         raise HubFileNotFoundError(
             f"Hub repo {repo_id!r} has no {CONSTITUTION_FILE}: it is not an hf_dpdedup member. Load plain "
             "models with transformers (AutoModel.from_pretrained), or check the repo id (members are "
@@ -107,7 +112,9 @@ def fetch_store(constitution: Constitution, options: HubOptions, *, verify: bool
 
     def get(filename: str) -> Path:
         with hub_errors(where, ref.repo_id, pinned=revision):
-            return Path(hf_hub_download(ref.repo_id, filename, revision=revision, **options.common()))
+            return Path(retry_call(  # a transient 5xx / 429 on one shard is retried, a few times
+                lambda: hf_hub_download(ref.repo_id, filename, revision=revision, **options.common()),
+                what=f"downloading {filename} of {ref.repo_id}", attempts=DOWNLOAD_ATTEMPTS))
 
     folder = get(INDEX_FILE).parent
     store = BlockStore.open(folder)

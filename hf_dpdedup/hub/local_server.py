@@ -8,18 +8,37 @@ semantics as the Hub where they matter to this package:
 - ``POST /api/repos/create``, ``GET /api/whoami-v2``, ``POST /api/validate-yaml``;
 - ``GET /api/models/{repo}[/revision/{rev}]`` (repo info with ``sha`` and ``siblings``),
   ``GET /api/models/{repo}/tree/{rev}[/{path}]``, ``GET /api/models/{repo}/refs``;
-- ``POST /api/models/{repo}/preupload/{rev}`` answers ``"regular"`` for every file (so contents come
-  inline, base64, in the commit payload; no LFS) with the remote ``oid`` so unchanged files are
-  skipped; ``POST /api/models/{repo}/commit/{rev}`` (NDJSON; ``parentCommit`` checked: 412 if stale);
+- ``POST /api/models/{repo}/preupload/{rev}`` answers ``"lfs"`` for files the repo's
+  ``.gitattributes`` sends to LFS (``*.safetensors``), files of 10 MB or more and binary files, and
+  ``"regular"`` for the others (contents inline, base64, in the commit payload) with the remote
+  ``oid`` so unchanged files are skipped;
+- the **git-LFS batch API**, "basic" transfer: ``POST /{repo}.git/info/lfs/objects/batch`` (an
+  ``upload`` + ``verify`` action per object not stored yet, none for one already stored),
+  ``PUT`` of the bytes to the upload href (sha256 checked), ``POST .../objects/verify``; a commit's
+  ``lfsFile`` entries then reference the uploaded objects. (huggingface_hub takes this path when Xet
+  is unavailable, e.g. ``HF_HUB_DISABLE_XET=1``.) LFS files are listed in trees with an ``lfs``
+  entry (sha256, size, pointer size), and ``resolve`` sends ``X-Linked-Etag`` (the sha256) and
+  ``X-Linked-Size`` for them, as the Hub does;
+- ``POST /api/models/{repo}/commit/{rev}`` (NDJSON; ``parentCommit`` checked: 412 if stale; a
+  ``README.md`` whose YAML metadata the Hub would reject: 400 naming the field);
   ``POST /api/models/{repo}/super-squash/{branch}`` (history rewritten: old commits are gone);
+- tags: ``POST /api/models/{repo}/tag/{rev}``, ``DELETE /api/models/{repo}/tag/{tag}``, listed in
+  ``refs``; every ``revision=`` accepts a branch, a tag or a commit sha;
+- gated repos: ``PUT /api/models/{repo}/settings`` (``{"gated": "auto" | "manual" | false}``);
+  the files of a gated repo are served only to its owner and to users granted access
+  (:meth:`HubServer.grant`), others get 403 ``GatedRepo`` (401 without a token);
 - ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` (the git blob sha1,
   as the Hub sends for regular files), ``Content-Length`` and byte ``Range`` requests;
-- errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) as the
-  client expects; tokens (``Authorization: Bearer``) have a ``read`` or ``write`` role and write only
-  to their own namespace; private repos are invisible to others (401 ``RepoNotFound``).
+- repo info carries ``pipeline_tag``, ``library_name``, ``tags`` and ``cardData`` read from the
+  ``README.md`` metadata, as the Hub derives them;
+- errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``,
+  ``GatedRepo``) as the client expects; tokens (``Authorization: Bearer``) have a ``read`` or
+  ``write`` role and write only to their own namespace; private repos are invisible to others (401
+  ``RepoNotFound``).
 
-Tests inject faults (:meth:`HubServer.inject`): answer HTTP 500, drop the connection before
-answering, or cut the response body midway (for a commit: applied, then the answer is lost). The
+Tests inject faults (:meth:`HubServer.inject`): answer HTTP 500 (or 429, with ``headers=`` such as
+``Retry-After``), drop the connection before answering, or cut the response body midway (for a
+commit: applied, then the answer is lost). The
 request log (:attr:`HubServer.log`) shows which files were fetched.
 
     >>> with HubServer(tokens={"hf_write": ("alice", "write")}) as server:
@@ -30,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -42,7 +62,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import yaml
+from huggingface_hub import constants
+
 DEFAULT_BRANCH = "main"
+LFS_THRESHOLD = 10 * 1000 * 1000  # the Hub sends files of 10 MB or more through LFS
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -50,6 +74,11 @@ _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a regular file: what the Hub reports as a file's ``oid`` / ``ETag``."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-LFS pointer file that git stores in place of an LFS file's content."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -66,9 +95,12 @@ class Repo:
     private: bool
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit sha
+    gated: str | bool = False  # False, "auto" or "manual"
+    granted: set[str] = field(default_factory=set)  # users allowed to read a gated repo's files
 
     def resolve(self, revision: str) -> Commit | None:
-        sha = self.branches.get(revision, revision if _SHA.match(revision) else None)
+        sha = self.branches.get(revision) or self.tags.get(revision) or (revision if _SHA.match(revision) else None)
         return self.commits.get(sha) if sha else None
 
 
@@ -85,6 +117,7 @@ class Fault:
     skip: int = 0
     times: int = 1
     status: int = 500
+    headers: dict[str, str] = field(default_factory=dict)
     fired: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -104,7 +137,9 @@ class HubServer:
     def __init__(self, *, tokens: dict[str, tuple[str, str]] | None = None, port: int = 0) -> None:
         self.tokens = dict(tokens or {})
         self.repos: dict[str, Repo] = {}
-        self.blobs: dict[str, bytes] = {}
+        self.blobs: dict[str, bytes] = {}  # oid -> content (for an LFS file: its pointer's oid)
+        self.lfs_oids: dict[str, str] = {}  # pointer oid -> sha256, for files stored through LFS
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through the LFS batch API
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.lock = threading.RLock()
@@ -166,6 +201,17 @@ class HubServer:
                 if path in commit.files:
                     self.blobs[commit.files[path]] = data
 
+    def grant(self, repo_id: str, user: str) -> None:
+        """Give ``user`` access to gated repo ``repo_id`` (as accepting its access request does)."""
+        with self.lock:
+            self.repos[repo_id].granted.add(user)
+
+    def lfs_files(self, repo_id: str, revision: str = DEFAULT_BRANCH) -> dict[str, str]:
+        """The files of ``repo_id`` at ``revision`` stored through LFS, with their sha256."""
+        with self.lock:
+            commit = self.repos[repo_id].resolve(revision)
+            return {p: self.lfs_oids[o] for p, o in commit.files.items() if o in self.lfs_oids}
+
     def head(self, repo_id: str, branch: str = DEFAULT_BRANCH) -> str:
         with self.lock:
             return self.repos[repo_id].branches[branch]
@@ -186,6 +232,13 @@ class HubServer:
         self.blobs.setdefault(oid, data)
         return oid
 
+    def _store_lfs(self, sha256: str) -> str:
+        data = self.lfs_objects[sha256]
+        oid = git_blob_sha1(lfs_pointer(sha256, len(data)))
+        self.blobs.setdefault(oid, data)
+        self.lfs_oids[oid] = sha256
+        return oid
+
     def create_repo(self, repo_id: str, *, private: bool = False) -> Repo:
         with self.lock:
             repo = self.repos[repo_id] = Repo(repo_id, private)
@@ -198,20 +251,19 @@ class HubServer:
 def local_hub(namespace: str = "demo") -> Iterator[tuple[str, str]]:
     """Start a :class:`HubServer` with one write token for ``namespace``; yield ``(url, token)``.
 
-    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, and then refuses every request. This
-    server is on 127.0.0.1 and nothing it serves leaves the machine, so offline mode is lifted for the
-    duration of the block only (demos and examples run the same with or without it).
+    huggingface_hub reads ``HF_HUB_OFFLINE`` and ``HF_HUB_DISABLE_XET`` once, at import. This server
+    is on 127.0.0.1 and nothing it serves leaves the machine, so offline mode is lifted for the
+    duration of the block only (demos and examples run the same with or without it); uploads take the
+    git-LFS path this server implements (it has no Xet storage), as with ``HF_HUB_DISABLE_XET=1``.
     """
-    from huggingface_hub import constants
-
     token = secrets.token_hex(16)
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False
+    offline, no_xet = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
     try:
         with HubServer(tokens={token: (namespace, "write")}) as server:
             yield server.url, token
     finally:
-        constants.HF_HUB_OFFLINE = offline
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = offline, no_xet
 
 
 def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
@@ -238,29 +290,48 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
     # --- plumbing ------------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         self._cut = False
         url = urlsplit(self.path)
         path, self.query = unquote(url.path), parse_qs(url.query)
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = self._read_body()
         with self.hub.lock:
             self.hub.log.append((method, path))
             fault = self._fault(method, path)
         if fault is not None and fault.action == "drop":
             return self._drop()
         if fault is not None and fault.action == "error":
-            return self._send_json(fault.status, {"error": "injected server error"})
+            return self._send_json(fault.status, {"error": "injected server error"}, dict(fault.headers))
         self._cut = fault is not None and fault.action == "cut"
         try:
             self._route(method, path, body)
         except _HttpError as exc:
-            headers = {"X-Error-Message": exc.message}
+            headers = {"X-Error-Message": " ".join(exc.message.split("\n"))}  # a header is one line
             if exc.code:
                 headers["X-Error-Code"] = exc.code
             if exc.commit:
                 headers["X-Repo-Commit"] = exc.commit
             self._send_json(exc.status, {"error": exc.message, **exc.extra}, headers)
+
+    def _read_body(self) -> bytes:
+        if (self.headers.get("Transfer-Encoding") or "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunks = []
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
 
     def _fault(self, method: str, path: str) -> Fault | None:
         for fault in self.hub.faults:
@@ -316,6 +387,18 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(status, f"Repository Not Found for url: {self.path}.", "RepoNotFound")
         return repo
 
+    def _check_gate(self, repo: Repo) -> None:
+        """A gated repo's files go to its owner and to users granted access only."""
+        if not repo.gated:
+            return
+        user = self._user()
+        if user is None:
+            raise _HttpError(401, f"Access to model {repo.repo_id} is restricted. You must be authenticated "
+                             "to access it.", "GatedRepo")
+        if user[0] != repo.repo_id.split("/")[0] and user[0] not in repo.granted:
+            raise _HttpError(403, f"Access to model {repo.repo_id} is restricted and you are not in the "
+                             "authorized list. Visit the repo page to ask for access.", "GatedRepo")
+
     def _writable_repo(self, repo_id: str) -> Repo:
         repo = self._readable_repo(repo_id)
         self._check_write(repo_id.split("/")[0])
@@ -335,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, body: bytes) -> None:
         routes = [
             ("POST", r"^/api/repos/create$", self._create_repo),
-            ("POST", r"^/api/validate-yaml$", lambda body: self._send_json(200, {})),
+            ("POST", r"^/api/validate-yaml$", self._validate_yaml),
             ("GET", r"^/api/whoami-v2$", self._whoami),
             ("GET", r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$", self._repo_info),
             ("GET", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", self._tree),
@@ -343,6 +426,12 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$", self._preupload),
             ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$", self._commit),
             ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/super-squash/(?P<rev>[^/]+)$", self._squash),
+            ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<rev>[^/]+)$", self._create_tag),
+            ("DELETE", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<tag>[^/]+)$", self._delete_tag),
+            ("PUT", r"^/api/models/(?P<repo>[^/]+/[^/]+)/settings$", self._settings),
+            ("POST", r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$", self._lfs_batch),
+            ("POST", r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/verify$", self._lfs_verify),
+            ("PUT", r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$", self._lfs_put),
             ("HEAD", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self._resolve),
             ("GET", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self._resolve),
         ]
@@ -378,6 +467,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.create_repo(repo_id, private=bool(private))
         self._send_json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 
+    def _validate_yaml(self, body: bytes) -> None:
+        problem = _card_problem((json.loads(body or b"{}").get("content") or "").encode())
+        if problem:  # the Hub's answer: {"errors": [{"message"}], "warnings": [...]}
+            raise _HttpError(400, f"Invalid metadata in README.md: {problem}", errors=[{"message": problem}],
+                             warnings=[])
+        self._send_json(200, {"errors": [], "warnings": []})
+
     def _whoami(self, body: bytes) -> None:
         user = self._user()
         if user is None:
@@ -388,11 +484,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo_info(self, body: bytes, repo: str, rev: str | None) -> None:
         r = self._readable_repo(repo)
         commit = self._commit_of(r, rev or DEFAULT_BRANCH)
-        self._send_json(200, {
+        card = self._card_data(commit)
+        tags = card.get("tags") if isinstance(card.get("tags"), list) else []
+        info = {
             "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid,
-            "private": r.private, "disabled": False, "gated": False, "tags": [],
+            "private": r.private, "disabled": False, "gated": r.gated, "tags": tags,
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
-        })
+        }
+        if card:
+            info["cardData"] = card
+            info.update({k: card[k] for k in ("pipeline_tag", "library_name") if isinstance(card.get(k), str)})
+        self._send_json(200, info)
+
+    def _card_data(self, commit: Commit) -> dict:
+        """The YAML metadata of a commit's README.md (what the Hub shows as ``cardData``)."""
+        oid = commit.files.get("README.md")
+        data = _front_matter(self.hub.blobs[oid]) if oid else None
+        return data if isinstance(data, dict) else {}
 
     def _tree(self, body: bytes, repo: str, rev: str, sub: str | None) -> None:
         commit = self._commit_of(self._readable_repo(repo), rev)
@@ -408,7 +516,12 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             for i, part in enumerate(rest.split("/")[:-1]):
                 folders.add(prefix + "/".join(rest.split("/")[: i + 1]))
-            entries.append({"type": "file", "oid": oid, "size": len(self.hub.blobs[oid]), "path": path})
+            entry = {"type": "file", "oid": oid, "size": len(self.hub.blobs[oid]), "path": path}
+            if oid in self.hub.lfs_oids:
+                sha256 = self.hub.lfs_oids[oid]
+                entry["lfs"] = {"oid": sha256, "size": entry["size"],
+                                "pointerSize": len(lfs_pointer(sha256, entry["size"]))}
+            entries.append(entry)
         if prefix and not entries and not folders:
             raise _HttpError(404, f"{sub} does not exist at {rev}", "EntryNotFound", commit.oid)
         dirs = [{"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p}
@@ -418,16 +531,89 @@ class _Handler(BaseHTTPRequestHandler):
     def _refs(self, body: bytes, repo: str) -> None:
         r = self._readable_repo(repo)
         branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": sha} for b, sha in sorted(r.branches.items())]
-        self._send_json(200, {"branches": branches, "converts": [], "tags": []})
+        tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": sha} for t, sha in sorted(r.tags.items())]
+        self._send_json(200, {"branches": branches, "converts": [], "tags": tags})
+
+    def _create_tag(self, body: bytes, repo: str, rev: str) -> None:
+        r = self._writable_repo(repo)
+        commit = self._commit_of(r, rev)
+        tag = json.loads(body or b"{}").get("tag") or ""
+        if not _REPO_NAME.match(tag):
+            raise _HttpError(400, f"Invalid tag name {tag!r}.")
+        if tag in r.tags or tag in r.branches:
+            raise _HttpError(409, f"Tag {tag!r} already exists.")
+        r.tags[tag] = commit.oid
+        self._send_json(200, {})
+
+    def _delete_tag(self, body: bytes, repo: str, tag: str) -> None:
+        r = self._writable_repo(repo)
+        if r.tags.pop(tag, None) is None:
+            raise _HttpError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
+        self._send_json(200, {})
+
+    def _settings(self, body: bytes, repo: str) -> None:
+        r = self._writable_repo(repo)
+        payload = json.loads(body or b"{}")
+        if "gated" in payload:
+            if payload["gated"] not in ("auto", "manual", False):
+                raise _HttpError(400, f"Invalid gated status {payload['gated']!r}.")
+            r.gated = payload["gated"]
+        if "visibility" in payload:
+            r.private = payload["visibility"] == "private"
+        self._send_json(200, {})
+
+    # --- git LFS ("basic" transfer) ----------------------------------------------------------
+    def _lfs_batch(self, body: bytes, repo: str) -> None:
+        self._writable_repo(repo)
+        payload = json.loads(body or b"{}")
+        if payload.get("operation") != "upload":
+            raise _HttpError(400, "This local Hub accepts LFS uploads only (downloads go through resolve).")
+        if "basic" not in (payload.get("transfers") or ["basic"]):
+            raise _HttpError(400, "This local Hub speaks the 'basic' LFS transfer only.")
+        objects = []
+        for obj in payload.get("objects") or []:
+            oid, size = obj.get("oid"), obj.get("size")
+            entry = {"oid": oid, "size": size, "authenticated": True}
+            if not (isinstance(oid, str) and re.fullmatch(r"[0-9a-f]{64}", oid) and isinstance(size, int)):
+                entry["error"] = {"code": 422, "message": "oid must be a sha256 and size an integer"}
+            elif oid not in self.hub.lfs_objects:  # already stored: no actions, the client skips it
+                entry["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-upload/{oid}", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/{repo}.git/info/lfs/objects/verify", "header": {}},
+                }
+            objects.append(entry)
+        self._send_json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                        {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _lfs_put(self, body: bytes, oid: str) -> None:
+        if hashlib.sha256(body).hexdigest() != oid:
+            raise _HttpError(400, "The uploaded bytes do not match the object's sha256.")
+        self.hub.lfs_objects.setdefault(oid, body)
+        self._send(200, b"", {})
+
+    def _lfs_verify(self, body: bytes, repo: str) -> None:
+        self._writable_repo(repo)
+        payload = json.loads(body or b"{}")
+        data = self.hub.lfs_objects.get(payload.get("oid"))
+        if data is None or len(data) != payload.get("size"):
+            raise _HttpError(404, f"LFS object {payload.get('oid')} was not uploaded (or has another size).")
+        self._send_json(200, {"message": "Object verified"})
 
     def _preupload(self, body: bytes, repo: str, rev: str) -> None:
         r = self._writable_repo(repo)
         commit = self._commit_of(r, rev)
         files = json.loads(body).get("files") or []
-        self._send_json(200, {"commitOid": commit.oid, "files": [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": commit.files.get(f["path"])}
-            for f in files
-        ]})
+        lfs_patterns = _lfs_patterns(self.hub.blobs.get(commit.files.get(".gitattributes", ""), b""))
+        answers = []
+        for f in files:
+            sample = base64.b64decode(f.get("sample") or "")
+            lfs = (any(fnmatch.fnmatch(f["path"].rsplit("/", 1)[-1], p) or fnmatch.fnmatch(f["path"], p)
+                       for p in lfs_patterns)
+                   or int(f.get("size") or 0) >= LFS_THRESHOLD or b"\0" in sample)
+            remote = commit.files.get(f["path"])
+            answers.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                            "oid": None if lfs or remote in self.hub.lfs_oids else remote})
+        self._send_json(200, {"commitOid": commit.oid, "files": answers})
 
     def _commit(self, body: bytes, repo: str, rev: str) -> None:
         r = self._writable_repo(repo)
@@ -451,8 +637,18 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _HttpError(404, "A file with this name doesn't exist", "EntryNotFound")
             elif key == "deletedFolder":
                 files = {p: o for p, o in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
-            elif key in ("lfsFile", "copyFile"):
-                raise _HttpError(400, f"{key} is not supported by this local Hub (it asks for regular uploads).")
+            elif key == "lfsFile":
+                sha256 = value.get("oid")
+                if sha256 not in self.hub.lfs_objects:
+                    raise _HttpError(400, f"LFS object {sha256} of {value.get('path')} was never uploaded "
+                                     "(upload it through the LFS batch API first).")
+                files[value["path"]] = self.hub._store_lfs(sha256)
+            elif key == "copyFile":
+                raise _HttpError(400, "copyFile is not supported by this local Hub.")
+        if "README.md" in files and files["README.md"] != head.files.get("README.md"):
+            problem = _card_problem(self.hub.blobs[files["README.md"]])
+            if problem:
+                raise _HttpError(400, f"Invalid metadata in README.md.\n- {problem}")
         commit = self.hub._new_commit(r, head.oid, header.get("summary") or "", files)
         r.branches[rev] = commit.oid
         self._send_json(200, {"success": True, "commitOid": commit.oid, "hookOutput": "",
@@ -467,13 +663,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def _resolve(self, body: bytes, repo: str, rev: str, file: str) -> None:
-        commit = self._commit_of(self._readable_repo(repo), rev)
+        r = self._readable_repo(repo)
+        commit = self._commit_of(r, rev)
+        self._check_gate(r)
         oid = commit.files.get(file)
         if oid is None:
             raise _HttpError(404, f"Entry not found: {file} at {rev}", "EntryNotFound", commit.oid)
         data = self.hub.blobs[oid]
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{oid}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
+        if oid in self.hub.lfs_oids:  # as the Hub answers for LFS files (before its CDN redirect)
+            headers.update({"ETag": f'"{self.hub.lfs_oids[oid]}"', "X-Linked-Etag": f'"{self.hub.lfs_oids[oid]}"',
+                            "X-Linked-Size": str(len(data))})
         status, start = 200, 0
         rng = re.match(r"^bytes=(\d+)-$", self.headers.get("Range") or "")
         if rng and self.command == "GET":
@@ -483,3 +684,58 @@ class _Handler(BaseHTTPRequestHandler):
         payload = data[start:]
         headers["Content-Length"] = str(len(payload))
         self._send(status, payload, headers, body=self.command == "GET")
+
+
+def _front_matter(readme: bytes) -> Any:
+    text = readme.decode("utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    try:
+        return yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return None
+
+
+def _lfs_patterns(gitattributes: bytes) -> list[str]:
+    return [line.split()[0] for line in gitattributes.decode(errors="replace").splitlines()
+            if "filter=lfs" in line and line.split()]
+
+
+_STRING_LISTS = ("tags", "datasets", "language", "metrics")
+
+
+def _card_problem(readme: bytes) -> str | None:
+    """What the Hub's metadata validation would reject in a README.md, as its message names it."""
+    text = readme.decode("utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    try:
+        data = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError as exc:
+        return f"the YAML metadata does not parse: {exc}"
+    if not isinstance(data, dict):
+        return None if data is None else "the YAML metadata must be a mapping"
+    for key in _STRING_LISTS:
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) or
+                                      (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            return f'"{key}" must be a string or a list of strings'
+    for key in ("base_model",):
+        values = data.get(key)
+        for value in [values] if isinstance(values, str) else (values or []):
+            if not (isinstance(value, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value)):
+                return f'"{key}" with value {value!r} is not a valid model id'
+    for i, model in enumerate(data.get("model-index") or []):
+        for j, result in enumerate((model or {}).get("results") or []):
+            where = f"model-index[{i}].results[{j}]"
+            for part in ("task", "dataset"):
+                if not isinstance((result or {}).get(part), dict) or not result[part].get("type"):
+                    return f'"{where}.{part}.type" is required'
+            if not result["dataset"].get("name"):
+                return f'"{where}.dataset.name" is required'
+            for k, metric in enumerate(result.get("metrics") or []):
+                if not isinstance(metric, dict) or not isinstance(metric.get("value"), (int, float, str)):
+                    return f'"{where}.metrics[{k}].value" is required'
+    return None

@@ -1,7 +1,10 @@
 """Push a family to the Hub: the block store repo first, then one repo per member.
 
 Repo names: the block store goes to ``<namespace>/<family_name>-blocks`` (``family_name`` defaults
-to the family folder's name) and member ``<name>`` to ``<namespace>/<name>``. Each member's
+to the family folder's name) and member ``<name>`` to ``<namespace>/<family_name>-<name>``, so two
+families with members of the same name never share a repo; names are checked with
+``huggingface_hub``'s ``validate_repo_id``. A repo that already holds another block store (or a
+member of another store, or a plain model) is never repointed unless ``force=True``. Each member's
 ``dedup_constitution.json`` is rewritten so its ``block_store`` is
 ``{"store_id", "path": null, "repo_id": "<namespace>/<family_name>-blocks", "revision": "<commit sha>"}``,
 the store commit that was just pushed (or found up to date), never a branch.
@@ -15,7 +18,13 @@ Guarantees:
   (rows are append-only, so every later store commit holds them too);
 - **atomic and resumable**: a commit applies all of its files or none, and ``parent_commit`` makes a
   concurrent push fail instead of being overwritten. After a failure midway every repo still holds its
-  previous, loadable commit; running the same push again skips what is already up to date.
+  previous, loadable commit; running the same push again skips what is already up to date;
+- **transient errors retried**: HTTP 429 / 5xx on creating a repo or committing are retried with
+  backoff (honouring ``Retry-After``); each retry re-reads the remote tree first, so a commit whose
+  answer was lost is not made twice (:mod:`hf_dpdedup.hub.retry`);
+- **loads with plain transformers**: each member repo gets ``modeling_hf_dpdedup.py`` and an
+  ``auto_map`` in its ``config.json`` (:mod:`hf_dpdedup.hub.remote`), so
+  ``AutoModelFor<Task>.from_pretrained(repo, trust_remote_code=True)`` works without this package.
 """
 
 from __future__ import annotations
@@ -23,23 +32,30 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
-from ..errors import HubAuthError, PushError, SeededPushError
+from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError, SeededPushError
 from ..store.constitution import StoreRef
 from ..store.family import FamilyStore
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
 from .cards import is_seeded, member_card, store_card
-from .download import TRANSPORT_ERRORS
+from .download import TRANSPORT_ERRORS, is_repo_id
+from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
+from .retry import retry_call
+
+logger = logging.getLogger(__name__)
 
 Source = bytes | Path
 
@@ -65,7 +81,26 @@ class PushResult:
 
 
 def store_repo_id(namespace: str, family_name: str) -> str:
-    return f"{namespace}/{family_name}-blocks"
+    return check_repo_id(f"{namespace}/{family_name}-blocks")
+
+
+def member_repo_id(namespace: str, family_name: str, member: str) -> str:
+    """Where member ``member`` of family ``family_name`` is pushed: ``<namespace>/<family>-<member>``."""
+    return check_repo_id(f"{namespace}/{family_name}-{member}")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if huggingface_hub accepts it, else :class:`RepoNameError` saying how to fix it."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise RepoNameError(
+            f"{repo_id!r} is not a valid Hub repo id ({exc}) Pick a namespace and family_name= (--family-name) "
+            "of letters, digits, '-', '_' or '.', without '--' or '..', 96 characters at most in all."
+        ) from None
+    if "/" not in repo_id:
+        raise RepoNameError(f"{repo_id!r} needs a namespace: pass the user or organisation that owns the repos.")
+    return repo_id
 
 
 def push_family_to_hub(
@@ -80,6 +115,7 @@ def push_family_to_hub(
     base_model: str | None = None,
     license: str | None = None,
     commit_message: str | None = None,
+    force: bool = False,
     allow_seeded: bool = False,
 ) -> PushResult:
     """Push a family folder (block store + members) to ``namespace`` on the Hub.
@@ -87,8 +123,8 @@ def push_family_to_hub(
     Args:
         store: a :class:`FamilyStore` or the path of a family folder.
         namespace: the user or organisation that will own the repos.
-        family_name: the block store repo is ``<namespace>/<family_name>-blocks`` (default: the
-            family folder's name).
+        family_name: the block store repo is ``<namespace>/<family_name>-blocks`` and member ``m``'s
+            repo ``<namespace>/<family_name>-m`` (default: the family folder's name).
         members: push only these members (default: all).
         private: create new repos as private (existing repos keep their visibility).
         token: a token with write access to ``namespace`` (default: the saved login).
@@ -97,11 +133,19 @@ def push_family_to_hub(
         license: license id for the model cards.
         allow_seeded: publish members whose training or dedup noise was seeded (tests, reproductions;
             their cards say "not a privacy guarantee"). Without it such members are refused.
+        force: push even into repos that hold another block store or its members (they are
+            repointed at this family's store; their old commits keep loading what they pinned).
+
+    Raises:
+        RepoNameError: a repo id huggingface_hub would refuse.
+        RepoCollisionError: a target repo belongs to another block store (and ``force`` is off).
+        SeededPushError: members built with seeded noise (and ``allow_seeded`` is off).
+        HubAuthError, PushError: the Hub refused or failed; re-running the same push resumes.
 
     Example:
         >>> result = push_family_to_hub("family", "my-org", family_name="minilm-sst2")
         >>> result.members["eps4"].repo_id, result.store.commit
-        ('my-org/eps4', '6f1c…')
+        ('my-org/minilm-sst2-eps4', '6f1c…')
     """
     family = store if isinstance(store, FamilyStore) else FamilyStore.open(store)
     family_name = check_member_name(family_name or family.root.resolve().name)
@@ -118,6 +162,7 @@ def push_family_to_hub(
         )
     api = HfApi(endpoint=endpoint, token=token)
     store_repo = store_repo_id(namespace, family_name)
+    repo_ids = {name: member_repo_id(namespace, family_name, name) for name in names}
     message = commit_message or "Push with hf_dpdedup"
 
     index = family.blocks.index
@@ -126,21 +171,56 @@ def push_family_to_hub(
     store_files["README.md"] = str(store_card(index, repo_id=store_repo)).encode()
     hashes = {s.file: s.sha256 for s in index.shards}
     with push_errors(store_repo, pushed=[]):
-        ensure_repo(api, store_repo, private=private)
-        store_push = sync_repo(api, store_repo, store_files, f"{message}: block store", known_sha256=hashes)
+        retry_call(lambda: ensure_repo(api, store_repo, private=private), what=f"creating {store_repo}")
+        if not force:
+            check_owner(api, store_repo, INDEX_FILE, index.store_id)
+        store_push = retry_call(
+            lambda: sync_repo(api, store_repo, store_files, f"{message}: block store", known_sha256=hashes),
+            what=f"committing to {store_repo}")
+    logger.info("block store %s at %s (%s)", store_repo, store_push.commit,
+                "new commit" if store_push.changed else "up to date")
 
     family_stats = _family_stats(family)
     result = PushResult(store_push)
     for name in names:
-        repo_id = f"{namespace}/{name}"
+        repo_id = repo_ids[name]
         with push_errors(repo_id, pushed=[store_repo, *(m.repo_id for m in result.members.values())]):
-            ensure_repo(api, repo_id, private=private)
+            retry_call(lambda: ensure_repo(api, repo_id, private=private), what=f"creating {repo_id}")
+            if not force:
+                check_owner(api, repo_id, CONSTITUTION_FILE, index.store_id)
             files = member_files(
                 family, name, repo_id=repo_id, store_repo=store_repo, store_commit=store_push.commit,
                 endpoint=api.endpoint, base_model=base_model, license=license, family_stats=family_stats,
             )
-            result.members[name] = sync_repo(api, repo_id, files, f"{message}: member {name}")
+            result.members[name] = retry_call(
+                lambda: sync_repo(api, repo_id, files, f"{message}: member {name}"), what=f"committing to {repo_id}")
+        logger.info("member %s -> %s at %s", name, repo_id, result.members[name].commit)
     return result
+
+
+def check_owner(api: HfApi, repo_id: str, record: str, store_id: str) -> None:
+    """Refuse to push into ``repo_id`` if it holds another store's files (``record``: the file that
+    names the store, ``block_store.json`` or ``dedup_constitution.json``) or a plain model."""
+    head = api.repo_info(repo_id)
+    files = {s.rfilename for s in head.siblings or []}
+    if record not in files:
+        if "config.json" in files or any(f.endswith((".safetensors", ".bin")) for f in files):
+            raise RepoCollisionError(
+                f"{repo_id!r} already holds a model that hf_dpdedup did not push (no {record}); pushing would "
+                "overwrite it. Pick another family_name= (--family-name) or namespace, or pass force=True "
+                "(--force) to take the repo over."
+            )
+        return
+    path = retry_call(lambda: api.hf_hub_download(repo_id, record, revision=head.sha), what=f"reading {repo_id}")
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    theirs = (data.get("block_store") or {}).get("store_id") if record == CONSTITUTION_FILE else data.get("store_id")
+    if theirs != store_id:
+        raise RepoCollisionError(
+            f"{repo_id!r} belongs to block store {theirs!r}, not to this family's store {store_id!r}: another "
+            "family was pushed there, and pushing would repoint it (loaders of that repo would get this "
+            "family's model). Pick another family_name= (--family-name) or namespace, or pass force=True "
+            "(--force) to repoint it; its old commits keep loading what they pinned."
+        )
 
 
 def member_files(
@@ -165,12 +245,27 @@ def member_files(
         f.name: f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
     }
     files[CONSTITUTION_FILE] = (json.dumps(constitution.to_dict(), indent=2) + "\n").encode()
+    if "config.json" in files:  # plain transformers loads the member through the remote code
+        files["config.json"] = config_with_auto_map(folder / "config.json")
+        files[REMOTE_CODE_FILE] = remote_code()
     card = member_card(
         constitution, repo_id=repo_id, store_repo=store_repo, store_commit=store_commit, endpoint=endpoint,
-        base_model=base_model, family=family_stats, license=license,
+        base_model=base_model or hub_base_model(folder / "config.json"), family=family_stats, license=license,
     )
     files["README.md"] = str(card).encode()
     return files
+
+
+def hub_base_model(config_file: Path) -> str | None:
+    """The Hub id the member's config was loaded from (``_name_or_path``), when it is a Hub id and
+    not a local folder: the card's ``base_model``."""
+    try:
+        name = json.loads(config_file.read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(name, str) or not is_repo_id(name) or Path(name).exists():
+        return None
+    return name
 
 
 def ensure_repo(api: HfApi, repo_id: str, *, private: bool) -> None:
@@ -255,16 +350,34 @@ def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
                 f"the namespace {repo_id.split('/')[0]!r}. Create a write token (Hub settings → Access "
                 f"Tokens), then pass token=... / --token or run `hf auth login`.{done}"
             ) from exc
+        if status == 400 and "metadata" in str(exc).lower():  # the commit itself refused the card
+            raise PushError(_card_rejection(repo_id, getattr(exc, "server_message", None) or str(exc), done)) from None
         if status == 412:
             raise PushError(
                 f"Someone else committed to {repo_id!r} during this push, so nothing was written there. "
                 f"Run the push again.{done}"
             ) from exc
         raise PushError(_midway(repo_id, f"HTTP {status}: {exc}", done)) from exc
+    except ValueError as exc:  # huggingface_hub validates README.md's metadata before committing
+        if not str(exc).startswith("Invalid metadata in README.md"):
+            raise
+        raise PushError(_card_rejection(repo_id, str(exc), done)) from None
     except (*TRANSPORT_ERRORS, OSError) as exc:
         if isinstance(exc, (HubAuthError, PushError)):
             raise
         raise PushError(_midway(repo_id, f"{type(exc).__name__}: {exc}", done)) from exc
+
+
+def _card_rejection(repo_id: str, server: str, done: str) -> str:
+    """The Hub's YAML validation refused the model card: say which metadata field, and how to fix it."""
+    field = re.search(r'"([^"]+)"', server)
+    what = f"field {field.group(1)!r}" if field else "a field"
+    return (
+        f"The Hub refused the model card (README.md) of {repo_id!r}: its YAML metadata has an invalid {what} "
+        f"({server.strip().splitlines()[-1].lstrip('- ')}). Nothing was written to {repo_id!r}. Fix the value "
+        f"that fills it (e.g. base_model= / --base-model must be a Hub model id, license= a license id) and "
+        f"push again.{done}"
+    )
 
 
 def _midway(repo_id: str, cause: str, done: str) -> str:
