@@ -160,7 +160,7 @@ class DedupedModel:
             kwargs.pop(name, None)
         hub = HubOptions(revision, cache_dir, token, local_files_only, force_download, endpoint)
         member_dir, repo_id = _resolve_member(pretrained_model_name_or_path, hub, subfolder)
-        _config(member_dir, config, kwargs)  # a misspelt keyword or a bad config.json fails before any download
+        _config(live_dir(member_dir), config, kwargs)  # a misspelt keyword or a bad config.json fails before any download
 
         def read(folder: Path, constitution: Constitution) -> tuple[PreTrainedModel, Constitution, Any]:
             ref = constitution.block_store

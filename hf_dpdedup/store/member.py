@@ -191,10 +191,13 @@ def parse_constitution(raw: bytes, member_dir: Path) -> Constitution:
     return Constitution.from_dict(parse_json(raw, member_dir / CONSTITUTION_FILE, "dedup_constitution.json"))
 
 
-def _version(member_dir: Path) -> bytes | None:
+def _version(member_dir: Path) -> tuple[bytes, int, int] | None:
+    """What identifies the member version being read: its constitution and the folder itself (each
+    swap puts a new folder in place, so A → B → A between two looks is not taken for "unchanged")."""
     try:
-        return read_constitution_bytes(member_dir)
-    except StoreFormatError:
+        folder = live_dir(member_dir).stat()
+        return read_constitution_bytes(member_dir), folder.st_ino, folder.st_ctime_ns
+    except (StoreFormatError, OSError):
         return None
 
 
@@ -206,9 +209,10 @@ def read_consistently(member_dir: Path, read: Callable[[Path, Constitution], T])
     is byte-identical before and after the read, everything read belongs to that version; when it
     changed, or the read failed because files changed under it, the read starts again."""
     for _ in range(READ_ATTEMPTS):
-        before = read_constitution_bytes(member_dir)
+        before = _version(member_dir)
+        raw = before[0] if before is not None else read_constitution_bytes(member_dir)  # raises the typed error
         try:
-            result = read(live_dir(member_dir), parse_constitution(before, member_dir))
+            result = read(live_dir(member_dir), parse_constitution(raw, member_dir))
         except (HfDpDedupError, OSError):
             if _version(member_dir) == before:
                 raise  # nothing changed: a real error
