@@ -3,7 +3,7 @@ without hf_dpdedup installed, bit-identical to ``DedupedModel.from_pretrained``.
 
 Each check runs in a fresh process whose ``HF_ENDPOINT`` is the local Hub (huggingface_hub reads it
 once, at import): transformers resolves, downloads and runs the member repo's remote code exactly as
-it does against huggingface.co.
+it does against the real Hub.
 """
 
 from __future__ import annotations
