@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import example_inputs, tiny_model
-from hf_dpdedup import FamilyStore
+from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.hub.local_server import HubServer
 from hf_dpdedup.privacy import PrivacyMetadata
 
@@ -64,6 +64,17 @@ def family_models() -> dict[str, torch.nn.Module]:
                 p.add_(0.05)
         models[name] = m.eval()
     return models
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    """The tiny family's models, built once per test module."""
+    return family_models()
+
+
+def load(hub, repo_id: str, cache: Path, **kwargs):
+    """``DedupedModel.from_pretrained`` of ``repo_id`` from the local Hub into ``cache``."""
+    return DedupedModel.from_pretrained(repo_id, endpoint=hub.url, cache_dir=cache, **kwargs)
 
 
 def make_family(root: Path, models: dict[str, torch.nn.Module]) -> FamilyStore:

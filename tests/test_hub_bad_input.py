@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_dpdedup import DedupedModel, push_family_to_hub
+from hf_dpdedup import push_family_to_hub
 from hf_dpdedup.errors import (
     HubChecksumError,
     HubDownloadError,
@@ -18,14 +18,9 @@ from hf_dpdedup.errors import (
 
 from hf_dpdedup.hub.download import DOWNLOAD_ATTEMPTS
 
-from hub_support import family_models, hub, logits, make_family  # noqa: F401
+from hub_support import hub, load, logits, make_family, models  # noqa: F401
 
 SHARD = "blocks-00002.safetensors"  # m1's own shard
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +31,6 @@ def family(models, tmp_path_factory):
 @pytest.fixture
 def pushed(hub, family):
     return push_family_to_hub(family, "alice", token="hf_write", endpoint=hub.url)
-
-
-def load(hub, repo_id, cache, **kwargs):
-    return DedupedModel.from_pretrained(repo_id, endpoint=hub.url, cache_dir=cache, **kwargs)
 
 
 def partial_files(cache):

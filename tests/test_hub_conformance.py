@@ -23,14 +23,9 @@ from hf_dpdedup.errors import (
 from hf_dpdedup.hub import retry
 from hf_dpdedup.hub.download import DOWNLOAD_ATTEMPTS
 
-from hub_support import family_models, hub, logits, make_family  # noqa: F401
+from hub_support import hub, load, logits, make_family, models  # noqa: F401
 
 STORE = "alice/tiny-blocks"
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
 
 
 @pytest.fixture
@@ -46,10 +41,6 @@ def fast_retries(monkeypatch):
 
 def push(hub, family, **kwargs):
     return push_family_to_hub(family, "alice", token=kwargs.pop("token", "hf_write"), endpoint=hub.url, **kwargs)
-
-
-def load(hub, repo_id, cache, **kwargs):
-    return DedupedModel.from_pretrained(repo_id, endpoint=hub.url, cache_dir=cache, **kwargs)
 
 
 def other_family(models, root):

@@ -11,17 +11,12 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 
-from hf_dpdedup import DedupedModel, push_family_to_hub
+from hf_dpdedup import push_family_to_hub
 from hf_dpdedup.errors import HubChecksumError, HubDownloadError, HubOfflineError
 
-from hub_support import family_models, hub, logits, make_family  # noqa: F401
+from hub_support import hub, load, logits, make_family, models  # noqa: F401
 
 SHARD = "blocks-00002.safetensors"  # m1's own shard
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +27,6 @@ def family(models, tmp_path_factory):
 @pytest.fixture
 def pushed(hub, family):
     return push_family_to_hub(family, "alice", token="hf_write", endpoint=hub.url)
-
-
-def load(hub, repo_id, cache, **kwargs):
-    return DedupedModel.from_pretrained(repo_id, endpoint=hub.url, cache_dir=cache, **kwargs)
 
 
 def test_b13_corrupt_blob_is_evicted_so_a_plain_retry_recovers(hub, pushed, models, tmp_path):

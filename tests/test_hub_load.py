@@ -9,17 +9,12 @@ from hf_dpdedup import DedupedModel, pipeline, push_family_to_hub
 from hf_dpdedup.errors import HubOfflineError
 from hf_dpdedup.hub.download import COMMIT_SHA
 
-from hub_support import family_models, hub, logits, make_family  # noqa: F401
+from hub_support import hub, load, logits, make_family, models  # noqa: F401
 
 STORE_REPO = "alice/tiny-blocks"
 NEEDS = {"m0": {"blocks-00001.safetensors"},
          "m1": {"blocks-00001.safetensors", "blocks-00002.safetensors"},
          "m2": {"blocks-00001.safetensors", "blocks-00003.safetensors"}}
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +27,6 @@ def pushed(hub, family):
     result = push_family_to_hub(family, "alice", token="hf_write", endpoint=hub.url)
     hub.log.clear()
     return result
-
-
-def load(hub, repo_id, cache, **kwargs):
-    return DedupedModel.from_pretrained(repo_id, endpoint=hub.url, cache_dir=cache, **kwargs)
 
 
 def test_every_member_loads_bit_identical_in_a_fresh_cache_fetching_only_its_shards(hub, pushed, models, tmp_path):

@@ -13,14 +13,9 @@ from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub
 from hf_dpdedup.cli import main
 from hf_dpdedup.errors import HubAuthError, PushError
 
-from hub_support import family_models, hub, logits, make_family  # noqa: F401
+from hub_support import hub, logits, make_family, models  # noqa: F401
 
 REPOS = ("alice/tiny-blocks", "alice/tiny-m0", "alice/tiny-m1", "alice/tiny-m2")
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
 
 
 @pytest.fixture

@@ -21,15 +21,10 @@ from hf_dpdedup import DedupedModel
 from hf_dpdedup.cli import main
 from hf_dpdedup.hub.remote import REMOTE_CODE_FILE
 
-from hub_support import family_models, hub, make_family  # noqa: F401
+from hub_support import hub, make_family, models  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 REPO = "alice/tiny-m2"
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
 
 
 @pytest.fixture

@@ -10,12 +10,7 @@ import torch
 from hf_dpdedup import DedupedModel, pipeline
 from hf_dpdedup.errors import LoadArgumentError
 
-from hub_support import family_models, hub, logits, make_family  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def models():
-    return family_models()
+from hub_support import hub, logits, make_family, models  # noqa: F401
 
 
 @pytest.fixture(scope="module")

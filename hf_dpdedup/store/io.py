@@ -33,12 +33,15 @@ from ..errors import ChecksumMismatchError, StoreFormatError
 _CHUNK = 16 * 1024 * 1024
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+def _digest_file(path: str | os.PathLike, digest: Any) -> str:
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return _digest_file(path, hashlib.sha256())
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -51,11 +54,7 @@ def fast_digest(data: bytes | memoryview | Any) -> str:
 
 
 def fast_digest_file(path: str | os.PathLike) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _digest_file(path, xxhash.xxh3_128())
 
 
 def _fsync_dir(path: Path) -> None:
