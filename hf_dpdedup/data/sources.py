@@ -91,8 +91,11 @@ class DataSource:
 
     def describe(self) -> str:
         """A readable name: the file itself for a file or a GLUE split, else ``path[:split]`` (+ config)."""
-        if self.kind == "glue" and self.split is not None:
+        kind = self.kind
+        if kind == "glue" and self.split is not None:
             return str(Path(self.path) / f"{self.split}.tsv")
+        if kind == "file":
+            return str(Path(self.path))
         name = self.path if self.split is None else f"{self.path}:{self.split}"
         return name if self.config_name is None else f"{name} (config {self.config_name})"
 
