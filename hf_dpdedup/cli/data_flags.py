@@ -17,18 +17,22 @@ SOURCE_HELP = ("PATH_OR_ID[:SPLIT]: a Hub data set id (e.g. stanfordnlp/sst2:val
                "(:SPLIT for a DatasetDict), a .tsv/.csv/.json/.jsonl/.parquet file, or a GLUE folder of <split>.tsv")
 
 
-def add_data_flags(parser: argparse.ArgumentParser, *, image: bool = False) -> None:
+def add_data_flags(parser: argparse.ArgumentParser, *, image: bool = False, member_labels: bool = False) -> None:
+    """Add the shared flags; ``image=True`` adds ``--image-column``; ``member_labels=True`` documents that
+    the command maps class names through the members' ``id2label`` by default (``dedup``)."""
     g = parser.add_argument_group(
         "data sources",
-        "Every data flag takes " + SOURCE_HELP + ". Labels: integers, a ClassLabel column, or class names "
-        "mapped to ids by --label-names (in id order).",
+        "Every data flag takes " + SOURCE_HELP + " (read through datasets; with HF_DATASETS_OFFLINE=1 a Hub "
+        "data set comes from the datasets cache). Labels: integers, a ClassLabel column, or class names mapped "
+        "to ids by --label-names (in id order" + ("; default: the members' id2label when it names real classes"
+                                                  if member_labels else "") + ").",
     )
-    g.add_argument("--text-column", default="sentence", help="column holding the text (default: sentence)")
-    g.add_argument("--label-column", default="label", help="column holding the class (default: label)")
+    g.add_argument("--text-column", metavar="NAME", default="sentence", help="column holding the text (default: sentence)")
+    g.add_argument("--label-column", metavar="NAME", default="label", help="column holding the class (default: label)")
     if image:
-        g.add_argument("--image-column", help="column holding the image (image-classification; default: image)")
-    g.add_argument("--dataset-config", help="config name of a Hub data set with several (e.g. sst2 of nyu-mll/glue)")
-    g.add_argument("--dataset-revision", help="branch, tag or commit of a Hub data set (default: main)")
+        g.add_argument("--image-column", metavar="NAME", help="column holding the image (image-classification; default: image)")
+    g.add_argument("--dataset-config", metavar="NAME", help="config name of a Hub data set with several (e.g. sst2 of nyu-mll/glue)")
+    g.add_argument("--dataset-revision", metavar="REV", help="branch, tag or commit of a Hub data set (default: main)")
     g.add_argument("--label-names", nargs="+", metavar="NAME",
                    help="class names in id order, for a label column of names (e.g. negative positive)")
 

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="two data set ids that share individuals (composed sequentially); repeatable")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
-    add_data_flags(p, image=True)
+    add_data_flags(p, image=True, member_labels=True)
     d = p.add_argument_group("distributed (under torchrun / accelerate launch)")
     d.add_argument("--parallel", default="auto", choices=["auto", "data", "groups"],
                    help="auto: one team of processes per model group; data: all on each model; groups: one per process")
