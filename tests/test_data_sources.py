@@ -55,15 +55,20 @@ def forms(tmp_path) -> dict[str, str]:
     (tmp_path / "d.json").write_text(json.dumps([{"sentence": t, "label": y} for t, y in zip(TEXTS, LABELS)]))
     table().to_parquet(tmp_path / "d.parquet")
     table().save_to_disk(tmp_path / "saved")
+    (tmp_path / "csv-folder").mkdir()  # data files datasets recognises by name: train.csv, test.csv
+    table(TEXTS[:3], LABELS[:3]).to_csv(tmp_path / "csv-folder" / "train.csv", index=False)
+    table().to_csv(tmp_path / "csv-folder" / "test.csv", index=False)
     datasets.DatasetDict({"train": table(TEXTS[:3], LABELS[:3]), "test": table()}).save_to_disk(tmp_path / "saved-dict")
     return {
         "tsv": str(write_tsv(tmp_path / "d.tsv")), "glue": f"{glue}:dev", "csv": str(tmp_path / "d.csv"),
         "jsonl": str(tmp_path / "d.jsonl"), "json": str(tmp_path / "d.json"), "parquet": str(tmp_path / "d.parquet"),
         "save_to_disk": str(tmp_path / "saved"), "save_to_disk dict": f"{tmp_path / 'saved-dict'}:test",
+        "csv folder": f"{tmp_path / 'csv-folder'}:test",
     }
 
 
-@pytest.mark.parametrize("form", ["tsv", "glue", "csv", "jsonl", "json", "parquet", "save_to_disk", "save_to_disk dict"])
+@pytest.mark.parametrize("form", ["tsv", "glue", "csv", "jsonl", "json", "parquet", "save_to_disk", "save_to_disk dict",
+                                  "csv folder"])
 def test_every_local_form_reads_the_same_rows(forms, form):
     data = load_text_data(forms[form])
     assert data.texts == TEXTS and data.labels == LABELS  # quotes, commas and tabs-free SST-2 text survive
@@ -84,11 +89,13 @@ def test_parse_splits_only_a_trailing_split(tmp_path):
 
 @pytest.mark.parametrize("spec, splits", [("glue:test", "['dev', 'train']"), ("glue", "['dev', 'train']"),
                                           ("saved-dict:validation", "['train', 'test']"),
-                                          ("saved-dict", "['train', 'test']")])
+                                          ("saved-dict", "['train', 'test']"),
+                                          ("csv-folder:dev", "['train', 'test']")])
 def test_a_bad_or_missing_split_names_the_available_ones(forms, tmp_path, spec, splits):
     with pytest.raises(DataSplitError, match=r"splits are " + splits.replace("[", r"\[").replace("]", r"\]")) as err:
         load_source(str(tmp_path / spec))
     assert ":SPLIT" in str(err.value)
+    assert str(list(available_splits(DataSource.parse(str(tmp_path / spec))))) == splits
     assert isinstance(err.value, TrainingConfigError)  # the existing vocabulary still catches it
 
 

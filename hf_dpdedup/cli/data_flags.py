@@ -27,11 +27,14 @@ def add_data_flags(parser: argparse.ArgumentParser, *, image: bool = False, memb
         "to ids by --label-names (in id order" + ("; default: the members' id2label when it names real classes"
                                                   if member_labels else "") + ").",
     )
-    g.add_argument("--text-column", metavar="NAME", default="sentence", help="column holding the text (default: sentence)")
+    g.add_argument("--text-column", metavar="NAME", default="sentence",
+                   help="column holding the text (default: sentence)")
     g.add_argument("--label-column", metavar="NAME", default="label", help="column holding the class (default: label)")
     if image:
-        g.add_argument("--image-column", metavar="NAME", help="column holding the image (image-classification; default: image)")
-    g.add_argument("--dataset-config", metavar="NAME", help="config name of a Hub data set with several (e.g. sst2 of nyu-mll/glue)")
+        g.add_argument("--image-column", metavar="NAME",
+                       help="column holding the image (image-classification; default: image)")
+    g.add_argument("--dataset-config", metavar="NAME",
+                   help="config name of a Hub data set with several (e.g. sst2 of nyu-mll/glue)")
     g.add_argument("--dataset-revision", metavar="REV", help="branch, tag or commit of a Hub data set (default: main)")
     g.add_argument("--label-names", nargs="+", metavar="NAME",
                    help="class names in id order, for a label column of names (e.g. negative positive)")

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     public_val, public_test = load_text_data(val_source), load_text_data(test_source)
     check_family_request(args.epsilons, args.delta, private, public_val, public_test)
     train, private_val = split_private(private, validation_fraction=args.validation_fraction, seed=args.seed)
-    dataset_id = args.dataset_id or f"{train_source.describe()}#train(seed={args.seed},frac={1 - args.validation_fraction:g})"
+    split = f"train(seed={args.seed},frac={1 - args.validation_fraction:g})"
+    dataset_id = args.dataset_id or f"{train_source.describe()}#{split}"
     bars = _Bars(disabled=args.no_progress)
     try:
         rows = train_text_family(

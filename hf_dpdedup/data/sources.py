@@ -43,7 +43,7 @@ FILE_BUILDERS: dict[str, tuple[str, dict]] = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
-_SPLIT = re.compile(r"^[A-Za-z0-9_.\-\[\]%+]+$")  # what may follow the last ':' (datasets' split syntax)
+_SPLIT = re.compile(r"^[A-Za-z0-9_.\-]+$")  # a split name, as datasets allows them
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,8 @@ def encode_source(processor, source: DataSource, task: str, *, batch_size: int |
         fn = functools.partial(_encode_images, processor, source.image_column, labels)
     else:
         fn = functools.partial(_encode_texts, processor, source.text_column, labels, max_length)
-    encoded = data.map(fn, batched=True, batch_size=batch_size or len(data), with_indices=True, remove_columns=data.column_names,
-                       desc=f"Encoding {source.describe()}")
+    encoded = data.map(fn, batched=True, batch_size=batch_size or len(data), with_indices=True,
+                       remove_columns=data.column_names, desc=f"Encoding {source.describe()}")
     return encoded.with_format("torch")
 
 
@@ -101,7 +101,8 @@ def _encode_texts(tokenizer, column: str, labels: list[int] | None, max_length: 
 
 def _encode_images(processor, column: str, labels: list[int], batch: dict, indices: list[int]) -> dict:
     images = [image if hasattr(image, "getbands") else _array_image(image) for image in batch[column]]
-    return {"pixel_values": processor(images=images, return_tensors="np")["pixel_values"],
+    # "pt" (every image processor backend returns torch tensors), stored as NumPy by datasets
+    return {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"].numpy(),
             "labels": [labels[i] for i in indices]}
 
 

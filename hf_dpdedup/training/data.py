@@ -1,8 +1,9 @@
 """Loading and splitting the data sets DP families are trained on.
 
 Text classification data is any :class:`~hf_dpdedup.data.DataSource` with a label and a text column
-(by default ``label`` and ``sentence``, the GLUE layout; :func:`read_tsv` is the TSV case). Splits are deterministic given a seed so that the private validation
-part can be rebuilt later by the dedup engine (it must stay disjoint from the training part).
+(by default ``label`` and ``sentence``, the GLUE layout; :func:`read_tsv` is the TSV case).
+Splits are deterministic given a seed so that the private validation part can be rebuilt later by
+the dedup engine (it must stay disjoint from the training part).
 """
 
 from __future__ import annotations
