@@ -204,42 +204,63 @@ def test_private_source_goes_only_into_a_private_dataset(forms, tokenizer):
 # --- Hub data sets (the project's local Hub, real datasets + huggingface_hub clients) ------------------
 LOAD = """
 import json, sys
-from hf_dpdedup.data import load_source
-from hf_dpdedup.errors import DataSplitError
-data = load_source(sys.argv[1])
+from hf_dpdedup.data import DataSource, load_source
+from hf_dpdedup.errors import DataSourceError, DataSplitError
+spec, config = sys.argv[1], sys.argv[2] or None
 try:
-    load_source(sys.argv[1].rsplit(":", 1)[0] + ":nope")
+    data = load_source(DataSource.parse(spec, config_name=config)).to_dict()
+except DataSourceError as exc:
+    print(json.dumps({"error": type(exc).__name__ + ": " + str(exc)}))
+    sys.exit(0)
+try:
+    load_source(DataSource.parse(spec.rsplit(":", 1)[0] + ":nope", config_name=config))
     bad = None
 except DataSplitError as exc:
     bad = str(exc)
-print(json.dumps({"rows": data.to_dict(), "bad": bad}))
+print(json.dumps({"rows": data, "bad": bad}))
 """
 
 
-def run_load(spec: str, env: dict[str, str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", LOAD, spec], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_hub_id_loads_online_then_offline_from_the_cache(hub, tmp_path):
-    from huggingface_hub import HfApi
-
-    api = HfApi(endpoint=hub.url, token="hf_write")
-    api.create_repo("alice/tiny-reviews", repo_type="dataset")
-    files = tmp_path / "upload"
-    (files / "data").mkdir(parents=True)
-    for split, ds in dataset_dict().items():
-        ds.to_parquet(files / "data" / f"{split}-00000-of-00001.parquet")
-    api.upload_folder(folder_path=files, repo_id="alice/tiny-reviews", repo_type="dataset")
-    assert "datasets/alice/tiny-reviews" in hub.repos and "alice/tiny-reviews" not in hub.repos  # not a model repo
-
+def client_env(hub, tmp_path) -> dict[str, str]:
+    """A fresh process' environment: the local Hub as endpoint, caches under ``tmp_path``, online."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     env.update(PYTHONPATH=str(Path(hf_dpdedup.__file__).parents[1]), HF_ENDPOINT=hub.url, HF_TOKEN="hf_read",
                HF_HOME=str(tmp_path / "home"), HF_DATASETS_CACHE=str(tmp_path / "datasets-cache"),
                HF_HUB_CACHE=str(tmp_path / "hub-cache"), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
                HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0")
+    return env
+
+
+def run_load(spec: str, env: dict[str, str], config: str = "") -> dict:
+    """``load_source`` in a fresh process (``datasets`` reads ``HF_ENDPOINT`` / offline mode at import)."""
+    done = subprocess.run([sys.executable, "-c", LOAD, spec, config], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def publish(hub, repo_id: str, files: dict[str, datasets.Dataset | str], tmp_path: Path) -> None:
+    """A data set repo on the local Hub, uploaded with the real huggingface_hub client."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token="hf_write")
+    api.create_repo(repo_id, repo_type="dataset")
+    folder = tmp_path / "upload" / repo_id
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            (folder / name).write_text(content)
+        else:
+            content.to_parquet(folder / name)
+    api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset")
+
+
+def test_hub_id_loads_online_then_offline_from_the_cache(hub, tmp_path):
+    publish(hub, "alice/tiny-reviews", {f"data/{split}-00000-of-00001.parquet": ds
+                                         for split, ds in dataset_dict().items()}, tmp_path)
+    assert "datasets/alice/tiny-reviews" in hub.repos and "alice/tiny-reviews" not in hub.repos  # not a model repo
+    env = client_env(hub, tmp_path)
     online = run_load("alice/tiny-reviews:validation", env)
     assert online["rows"] == {"sentence": list(TEXTS[30:]), "label": list(LABELS[30:])}
     assert "splits are ['train', 'validation']" in online["bad"]
@@ -249,6 +270,21 @@ def test_hub_id_loads_online_then_offline_from_the_cache(hub, tmp_path):
     offline = run_load("alice/tiny-reviews:validation", {**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert offline == online
     assert len(hub.log) == requests  # served from the datasets cache: not one request reached the Hub
+    never = run_load("alice/never-loaded:train", {**env, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert never["error"].startswith("DataSourceError") and "must already be in the datasets cache" in never["error"]
+
+
+def test_hub_config_names_pick_a_config(hub, tmp_path):
+    card = ("---\nconfigs:\n"
+            "- config_name: short\n  data_files:\n  - split: train\n    path: short/train.parquet\n"
+            "- config_name: long\n  data_files:\n  - split: train\n    path: long/train.parquet\n---\n")
+    publish(hub, "alice/two-configs", {"README.md": card, "short/train.parquet": table(TEXTS[:5], LABELS[:5]),
+                                       "long/train.parquet": table()}, tmp_path)
+    env = client_env(hub, tmp_path)
+    assert run_load("alice/two-configs:train", env, config="long")["rows"]["sentence"] == list(TEXTS)
+    assert run_load("alice/two-configs:train", env, config="short")["rows"]["label"] == list(LABELS[:5])
+    missing = run_load("alice/two-configs:train", env)["error"]
+    assert "short" in missing and "long" in missing and "--dataset-config" in missing
 
 
 def test_local_hub_dataset_and_model_repos_share_an_id(hub):
