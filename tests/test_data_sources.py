@@ -119,6 +119,9 @@ def test_missing_paths_and_unknown_suffixes(tmp_path):
         load_source(str(tmp_path / "nope.parquet"))
     with pytest.raises(DataSourceError, match="does not exist"):
         load_source("./not-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="folder `datasets` finds no data in"):
+        load_source(str(tmp_path / "empty"))
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(DataSourceError, match=r"must end in \.tsv"):
         load_source(str(tmp_path / "d.xlsx"))

@@ -172,14 +172,17 @@ def _load_dict(source: DataSource) -> datasets.DatasetDict:
         hint = " Pass the config with --dataset-config NAME." if "onfig" in str(exc) else ""
         raise DataSourceError(f"{source.describe()}: {exc}{hint}") from None
     except (FileNotFoundError, ConnectionError, OSError) as exc:
+        if source.kind == "folder":
+            raise DataSourceError(
+                f"{source.path} is a folder `datasets` finds no data in ({type(exc).__name__}: {exc}). Pass a "
+                "save_to_disk folder, a GLUE folder of <split>.tsv files, or a folder of csv/json/parquet files."
+            ) from None
         raise DataSourceError(
             f"{source.path} is neither a local file or folder nor a data set `datasets` can load from the Hub "
             f"({type(exc).__name__}: {exc}). Pass an existing path, or a Hub id; with HF_DATASETS_OFFLINE=1 "
             "the data set must already be in the datasets cache (load it once online)."
         ) from None
-    if isinstance(loaded, datasets.Dataset):  # pragma: no cover - load_dataset without split gives a dict
-        return datasets.DatasetDict({"train": loaded})
-    return loaded
+    return loaded  # without split=, load_dataset returns every split
 
 
 def _pick(source: DataSource, splits: datasets.DatasetDict) -> datasets.Dataset:
