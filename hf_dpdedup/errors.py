@@ -88,6 +88,19 @@ class TrainingConfigError(HfDpDedupError, ValueError):
     """A training request that cannot run (bad ε/δ, empty or unlabeled data, unsuitable base model)."""
 
 
+# --- data ------------------------------------------------------------------------------------------
+class DataSourceError(TrainingConfigError):
+    """A data source (file, folder, ``save_to_disk`` folder, Hub data set) that cannot be read as asked."""
+
+
+class DataSplitError(DataSourceError):
+    """A split the source does not have, or none named where it has several; names the splits it has."""
+
+
+class DataColumnError(DataSourceError):
+    """A text, label or image column the data lacks, or labels that are not class ids; names its columns."""
+
+
 # --- hub -------------------------------------------------------------------------------------------
 class HubError(HfDpDedupError, OSError):
     """A Hugging Face Hub operation (load or push) that failed; the message says what to do next."""

@@ -59,3 +59,77 @@ def test_dedup_command_needs_privacy_metadata(tmp_path, capsys):
     code = main(["dedup", *map(str, folders), "--out", str(tmp_path / "s"), "--val", str(tmp_path / "val.tsv")])
     assert code == 2
     assert "privacy.json" in capsys.readouterr().err
+
+
+# --- every data form through the CLI, image classification -------------------------------------------
+def test_dedup_reads_parquet_save_to_disk_and_csv_sources(tmp_path, capsys):
+    import datasets
+
+    folders = write_members(tmp_path)
+    val = datasets.load_dataset("csv", data_files=str(tmp_path / "val.tsv"), delimiter="\t", split="train")
+    test = datasets.load_dataset("csv", data_files=str(tmp_path / "test.tsv"), delimiter="\t", split="train")
+    val.rename_column("sentence", "text").to_parquet(tmp_path / "val.parquet")
+    datasets.DatasetDict({"validation": val.rename_column("sentence", "text"),
+                          "test": test.rename_column("sentence", "text")}).save_to_disk(tmp_path / "dd")
+    val.rename_column("sentence", "text").to_csv(tmp_path / "private.csv", index=False)
+    out = tmp_path / "store"
+    code = main(["dedup", *map(str, folders), "--out", str(out), "--val", str(tmp_path / "val.parquet"),
+                 "--confirm", f"{tmp_path / 'dd'}:validation", "--test", f"{tmp_path / 'dd'}:test",
+                 "--private-val", str(tmp_path / "private.csv"), "--private-size", "120", "--validation", "svt",
+                 "--text-column", "text", "--threshold", "0.05", "--block-size", "4096", "--strategy", "halving"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report" / "dedup_report.json").read_text())
+    assert [m["role"] for m in report["models"]] == ["base", "target"]
+    assert DedupedModel.from_pretrained(out / "members" / "eps-4") is not None
+
+
+def test_dedup_names_the_columns_when_one_is_missing(tmp_path, capsys):
+    folders = write_members(tmp_path)
+    code = main(["dedup", *map(str, folders), "--out", str(tmp_path / "s"), "--val", str(tmp_path / "val.tsv"),
+                 "--text-column", "review"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "DataColumnError" in err and "['label', 'sentence']" in err and "--text-column" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_dedup_image_classification_on_a_tiny_vit_family(tmp_path, capsys):
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from hf_dpdedup.training import digits
+
+    images, labels = digits.public_test_images()
+    cfg = transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=32, num_labels=10,
+                                 id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)})
+    folders = []
+    for eps, noise in ((1.0, 0.3), (4.0, 0.0)):
+        torch.manual_seed(0)
+        model = transformers.ViTForImageClassification(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * p.std() * torch.randn_like(p))
+        folder = tmp_path / f"vit-eps-{eps:g}"
+        model.save_pretrained(folder)
+        digits.processor().save_pretrained(folder)
+        (folder / "privacy.json").write_text(json.dumps(PrivacyMetadata(eps, 1e-5, ("digits-private",)).to_dict()))
+        folders.append(folder)
+    pictures = datasets.Dataset.from_dict(
+        {"picture": [Image.fromarray(np.asarray(x)) for x in images], "digit": [str(int(y)) for y in labels]}
+    ).cast_column("picture", datasets.Image())
+    datasets.DatasetDict({"validation": pictures.select(range(120)),
+                          "test": pictures.select(range(120, len(pictures)))}).save_to_disk(tmp_path / "digits")
+    out = tmp_path / "vit-store"
+    code = main(["dedup", *map(str, folders), "--task", "image-classification", "--out", str(out),
+                 "--val", f"{tmp_path / 'digits'}:validation", "--test", f"{tmp_path / 'digits'}:test",
+                 "--image-column", "picture", "--label-column", "digit",  # names "0".."9": the members' id2label
+                 "--threshold", "0.5", "--block-size", "128", "--strategy", "halving"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report" / "dedup_report.json").read_text())
+    assert [m["role"] for m in report["models"]] == ["base", "target"]
+    target = report["models"][1]
+    assert target["from_base"] + target["from_self"] > 0  # blocks were deduplicated on the image scores
+    loaded = DedupedModel.from_pretrained(out / "members" / "vit-eps-4")
+    assert loaded.config.model_type == "vit"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
 from hf_dpdedup.cli import train_family as cli
-from hf_dpdedup.errors import TrainingConfigError
+from hf_dpdedup.errors import DataSplitError, TrainingConfigError
 
 from test_training_family import make_base, make_data
 
@@ -74,3 +75,26 @@ def test_a_data_file_needs_a_public_test_file(tmp_path, data_dir):
                    "--delta", "1e-5", "--out", str(tmp_path / "o")])
     with pytest.raises(TrainingConfigError, match="--public-test"):
         args.func(args)
+
+
+def test_trains_from_a_save_to_disk_dataset_dict_and_its_splits(tmp_path, capsys):
+    import datasets
+
+    def table(n, seed):
+        data = make_data(n, seed)
+        return datasets.Dataset.from_dict({"text": list(data.texts), "y": list(data.labels)})
+
+    datasets.DatasetDict({"train": table(120, 0), "validation": table(24, 1), "test": table(24, 2)}).save_to_disk(
+        tmp_path / "dd")
+    base = make_base(tmp_path / "base")
+    args = _parse(["--base", str(base), "--data", str(tmp_path / "dd"), "--text-column", "text", "--label-column",
+                   "y", "--epsilons", "8", "--delta", "1e-5", "--out", str(tmp_path / "fam"), "--epochs", "1",
+                   "--batch-size", "32", "--max-length", "8", "--no-progress"])
+    assert args.func(args) == 0
+    privacy = json.loads((tmp_path / "fam" / "eps-8" / "privacy.json").read_text())
+    assert privacy["datasets"][0].startswith(f"{tmp_path / 'dd'}:train#train(")
+    bad = _parse(["--base", "unused", "--data", f"{tmp_path / 'dd'}:train", "--public-test", f"{tmp_path / 'dd'}:dev",
+                  "--text-column", "text", "--label-column", "y", "--epsilons", "1", "--delta", "1e-5",
+                  "--out", str(tmp_path / "o")])
+    with pytest.raises(DataSplitError, match=r"splits are \['train', 'validation', 'test'\]"):
+        bad.func(bad)

@@ -1,7 +1,10 @@
 """``hf-dpdedup dedup MODEL... --out STORE``: deduplicate a family of DP fine-tuned models.
 
 Each MODEL is a transformers folder with a ``privacy.json`` (written by ``train-family``: ε, δ,
-data set ids, accountant history). Utility data are GLUE-style TSV files (``label``, ``sentence``).
+data set ids, accountant history). Utility data are any data source, ``PATH_OR_ID[:SPLIT]``: a Hub data
+set id, a ``save_to_disk`` folder, a csv/tsv/json/jsonl/parquet file or a GLUE folder split
+(:mod:`hf_dpdedup.cli.data_flags`). ``--task image-classification`` reads an image column through the
+first member's image processor.
 
 Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is distributed with
 :mod:`hf_dpdedup.distributed`: ``torchrun --nproc_per_node 4 -m hf_dpdedup.cli dedup ...``.
@@ -10,9 +13,11 @@ Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is di
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..errors import PrivacyBudgetError, TrainingConfigError
+from .data_flags import add_data_flags, data_source
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,13 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="+", help="member folders (transformers + privacy.json)")
     p.add_argument("--out", required=True, help="new family store folder")
     p.add_argument("--base", help="member folder name to use as base (default: smallest ε)")
-    p.add_argument("--task", default="text-classification", choices=["text-classification", "causal-lm"])
-    p.add_argument("--val", required=True, help="public validation TSV")
-    p.add_argument("--confirm", help="second public TSV: accepted replacements are confirmed on it and the "
+    p.add_argument("--task", default="text-classification",
+                   choices=["text-classification", "image-classification", "causal-lm"],
+                   help="text tasks use the first member's tokenizer, image-classification its image processor")
+    p.add_argument("--val", required=True, help="public validation data, PATH_OR_ID[:SPLIT] (see 'data sources')")
+    p.add_argument("--confirm", help="second public data set: accepted replacements are confirmed on it and the "
                    "longest cheapest-first prefix that passes is kept (guards against overfitting --val)")
-    p.add_argument("--test", help="public test TSV for reported accuracies")
+    p.add_argument("--test", help="public test data for reported accuracies")
     p.add_argument("--test-dataset-id", help="Hub id of the public test set, for model-card results (e.g. stanfordnlp/sst2)")
-    p.add_argument("--private-val", help="private validation TSV (used only through SVT / naive Laplace)")
+    p.add_argument("--private-val", help="private validation data (read only into the private-data firewall; "
+                                         "used only through SVT / naive Laplace)")
     p.add_argument("--private-id", help="data set id of the private validation set (default: the members' training id)")
     p.add_argument("--private-size", type=int,
                    help="public normaliser n of the private validation set, fixed before looking at it (e.g. the "
@@ -62,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="two data set ids that share individuals (composed sequentially); repeatable")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
+    add_data_flags(p, image=True, member_labels=True)
     d = p.add_argument_group("distributed (under torchrun / accelerate launch)")
     d.add_argument("--parallel", default="auto", choices=["auto", "data", "groups"],
                    help="auto: one team of processes per model group; data: all on each model; groups: one per process")
@@ -70,6 +79,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--device-map", help="load each member with this Accelerate device map (e.g. auto) over "
                                         "this process' GPUs: for members larger than one device")
     p.set_defaults(func=run)
+
+
+def class_names(config) -> tuple[str, ...] | None:
+    """The members' class names in id order (``id2label``), unless they are transformers' placeholders
+    ``LABEL_<i>``: string labels in the data are mapped to ids through them."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = tuple(str(id2label[i]) for i in sorted(id2label, key=int))
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return names
 
 
 def strategy_options(args: argparse.Namespace) -> dict:
@@ -88,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..dedup.plan import PlanConfig
     from ..dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
-    from ..dedup.tasks import SCORES, private_tsv, tsv_batches
+    from ..dedup.tasks import SCORES, private_source, source_batches
     from ..training.members import load_privacy
 
     members = []
@@ -100,7 +119,15 @@ def run(args: argparse.Namespace) -> int:
             )
         model = distributed.load_member_model(folder, device_map=args.device_map)
         members.append(Member(folder.name, model, load_privacy(folder), files_from=folder))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.models[0])
+    if args.task == "image-classification":
+        processor = transformers.AutoImageProcessor.from_pretrained(args.models[0])
+    else:
+        processor = transformers.AutoTokenizer.from_pretrained(args.models[0])
+    names = class_names(members[0].model.config)
+
+    def source(spec: str):
+        return data_source(args, spec, label_names=names)
+
     kw = {"max_length": args.max_length}
     private = None
     if args.private_val:
@@ -108,13 +135,13 @@ def run(args: argparse.Namespace) -> int:
             raise PrivacyBudgetError("--private-val needs --private-size N: the public size every private "
                                      "mechanism normalises by, fixed in advance (the true row count is private).")
         dataset_id = args.private_id or members[0].privacy.datasets[0]
-        private = private_tsv(tokenizer, args.private_val, args.task, dataset_id=dataset_id,
-                              public_size=args.private_size, **kw)
+        private = private_source(processor, source(args.private_val), args.task, dataset_id=dataset_id,
+                                 public_size=args.private_size, **kw)
     data = DedupData(
         score_fn=SCORES[args.task],
-        public_val=tsv_batches(tokenizer, args.val, args.task, **kw),
-        public_test=tsv_batches(tokenizer, args.test, args.task, **kw) if args.test else None,
-        public_confirm=tsv_batches(tokenizer, args.confirm, args.task, **kw) if args.confirm else None,
+        public_val=source_batches(processor, source(args.val), args.task, **kw),
+        public_test=source_batches(processor, source(args.test), args.task, **kw) if args.test else None,
+        public_confirm=source_batches(processor, source(args.confirm), args.task, **kw) if args.confirm else None,
         private_val=private,
         public_test_dataset=args.test_dataset_id,
     )

@@ -4,6 +4,9 @@ Example::
 
     hf-dpdedup train-family --base path/to/bert --data hf_dpdedup/data/sst2 \\
         --epsilons 1 2 4 6 8 --delta 1e-5 --out families/my-family
+
+``--data`` and the public flags take any data source (``hf_dpdedup.cli.data_flags``): a GLUE folder as
+above, ``stanfordnlp/sst2`` (train / validation / test splits), a ``save_to_disk`` folder, or files.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from pathlib import Path
 
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
+from ..data import DataSource, available_splits
 from ..errors import TrainingConfigError
+from .data_flags import add_data_flags, data_source
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,10 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(Opacus) and save every member as a transformers folder with privacy.json.",
     )
     p.add_argument("--base", required=True, help="transformers model folder or Hub id (a sequence classifier base)")
-    p.add_argument("--data", required=True, type=Path,
-                   help="private training TSV (label<TAB>sentence), or a folder with train.tsv, dev.tsv, test.tsv")
-    p.add_argument("--public-val", type=Path, help="public validation TSV (default: dev.tsv of --data folder)")
-    p.add_argument("--public-test", type=Path, help="public test TSV (default: test.tsv of --data folder)")
+    p.add_argument("--data", required=True,
+                   help="private training data, PATH_OR_ID[:SPLIT] (see 'data sources' below). Without :SPLIT, a "
+                        "source with splits (GLUE folder, DatasetDict, Hub data set) gives train, dev or validation, "
+                        "and test; a single file or split needs --public-test")
+    p.add_argument("--public-val", help="public validation data (default: the dev/validation split of --data, "
+                                        "else --public-test)")
+    p.add_argument("--public-test", help="public test data (default: the test split of --data)")
     p.add_argument("--epsilons", type=float, nargs="+", required=True, help="one member per ε, e.g. 1 2 4 6 8")
     p.add_argument("--delta", type=float, required=True, help="δ of every member, e.g. 1e-5")
     p.add_argument("--out", type=Path, required=True, help="family folder; one eps-<ε> subfolder per member")
@@ -52,24 +60,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="TEST ONLY: seed DP-SGD's sampling and noise from --seed (reproducible, not a privacy "
                         "guarantee; recorded as seeded in privacy.json and every card). Default: os.urandom")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_flags(p)
     p.set_defaults(func=run)
 
 
-def _data_files(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    if args.data.is_dir():
-        train = args.data / "train.tsv"
-        val = args.public_val or args.data / "dev.tsv"
-        test = args.public_test or args.data / "test.tsv"
-    else:
+def _data_sources(args: argparse.Namespace) -> tuple[DataSource, DataSource, DataSource]:
+    """(private training, public validation, public test) sources of the command line."""
+    data = data_source(args, args.data)
+    splits = () if data.split is not None else available_splits(data)
+    if not splits:  # one file, one split, one saved Dataset
         if args.public_test is None:
-            raise TrainingConfigError("--data is a file: also pass --public-test (and optionally --public-val).")
-        train, test = args.data, args.public_test
-        val = args.public_val or test
-    return train, val, test
+            raise TrainingConfigError("--data is a file (or one split): also pass --public-test (and optionally "
+                                      "--public-val).")
+        train, test = data, data_source(args, args.public_test)
+        val = data_source(args, args.public_val) if args.public_val else test
+        return train, val, test
+    val_split = next((s for s in ("dev", "validation") if s in splits), "validation")
+    val = data_source(args, args.public_val) if args.public_val else data.with_split(val_split)
+    test = data_source(args, args.public_test) if args.public_test else data.with_split("test")
+    return data.with_split("train"), val, test
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import DPConfig, check_family_request, read_tsv, split_private, train_text_family
+    from ..training import DPConfig, check_family_request, load_text_data, split_private, train_text_family
 
     # Validate everything cheap before loading a model or touching the data in earnest.
     config = DPConfig(
@@ -78,12 +91,13 @@ def run(args: argparse.Namespace) -> int:
         momentum=args.momentum, max_grad_norm=args.max_grad_norm,
         grad_sample_mode=args.grad_sample_mode, seed=args.seed, secure_mode=not args.seeded_noise,
     )
-    train_file, val_file, test_file = _data_files(args)
-    private = read_tsv(train_file)
-    public_val, public_test = read_tsv(val_file), read_tsv(test_file)
+    train_source, val_source, test_source = _data_sources(args)
+    private = load_text_data(train_source)
+    public_val, public_test = load_text_data(val_source), load_text_data(test_source)
     check_family_request(args.epsilons, args.delta, private, public_val, public_test)
     train, private_val = split_private(private, validation_fraction=args.validation_fraction, seed=args.seed)
-    dataset_id = args.dataset_id or f"{train_file}#train(seed={args.seed},frac={1 - args.validation_fraction:g})"
+    split = f"train(seed={args.seed},frac={1 - args.validation_fraction:g})"
+    dataset_id = args.dataset_id or f"{train_source.describe()}#{split}"
     bars = _Bars(disabled=args.no_progress)
     try:
         rows = train_text_family(

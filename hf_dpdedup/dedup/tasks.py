@@ -3,18 +3,24 @@
 A score function maps ``(model, batch)`` to one score in [0, 1] per example (classification
 correctness, next-token accuracy of a sentence), so utility is a mean with sensitivity 1/|D| and
 any task fits the validators and the SVT. Batches are dicts of tensors ready for ``model(**batch)``
-plus the labels the score needs.
+plus the labels the score needs; :func:`source_batches` / :func:`private_source` build them from any
+:class:`~hf_dpdedup.data.DataSource` with ``Dataset.map``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
+import numpy as np
 import torch
 
+from ..data.sources import DataSource, label_ids, load_source, require_columns
+from ..errors import DataSourceError
 from ..privacy import PrivateDataset
-from ..training.data import read_tsv
 from ..training.heads import BertTopClsHead, cache_top_inputs, trained_module_names
 from ..training.tasks import classification_correct, next_token_accuracy
 
@@ -57,21 +63,84 @@ def text_batches(
     return batches
 
 
+def encode_source(processor, source: DataSource, task: str, *, batch_size: int | None = 128,
+                  max_length: int = 64) -> datasets.Dataset:
+    """``source`` tokenized (text tasks) or run through the image processor (``image-classification``) with
+    ``Dataset.map(batched=True)``, one map batch per engine batch: texts are padded to the longest of
+    their batch, exactly as :func:`text_batches` pads them (``datasets`` caches the result for on-disk
+    data sets). Columns: the model inputs, plus ``labels`` (class ids, :func:`label_ids`) for
+    classification; torch format. ``batch_size=None``: one batch of every row."""
+    data = load_source(source)
+    if len(data) == 0:
+        raise DataSourceError(f"{source.describe()} holds no examples; pass a non-empty data set.")
+    if task == "image-classification":
+        source = dataclasses.replace(source, image_column=source.image_column or "image")
+        roles: tuple[str, ...] = ("image", "label")
+    else:
+        roles = ("text",) if task == "causal-lm" else ("text", "label")
+    require_columns(data, source, *roles)
+    labels = label_ids(data, source) if "label" in roles else None
+    if task == "image-classification":
+        fn = functools.partial(_encode_images, processor, source.image_column, labels)
+    else:
+        fn = functools.partial(_encode_texts, processor, source.text_column, labels, max_length)
+    encoded = data.map(fn, batched=True, batch_size=batch_size or len(data), with_indices=True,
+                       remove_columns=data.column_names, desc=f"Encoding {source.describe()}")
+    return encoded.with_format("torch")
+
+
+def _encode_texts(tokenizer, column: str, labels: list[int] | None, max_length: int, batch: dict,
+                  indices: list[int]) -> dict:
+    texts = ["" if t is None else str(t) for t in batch[column]]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length)
+    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    if labels is not None:
+        out["labels"] = [labels[i] for i in indices]
+    return out
+
+
+def _encode_images(processor, column: str, labels: list[int], batch: dict, indices: list[int]) -> dict:
+    images = [image if hasattr(image, "getbands") else _array_image(image) for image in batch[column]]
+    # "pt" (every image processor backend returns torch tensors), stored as NumPy by datasets
+    return {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"].numpy(),
+            "labels": [labels[i] for i in indices]}
+
+
+def _array_image(pixels) -> np.ndarray:
+    """An image column of plain arrays (``[H, W]`` or ``[H, W, C]`` pixel values): channels last."""
+    array = np.asarray(pixels)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def source_batches(processor, source: DataSource | str | Path, task: str, *, batch_size: int = 128,
+                   max_length: int = 64) -> list[dict[str, torch.Tensor]]:
+    """Evaluation batches of any data source (a string is ``PATH_OR_ID[:SPLIT]``); ``processor`` is the
+    members' tokenizer, or their image processor for ``image-classification``."""
+    source = source if isinstance(source, DataSource) else DataSource.parse(source)
+    encoded = encode_source(processor, source, task, batch_size=batch_size, max_length=max_length)
+    return [encoded[start : start + batch_size] for start in range(0, len(encoded), batch_size)]
+
+
+def private_source(processor, source: DataSource | str | Path, task: str, *, dataset_id: str, public_size: int,
+                   batch_size: int = 128, max_length: int = 64) -> PrivateDataset:
+    """A private validation set behind the firewall: only charged mechanisms can read it. The encoded
+    columns go straight into the :class:`PrivateDataset`; nothing else keeps them. ``public_size`` is the
+    normaliser fixed in advance (``PrivateDataset``), not the data's row count."""
+    source = source if isinstance(source, DataSource) else DataSource.parse(source)
+    encoded = encode_source(processor, source, task, batch_size=None, max_length=max_length)
+    return PrivateDataset(encoded[:], dataset_id=dataset_id, public_size=public_size, batch_size=batch_size)
+
+
 def tsv_batches(tokenizer, path: str | Path, task: str, **kw) -> list[dict[str, torch.Tensor]]:
-    """Batches from a GLUE-style TSV (``label``, ``sentence``)."""
-    data = read_tsv(path)
-    labels = list(data.labels) if task != "causal-lm" else None
-    return text_batches(tokenizer, list(data.texts), labels, **kw)
+    """Batches from a GLUE-style TSV (``label``, ``sentence``): :func:`source_batches` of that file."""
+    return source_batches(tokenizer, DataSource(str(path)), task, **kw)
 
 
 def private_tsv(tokenizer, path: str | Path, task: str, *, dataset_id: str, public_size: int,
                 batch_size: int = 128, max_length: int = 64) -> PrivateDataset:
-    """A private validation set behind the firewall: only charged mechanisms can read it.
-    ``public_size`` is the normaliser fixed in advance (``PrivateDataset``), not the file's row count."""
-    data = read_tsv(path)
-    (columns,) = text_batches(tokenizer, list(data.texts), list(data.labels) if task != "causal-lm" else None,
-                              batch_size=len(data.texts), max_length=max_length)
-    return PrivateDataset(columns, dataset_id=dataset_id, public_size=public_size, batch_size=batch_size)
+    """:func:`private_source` of a GLUE-style TSV file."""
+    return private_source(tokenizer, DataSource(str(path)), task, dataset_id=dataset_id, public_size=public_size,
+                          batch_size=batch_size, max_length=max_length)
 
 
 # --- fast validation of BERT-style classifiers ------------------------------------------------------

@@ -1,11 +1,15 @@
 """A small Hub-compatible HTTP server on 127.0.0.1, for the offline demo and the tests.
 
-It implements the endpoints ``huggingface_hub`` calls to push and pull model repos, with the same
-semantics as the Hub where they matter to this package:
+It implements the endpoints ``huggingface_hub`` calls to push and pull model repos, and data set
+repos (``repo_type="dataset"``: ``Dataset.push_to_hub`` and ``datasets.load_dataset("ns/name")``
+work against it), with the same semantics as the Hub where they matter to this package:
 
 - repos hold git-like **immutable commits** (a sha per commit, each a full file tree) and branches
   that point at commits; a commit applies all of its files or none;
-- ``POST /api/repos/create``, ``GET /api/whoami-v2``, ``POST /api/validate-yaml``;
+- data set repos take the same routes as model repos with ``/api/datasets/...`` for ``/api/models/...``
+  and a ``/datasets/`` prefix before ``{repo}/resolve/...`` and ``{repo}.git/...``; in
+  :attr:`HubServer.repos` they are keyed ``datasets/<repo_id>`` (:func:`repo_key`);
+- ``POST /api/repos/create`` (``type`` ``model`` or ``dataset``), ``GET /api/whoami-v2``, ``POST /api/validate-yaml``;
 - ``GET /api/models/{repo}[/revision/{rev}]`` (repo info with ``sha`` and ``siblings``),
   ``GET /api/models/{repo}/tree/{rev}[/{path}]``, ``GET /api/models/{repo}/refs``;
 - ``POST /api/models/{repo}/preupload/{rev}`` answers ``"lfs"`` for files the repo's
@@ -71,6 +75,14 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
+def repo_key(repo_id: str, repo_type: str = "model") -> str:
+    """The key of a repo in :attr:`HubServer.repos`: ``repo_id`` for a model, ``datasets/<repo_id>`` for a
+    data set (the prefix its URLs carry), so a model and a data set may share an id, as on the Hub."""
+    if repo_type not in ("model", "dataset"):
+        raise ValueError(f"This local Hub hosts model and dataset repos, not {repo_type!r} ones.")
+    return repo_id if repo_type == "model" else f"datasets/{repo_id}"
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a regular file: what the Hub reports as a file's ``oid`` / ``ETag``."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -98,6 +110,11 @@ class Repo:
     tags: dict[str, str] = field(default_factory=dict)  # tag -> commit sha
     gated: str | bool = False  # False, "auto" or "manual"
     granted: set[str] = field(default_factory=set)  # users allowed to read a gated repo's files
+    repo_type: str = "model"  # or "dataset"
+
+    @property
+    def namespace(self) -> str:
+        return self.repo_id.split("/")[0]
 
     def resolve(self, revision: str) -> Commit | None:
         sha = self.branches.get(revision) or self.tags.get(revision) or (revision if _SHA.match(revision) else None)
@@ -239,9 +256,9 @@ class HubServer:
         self.lfs_oids[oid] = sha256
         return oid
 
-    def create_repo(self, repo_id: str, *, private: bool = False) -> Repo:
+    def create_repo(self, repo_id: str, *, private: bool = False, repo_type: str = "model") -> Repo:
         with self.lock:
-            repo = self.repos[repo_id] = Repo(repo_id, private)
+            repo = self.repos[repo_key(repo_id, repo_type)] = Repo(repo_id, private, repo_type=repo_type)
             gitattributes = self._store_blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
             repo.branches[DEFAULT_BRANCH] = self._new_commit(repo, None, "initial commit", {".gitattributes": gitattributes}).oid
             return repo
@@ -379,10 +396,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(401, "Invalid credentials in Authorization header: the token is unknown.")
         return user
 
-    def _readable_repo(self, repo_id: str) -> Repo:
-        repo = self.hub.repos.get(repo_id)
+    def _readable_repo(self, key: str) -> Repo:
+        repo = self.hub.repos.get(key)
         user = self._user()
-        if repo is None or (repo.private and (user is None or user[0] != repo_id.split("/")[0])):
+        if repo is None or (repo.private and (user is None or user[0] != repo.namespace)):
             status = 401 if user is None else 404
             raise _HttpError(status, f"Repository Not Found for url: {self.path}.", "RepoNotFound")
         return repo
@@ -395,13 +412,13 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             raise _HttpError(401, f"Access to model {repo.repo_id} is restricted. You must be authenticated "
                              "to access it.", "GatedRepo")
-        if user[0] != repo.repo_id.split("/")[0] and user[0] not in repo.granted:
+        if user[0] != repo.namespace and user[0] not in repo.granted:
             raise _HttpError(403, f"Access to model {repo.repo_id} is restricted and you are not in the "
                              "authorized list. Visit the repo page to ask for access.", "GatedRepo")
 
-    def _writable_repo(self, repo_id: str) -> Repo:
-        repo = self._readable_repo(repo_id)
-        self._check_write(repo_id.split("/")[0])
+    def _writable_repo(self, key: str) -> Repo:
+        repo = self._readable_repo(key)
+        self._check_write(repo.namespace)
         return repo
 
     def _check_write(self, namespace: str) -> str:
@@ -416,30 +433,35 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routes --------------------------------------------------------------------------------
     def _route(self, method: str, path: str, body: bytes) -> None:
+        api = r"^/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)"  # model and dataset repos alike
+        git = r"^/(?P<kind>datasets/)?(?P<repo>[^/]+/[^/]+)"
         routes = [
             ("POST", r"^/api/repos/create$", self._create_repo),
             ("POST", r"^/api/validate-yaml$", self._validate_yaml),
             ("GET", r"^/api/whoami-v2$", self._whoami),
-            ("GET", r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$", self._repo_info),
-            ("GET", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", self._tree),
-            ("GET", r"^/api/models/(?P<repo>[^/]+/[^/]+)/refs$", self._refs),
-            ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$", self._preupload),
-            ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$", self._commit),
-            ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/super-squash/(?P<rev>[^/]+)$", self._squash),
-            ("POST", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<rev>[^/]+)$", self._create_tag),
-            ("DELETE", r"^/api/models/(?P<repo>[^/]+/[^/]+)/tag/(?P<tag>[^/]+)$", self._delete_tag),
-            ("PUT", r"^/api/models/(?P<repo>[^/]+/[^/]+)/settings$", self._settings),
-            ("POST", r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$", self._lfs_batch),
-            ("POST", r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/verify$", self._lfs_verify),
+            ("GET", api + r"(?:/revision/(?P<rev>[^/]+))?$", self._repo_info),
+            ("GET", api + r"/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", self._tree),
+            ("GET", api + r"/refs$", self._refs),
+            ("POST", api + r"/preupload/(?P<rev>[^/]+)$", self._preupload),
+            ("POST", api + r"/commit/(?P<rev>[^/]+)$", self._commit),
+            ("POST", api + r"/super-squash/(?P<rev>[^/]+)$", self._squash),
+            ("POST", api + r"/tag/(?P<rev>[^/]+)$", self._create_tag),
+            ("DELETE", api + r"/tag/(?P<tag>[^/]+)$", self._delete_tag),
+            ("PUT", api + r"/settings$", self._settings),
+            ("POST", git + r"\.git/info/lfs/objects/batch$", self._lfs_batch),
+            ("POST", git + r"\.git/info/lfs/objects/verify$", self._lfs_verify),
             ("PUT", r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$", self._lfs_put),
-            ("HEAD", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self._resolve),
-            ("GET", r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self._resolve),
+            ("HEAD", git + r"/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self._resolve),
+            ("GET", git + r"/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", self._resolve),
         ]
         for verb, pattern, handler in routes:
             match = re.match(pattern, path)
             if match and verb == method:
+                groups = match.groupdict()
+                if groups.pop("kind", None) in ("datasets", "datasets/"):
+                    groups["repo"] = repo_key(groups["repo"], "dataset")
                 with self.hub.lock:
-                    return handler(body, **match.groupdict())
+                    return handler(body, **groups)
         raise _HttpError(404, f"No such endpoint: {method} {path} (this local Hub implements a subset).")
 
     def _commit_of(self, repo: Repo, rev: str) -> Commit:
@@ -450,8 +472,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create_repo(self, body: bytes) -> None:
         payload = json.loads(body or b"{}")
-        if payload.get("type", "model") != "model":
-            raise _HttpError(400, "This local Hub hosts model repos only.")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "dataset"):
+            raise _HttpError(400, f"This local Hub hosts model and dataset repos, not {repo_type!r} ones.")
         user = self._user()
         namespace = payload.get("organization") or (user[0] if user else None)
         name = payload.get("name") or ""
@@ -461,11 +484,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, f"Invalid repo name {namespace}/{name}.")
         self._check_write(namespace)
         repo_id = f"{namespace}/{name}"
-        if repo_id in self.hub.repos:
-            raise _HttpError(409, "You already created this model repo", url=f"{self.hub.url}/{repo_id}")
+        key = repo_key(repo_id, repo_type)
+        if key in self.hub.repos:
+            raise _HttpError(409, f"You already created this {repo_type} repo", url=f"{self.hub.url}/{key}")
         private = payload.get("private") or payload.get("visibility") == "private"
-        self.hub.create_repo(repo_id, private=bool(private))
-        self._send_json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
+        self.hub.create_repo(repo_id, private=bool(private), repo_type=repo_type)
+        self._send_json(200, {"url": f"{self.hub.url}/{key}", "name": repo_id})
 
     def _validate_yaml(self, body: bytes) -> None:
         problem = _card_problem((json.loads(body or b"{}").get("content") or "").encode())
@@ -487,10 +511,12 @@ class _Handler(BaseHTTPRequestHandler):
         card = self._card_data(commit)
         tags = card.get("tags") if isinstance(card.get("tags"), list) else []
         info = {
-            "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid,
+            "id": r.repo_id, "author": r.namespace, "sha": commit.oid,
             "private": r.private, "disabled": False, "gated": r.gated, "tags": tags,
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         }
+        if r.repo_type == "model":
+            info["modelId"] = r.repo_id
         if card:
             info["cardData"] = card
             info.update({k: card[k] for k in ("pipeline_tag", "library_name") if isinstance(card.get(k), str)})
@@ -516,17 +542,19 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             for i, part in enumerate(rest.split("/")[:-1]):
                 folders.add(prefix + "/".join(rest.split("/")[: i + 1]))
-            entry = {"type": "file", "oid": oid, "size": len(self.hub.blobs[oid]), "path": path}
-            if oid in self.hub.lfs_oids:
-                sha256 = self.hub.lfs_oids[oid]
-                entry["lfs"] = {"oid": sha256, "size": entry["size"],
-                                "pointerSize": len(lfs_pointer(sha256, entry["size"]))}
-            entries.append(entry)
+            entries.append(self._file_entry(path, oid))
         if prefix and not entries and not folders:
             raise _HttpError(404, f"{sub} does not exist at {rev}", "EntryNotFound", commit.oid)
         dirs = [{"type": "directory", "oid": hashlib.sha1(p.encode()).hexdigest(), "size": 0, "path": p}
                 for p in sorted(folders)]
         self._send_json(200, dirs + entries)
+
+    def _file_entry(self, path: str, oid: str) -> dict:
+        entry = {"type": "file", "oid": oid, "size": len(self.hub.blobs[oid]), "path": path}
+        if oid in self.hub.lfs_oids:
+            sha256 = self.hub.lfs_oids[oid]
+            entry["lfs"] = {"oid": sha256, "size": entry["size"], "pointerSize": len(lfs_pointer(sha256, entry["size"]))}
+        return entry
 
     def _refs(self, body: bytes, repo: str) -> None:
         r = self._readable_repo(repo)

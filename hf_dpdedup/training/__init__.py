@@ -8,10 +8,11 @@ Public API:
 * :func:`train_dp` / :class:`DPConfig` / :class:`DPResult` — one Opacus DP-SGD run on any module.
 * :class:`LARS` — layer-wise adaptive rate scaling, usable under Opacus.
 * :mod:`.tasks` — per-example utility scores (in [0, 1]) the dedup engine validates with.
-* :mod:`.data` — TSV loading, deterministic private splits, scikit-learn digits halves.
+* :mod:`.data` — text data from any source (:func:`load_text_data`; :func:`read_tsv` for a TSV), deterministic private splits, scikit-learn digits halves.
 """
 
-from .data import TextClassificationData, load_digits_halves, read_tsv, split_indices, split_private
+from .data import (TextClassificationData, from_dataset, load_digits_halves, load_text_data, read_tsv, split_indices,
+                   split_private)
 from .family import MemberSummary, check_family_request, train_members
 from .lars import LARS
 from .members import changed_tensors, load_privacy, member_dirname, save_member
@@ -22,7 +23,7 @@ from .text import load_base, train_text_family
 __all__ = [
     "DPConfig", "DPResult", "LARS", "MemberSummary", "TextClassificationData", "calibrate_noise",
     "changed_tensors", "check_family_request", "classification_correct", "load_base",
-    "load_digits_halves", "load_privacy", "mean_score", "member_dirname", "next_token_accuracy",
+    "from_dataset", "load_digits_halves", "load_privacy", "load_text_data", "mean_score", "member_dirname", "next_token_accuracy",
     "read_tsv", "save_member", "split_indices", "split_private", "train_dp", "train_members",
     "train_text_family", "validate_budget",
 ]

@@ -1,13 +1,13 @@
 """Loading and splitting the data sets DP families are trained on.
 
-Text classification data is a TSV file with a header line naming a ``label`` and a ``sentence``
-column (the GLUE layout). Splits are deterministic given a seed so that the private validation
-part can be rebuilt later by the dedup engine (it must stay disjoint from the training part).
+Text classification data is any :class:`~hf_dpdedup.data.DataSource` with a label and a text column
+(by default ``label`` and ``sentence``, the GLUE layout; :func:`read_tsv` is the TSV case).
+Splits are deterministic given a seed so that the private validation part can be rebuilt later by
+the dedup engine (it must stay disjoint from the training part).
 """
 
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..data.sources import DataSource, label_ids, load_source, require_columns
 from ..errors import TrainingConfigError
 
 
@@ -46,41 +47,32 @@ class TextClassificationData:
 
 
 def read_tsv(path: str | Path, *, text_column: str = "sentence", label_column: str = "label") -> TextClassificationData:
-    """Read a labelled TSV file (through ``datasets``); raise :class:`TrainingConfigError` if it is
-    missing, empty or unlabelled."""
+    """Read a labelled TSV file (one case of :func:`load_text_data`); raise :class:`TrainingConfigError` if it
+    is missing, empty or unlabelled."""
     path = Path(path)
     if not path.is_file():
         raise TrainingConfigError(f"Data file {path} does not exist; pass a TSV file with a header line.")
-    try:
-        data = datasets.load_dataset("csv", data_files={"data": str(path)}, delimiter="\t",
-                                     quoting=csv.QUOTE_NONE, split="data", keep_default_na=False)
-    except (ValueError, datasets.exceptions.DatasetGenerationError) as exc:
-        if "corresponds to no data" in str(exc):  # a header line and nothing else
-            raise TrainingConfigError(f"{path} holds no examples; DP training needs a non-empty data set.") from None
-        raise TrainingConfigError(f"{path} is not a readable TSV file with a header line: {exc}") from None
-    return from_dataset(data, text_column=text_column, label_column=label_column, source=str(path))
+    return load_text_data(DataSource(str(path), text_column=text_column, label_column=label_column))
+
+
+def load_text_data(source: DataSource | str | Path, **fields) -> TextClassificationData:
+    """Sentences and class ids from any :class:`~hf_dpdedup.data.DataSource` (a Hub id, a ``save_to_disk``
+    folder, a csv/tsv/json/parquet file, a GLUE folder split); a string is ``PATH_OR_ID[:SPLIT]``."""
+    if not isinstance(source, DataSource):
+        source = DataSource.parse(source, **fields)
+    return from_dataset(load_source(source), source=source)
 
 
 def from_dataset(data: datasets.Dataset, *, text_column: str = "sentence", label_column: str = "label",
-                 source: str = "the data set") -> TextClassificationData:
-    """Sentences and integer labels from a ``datasets.Dataset``'s two columns."""
-    header = list(data.column_names)
-    if text_column not in header or label_column not in header:
-        raise TrainingConfigError(
-            f"{source} has columns {header}; it needs a {label_column!r} and a {text_column!r} column "
-            "(unlabelled data cannot be used for supervised DP fine-tuning)."
-        )
+                 source: DataSource | str = "the data set") -> TextClassificationData:
+    """Sentences and integer labels from a ``datasets.Dataset``'s two columns (labels: :func:`label_ids`)."""
+    if not isinstance(source, DataSource):
+        source = DataSource(str(source), text_column=text_column, label_column=label_column)
+    require_columns(data, source, "label", "text")
     if len(data) == 0:
-        raise TrainingConfigError(f"{source} holds no examples; DP training needs a non-empty data set.")
-    labels = []
-    for row_no, raw in enumerate(data[label_column], start=2):
-        text = str(raw).strip()
-        if not text.lstrip("-").isdigit() or int(text) < 0:
-            raise TrainingConfigError(
-                f"{source}:{row_no}: label {raw!r} is not a non-negative integer; every row needs a label."
-            )
-        labels.append(int(text))
-    texts = tuple("" if t is None else str(t) for t in data[text_column])
+        raise TrainingConfigError(f"{source.describe()} holds no examples; DP training needs a non-empty data set.")
+    labels = label_ids(data, source)
+    texts = tuple("" if t is None else str(t) for t in data[source.text_column])
     return TextClassificationData(texts, tuple(labels))
 
 
