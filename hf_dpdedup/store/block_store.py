@@ -54,6 +54,7 @@ from .io import (
 )
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
+_COMPARE_CHUNK_BYTES = 64 * 1024 * 1024  # rows re-read at a time when reused rows are checked
 
 
 def row_hashes(rows: torch.Tensor | BlockRows) -> list[str]:
@@ -188,11 +189,13 @@ class BlockStore:
         matrices = self.read_shards(self.shards_for_rows(stored))
         starts = np.array(sorted(matrices), dtype=np.int64)
         shard_of = starts[np.searchsorted(starts, stored, side="right") - 1]
-        wanted = as_block_rows(matrix).take(reused)
-        for start in np.unique(shard_of):
-            mask = shard_of == start
-            got = matrices[int(start)].index_select(0, torch.from_numpy(stored[mask] - start))
-            if not torch.equal(got.view(torch.uint8), wanted[torch.from_numpy(mask)].view(torch.uint8)):
+        rows = as_block_rows(matrix)
+        step = max(1, _COMPARE_CHUNK_BYTES // (self.block_size * self.dtype.itemsize))
+        for lo in range(0, len(reused), step):  # a chunk of rows at a time, never a model's worth
+            wanted = rows.take(reused[lo : lo + step])
+            index = torch.from_numpy(stored[lo : lo + step] - shard_of[lo : lo + step])
+            got = torch.stack([matrices[int(s)][int(i)] for s, i in zip(shard_of[lo : lo + step], index)])
+            if not torch.equal(got.view(torch.uint8), wanted.view(torch.uint8)):
                 raise StoreFormatError(
                     f"block_store.json at {self.path} records row hashes that do not match the rows its "
                     f"shards hold; {RESTORE_INDEX}. Nothing was written."
