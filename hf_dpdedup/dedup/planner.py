@@ -514,6 +514,7 @@ def _config_dict(config: DedupConfig) -> dict[str, Any]:
         "block_size": config.block_size, "threshold": config.threshold, "strategy": config.strategy,
         "strategy_options": config.strategy_options, "candidates": config.plan.candidates,
         "order": config.plan.order, "cost": config.plan.cost, "close_ratio": config.plan.close_ratio,
+        "use_self": config.plan.use_self,
         "saliency": config.plan.saliency,
         "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
         "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
