@@ -158,6 +158,81 @@ def to_block_matrix(state_dict: Mapping[str, torch.Tensor], layout: BlockLayout)
     return matrix
 
 
+class BlockRows:
+    """The ``[n_blocks, block_size]`` rows of a state dict's block tensors, without building the matrix.
+
+    A full block is a view of its tensor's storage (no copy); only a tensor's zero-padded last block
+    is copied when asked for. Everything that walks a whole model's blocks (hashing, storing,
+    planning) reads them through this, so its memory stays one block chunk, not one model: what
+    makes deduplicating an LLM-sized member fit next to the model itself. A matrix is a special
+    case (``BlockRows.of_matrix``). Views follow the tensors they view: edit the tensors and the
+    rows change too (take a copy with :meth:`take` to keep values).
+    """
+
+    def __init__(self, pieces: list[tuple[torch.Tensor, int, int]], block_size: int, dtype: torch.dtype) -> None:
+        self._pieces = pieces  # per block: flat tensor, start offset, number of real elements
+        self.block_size = block_size
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, torch.Tensor], layout: BlockLayout) -> "BlockRows":
+        """The rows of ``state_dict``'s block tensors in ``layout``'s order (tensors must be contiguous)."""
+        pieces = []
+        bs = layout.block_size
+        for spec in layout.tensors:
+            tensor = state_dict[spec.name].detach()
+            if not tensor.is_contiguous():
+                raise BlockLayoutError(f"{spec.name} is not contiguous; call model.to(...) or clone it first.")
+            flat = tensor.view(-1)
+            pieces.extend((flat, i * bs, min(bs, spec.numel - i * bs)) for i in range(spec.n_blocks))
+        return cls(pieces, bs, parse_dtype(layout.dtype))
+
+    @classmethod
+    def of_matrix(cls, matrix: torch.Tensor) -> "BlockRows":
+        n, bs = matrix.shape
+        flat = matrix.detach().contiguous().view(-1)
+        return cls([(flat, i * bs, bs) for i in range(n)], bs, matrix.dtype)
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self._pieces), self.block_size)
+
+    def part(self, i: int) -> torch.Tensor:
+        """The real elements of block ``i`` (no padding): a view of its tensor."""
+        flat, start, count = self._pieces[i]
+        return flat[start : start + count]
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row ``i``: a view of the tensor where the block is full, else a zero-padded copy."""
+        flat, start, count = self._pieces[i]
+        if count == self.block_size:
+            return flat[start : start + count]
+        row = torch.zeros(self.block_size, dtype=flat.dtype)
+        row[:count] = flat[start : start + count]
+        return row
+
+    def take(self, indices) -> torch.Tensor:
+        """A ``[len(indices), block_size]`` copy of the rows ``indices``."""
+        indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        out = torch.zeros(len(indices), self.block_size, dtype=self.dtype)
+        for k, i in enumerate(indices):
+            flat, start, count = self._pieces[i]
+            out[k, :count] = flat[start : start + count]
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        """The whole matrix (a copy: one model's bytes)."""
+        return self.take(range(len(self)))
+
+
+def as_block_rows(rows: "BlockRows | torch.Tensor") -> BlockRows:
+    """``rows`` itself, or a ``[n, block_size]`` matrix seen as :class:`BlockRows`."""
+    return rows if isinstance(rows, BlockRows) else BlockRows.of_matrix(rows)
+
+
 def tensor_from_rows(rows: torch.Tensor, spec_shape: tuple[int, ...]) -> torch.Tensor:
     """Undo the cut for one tensor: ``rows`` is its ``[n, block_size]`` blocks in order."""
     numel = math.prod(spec_shape)

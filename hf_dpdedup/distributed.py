@@ -276,9 +276,9 @@ def apply_decisions(model: torch.nn.Module, base: torch.nn.Module, decisions: li
     values the search used.
     """
     live = LiveBlocks(model, block_size)
-    base_matrix = LiveBlocks(base, block_size).matrix()
+    base_rows = LiveBlocks(base, block_size).rows  # views: the base is not edited
     live.apply([Replacement(block, source, source_block,
-                            base_matrix[source_block] if source == "base" else live.read(source_block))
+                            base_rows.row(source_block) if source == "base" else live.read(source_block))
                 for block, source, source_block in decisions])
 
 

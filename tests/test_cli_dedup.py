@@ -53,6 +53,22 @@ def test_dedup_command_writes_a_store_and_a_report(tmp_path, capsys):
     assert loaded.dedup_info.epsilon == 5.0  # 4 + the base's 1
 
 
+def test_aligned_only_dedup_streams_members_and_records_it(tmp_path, capsys):
+    folders = write_members(tmp_path)
+    out = tmp_path / "store"
+    code = main(["dedup", *map(str, folders), "--out", str(out), "--val", str(tmp_path / "val.tsv"),
+                 "--threshold", "0.05", "--block-size", "4096", "--aligned-only", "--cost", "wanda"])
+    assert code == 0
+    report = json.loads((out / "report" / "dedup_report.json").read_text())
+    assert report["config"]["use_self"] is False and report["config"]["cost"] == "wanda"
+    target = report["models"][1]
+    assert target["from_self"] == 0 and target["from_base"] > 0
+    reference = transformers.BertForSequenceClassification.from_pretrained(folders[0])
+    loaded = DedupedModel.from_pretrained(out / "members" / "eps-1")  # the base is stored as it was
+    for k, v in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_dedup_command_needs_privacy_metadata(tmp_path, capsys):
     folders = write_members(tmp_path)
     (folders[1] / "privacy.json").unlink()

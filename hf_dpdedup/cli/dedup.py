@@ -13,6 +13,7 @@ Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is di
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=65536)
     p.add_argument("--candidates", default="aligned", choices=["aligned", "nearest"],
                    help="aligned: the base's block at the same position (default); nearest: the paper's rule")
+    p.add_argument("--aligned-only", action="store_true",
+                   help="candidates are only the base's blocks at the same position: no search for close blocks "
+                        "elsewhere (it compares every block with every other and holds two block matrices in memory; "
+                        "use this for LLM-sized members)")
     p.add_argument("--close-ratio", type=float, default=0.5,
                    help="offer another block only if nearer than this × the aligned distance")
     p.add_argument("--order", default="cost", choices=["cost", "saliency"],
@@ -111,19 +116,25 @@ def run(args: argparse.Namespace) -> int:
     from ..training.members import load_privacy
 
     members = []
+    # One process: members are loaded when needed and let go once stored (at most the base and the
+    # model under validation in memory). Distributed processes hold theirs (they are placed on devices).
+    lazy = not distributed.launched_distributed()
     for folder in map(Path, args.models):
         if not (folder / "privacy.json").is_file():
             raise TrainingConfigError(
                 f"{folder} has no privacy.json: every member needs its ε, δ and data set id "
                 "(train-family writes it; see hf_dpdedup.privacy.PrivacyMetadata)."
             )
-        model = distributed.load_member_model(folder, device_map=args.device_map)
-        members.append(Member(folder.name, model, load_privacy(folder), files_from=folder))
+        load = functools.partial(distributed.load_member_model, folder, device_map=args.device_map)
+        if lazy:
+            members.append(Member.from_folder(folder, load_privacy(folder), load))
+        else:
+            members.append(Member(folder.name, load(), load_privacy(folder), files_from=folder))
     if args.task == "image-classification":
         processor = transformers.AutoImageProcessor.from_pretrained(args.models[0])
     else:
         processor = transformers.AutoTokenizer.from_pretrained(args.models[0])
-    names = class_names(members[0].model.config)
+    names = class_names(transformers.AutoConfig.from_pretrained(args.models[0]))
 
     def source(spec: str):
         return data_source(args, spec, label_names=names)
@@ -149,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size, threshold=args.threshold, strategy=args.strategy,
         strategy_options=strategy_options(args),
         plan=PlanConfig(candidates=args.candidates, close_ratio=args.close_ratio, order=args.order, cost=args.cost,
-                        saliency=args.saliency, aggregate=args.aggregate, metric=args.metric),
+                        saliency=args.saliency, aggregate=args.aggregate, metric=args.metric,
+                        use_self=not args.aligned_only),
         validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
         naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
         fairness=args.fairness, overlaps=tuple(tuple(pair) for pair in args.overlap),

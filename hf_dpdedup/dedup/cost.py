@@ -17,17 +17,101 @@ Costs are per block and additive, the diagonal approximation every one of these 
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 
-from ..blocks import BlockLayout, to_block_matrix
+from ..blocks import BlockLayout
 from ..errors import CalibrationRequiredError
 from .saliency import LossFn, gradient_moments, input_rms, scale_by_input_rms
 
 CostMeasure = Literal["taylor", "fisher", "wanda", "delta"]
 COSTS: tuple[str, ...] = ("taylor", "fisher", "wanda", "delta")
+
+
+class BlockCosts:
+    """A cost measure prepared once for a model (its Fisher, gradient or input RMS measured), then
+    applied to any number of replacement chunks: ``costs(blocks, deltas)``.
+
+    The per-weight factors are read one tensor at a time, as the chunks reach them, so the float32
+    copy of the whole model that a ``[n_blocks, block_size]`` factor matrix would be never exists
+    (the Fisher and the mean gradient themselves are one float32 tensor per trained weight).
+    """
+
+    def __init__(self, layout: BlockLayout, measure: CostMeasure,
+                 factors: dict[str, Callable[[str], torch.Tensor]]) -> None:
+        self.layout, self.measure = layout, measure
+        self._factors = {key: _TensorRows(layout, fn) for key, fn in factors.items()}
+
+    @classmethod
+    def prepare(
+        cls,
+        model: torch.nn.Module,
+        layout: BlockLayout,
+        *,
+        measure: CostMeasure = "taylor",
+        calibration: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        micro_batch: int | None = 1,
+        max_examples: int | None = 512,
+    ) -> "BlockCosts":
+        """Measure what ``measure`` needs on PUBLIC ``calibration`` batches (nothing for ``"delta"``)."""
+        if measure not in COSTS:
+            raise ValueError(f"Unknown cost measure {measure!r}; use one of {COSTS}.")
+        if measure == "delta":
+            return cls(layout, measure, {})
+        if calibration is None:
+            raise CalibrationRequiredError(
+                f"The {measure!r} cost needs PUBLIC calibration batches (DedupData.calibration); "
+                "use cost='delta', which needs no data."
+            )
+        if measure == "wanda":
+            named = model.state_dict(keep_vars=True)
+            rms = input_rms(model, {s.name: named[s.name] for s in layout.tensors}, list(calibration), loss_fn)
+            shapes = {s.name: s.shape for s in layout.tensors}
+            return cls(layout, measure,
+                       {"scale": lambda name: scale_by_input_rms(torch.ones(shapes[name]), rms.get(name))})
+        mean, fisher = gradient_moments(model, layout, calibration, loss_fn=loss_fn, micro_batch=micro_batch,
+                                        max_examples=max_examples)
+        factors = {"fisher": fisher.__getitem__}
+        if measure == "taylor":
+            factors["mean"] = mean.__getitem__
+        return cls(layout, measure, factors)
+
+    def costs(self, blocks: Sequence[int], deltas: torch.Tensor) -> torch.Tensor:
+        """Estimated loss increase (float64) of adding ``deltas[i]`` to block ``blocks[i]``
+        (``deltas``: ``[len(blocks), block_size]``, candidate − current, zero in a last block's padding)."""
+        d = deltas.to(torch.float64)
+        if self.measure == "delta":
+            return d.square().sum(1)
+        if self.measure == "wanda":
+            return (d * self._factors["scale"].take(blocks).to(torch.float64)).square().sum(1)
+        second = 0.5 * (self._factors["fisher"].take(blocks).to(torch.float64) * d.square()).sum(1)
+        if self.measure == "fisher":
+            return second
+        return (self._factors["mean"].take(blocks).to(torch.float64) * d).sum(1) + second
+
+
+class _TensorRows:
+    """Block rows (float32) of per-tensor values computed on demand, one tensor held at a time:
+    chunks of ascending blocks reach each tensor once."""
+
+    def __init__(self, layout: BlockLayout, values: Callable[[str], torch.Tensor]) -> None:
+        self.layout, self.values = layout, values
+        self.owner = layout.block_owner()
+        self._name: str | None = None
+        self._flat = torch.empty(0)
+
+    def take(self, blocks: Sequence[int]) -> torch.Tensor:
+        bs = self.layout.block_size
+        out = torch.zeros(len(blocks), bs, dtype=torch.float32)
+        for k, block in enumerate(blocks):
+            name, j = self.owner[block]
+            if name != self._name:
+                self._name, self._flat = name, self.values(name).detach().reshape(-1).to(torch.float32)
+            part = self._flat[j * bs : (j + 1) * bs]
+            out[k, : part.numel()] = part
+        return out
 
 
 def replacement_costs(
@@ -42,33 +126,12 @@ def replacement_costs(
     micro_batch: int | None = 1,
     max_examples: int | None = 512,
 ) -> torch.Tensor:
-    """Estimated loss increase (float64) of replacing block ``blocks[i]`` by adding ``deltas[i]``.
+    """Estimated loss increase (float64) of replacing block ``blocks[i]`` by adding ``deltas[i]``
+    (:meth:`BlockCosts.prepare` then :meth:`BlockCosts.costs`, for one chunk).
 
     ``blocks`` are row indices into ``layout``; ``deltas`` the ``[len(blocks), block_size]`` changes
     (candidate − current, zero in a last block's padding).
     """
-    if measure not in COSTS:
-        raise ValueError(f"Unknown cost measure {measure!r}; use one of {COSTS}.")
-    d = deltas.to(torch.float64)
-    if measure == "delta":
-        return d.square().sum(1)
-    if calibration is None:
-        raise CalibrationRequiredError(
-            f"The {measure!r} cost needs PUBLIC calibration batches (DedupData.calibration); "
-            "use cost='delta', which needs no data."
-        )
-    as_rows = replace(layout, dtype="float32")
-    if measure == "wanda":
-        batches = list(calibration)
-        named = model.state_dict(keep_vars=True)
-        rms = input_rms(model, {s.name: named[s.name] for s in layout.tensors}, batches, loss_fn)
-        ones = {s.name: scale_by_input_rms(torch.ones(s.shape), rms.get(s.name)) for s in layout.tensors}
-        scale = to_block_matrix(ones, as_rows)[blocks].to(torch.float64)
-        return (d * scale).square().sum(1)
-    mean, fisher = gradient_moments(model, layout, calibration, loss_fn=loss_fn, micro_batch=micro_batch,
-                                    max_examples=max_examples)
-    second = 0.5 * (to_block_matrix(fisher, as_rows)[blocks].to(torch.float64) * d.square()).sum(1)
-    if measure == "fisher":
-        return second
-    first = (to_block_matrix(mean, as_rows)[blocks].to(torch.float64) * d).sum(1)
-    return first + second
+    prepared = BlockCosts.prepare(model, layout, measure=measure, calibration=calibration, loss_fn=loss_fn,
+                                  micro_batch=micro_batch, max_examples=max_examples)
+    return prepared.costs(torch.as_tensor(blocks).tolist(), deltas)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blocks import BlockLayout, plan_layout
+from ..blocks import BlockLayout, BlockRows, plan_layout
 
 
 @dataclass(frozen=True)
@@ -29,34 +29,24 @@ class LiveBlocks:
     """Views of a model's blocks in its parameters; ``apply`` returns what ``revert`` needs."""
 
     def __init__(self, model: torch.nn.Module, block_size: int) -> None:
-        state = model.state_dict(keep_vars=True)
-        self.layout: BlockLayout = plan_layout({k: v.detach() for k, v in state.items()}, block_size)
+        state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+        self.layout: BlockLayout = plan_layout(state, block_size)
         self.block_size = block_size
-        self._flat: list[tuple[torch.Tensor, int]] = []  # per block: flat parameter view, offset
-        for spec in self.layout.tensors:
-            tensor = state[spec.name]
-            if not tensor.is_contiguous():
-                raise ValueError(f"{spec.name} is not contiguous; call model.to(...) or clone it first.")
-            flat = tensor.detach().view(-1)
-            self._flat.extend((flat, i * block_size) for i in range(spec.n_blocks))
+        self.rows = BlockRows.of(state, self.layout)  # views of the parameters: edits show through
 
     @property
     def n_blocks(self) -> int:
-        return len(self._flat)
+        return len(self.rows)
 
     def _slice(self, block: int) -> torch.Tensor:
-        flat, start = self._flat[block]
-        return flat[start : start + self.block_size]
+        return self.rows.part(block)
 
     def read(self, block: int) -> torch.Tensor:
         """A copy of the block, zero-padded to ``block_size``."""
-        part = self._slice(block)
-        row = torch.zeros(self.block_size, dtype=part.dtype)
-        row[: part.numel()] = part
-        return row
+        return self.rows.take([block])[0]
 
     def matrix(self) -> torch.Tensor:
-        return torch.stack([self.read(i) for i in range(self.n_blocks)]) if self.n_blocks else torch.empty(0)
+        return self.rows.matrix() if self.n_blocks else torch.empty(0)
 
     @torch.no_grad()
     def apply(self, replacements: list[Replacement]) -> list[tuple[int, torch.Tensor]]:

@@ -27,8 +27,9 @@ from typing import Literal
 
 import torch
 
+from ..blocks import BlockRows, as_block_rows
 from ..store.block_store import row_hashes
-from .cost import CostMeasure, replacement_costs
+from .cost import BlockCosts, CostMeasure
 from .live import LiveBlocks, Replacement
 from .saliency import block_saliency, saliency_order
 from .similarity import nearest_blocks, pair_distances
@@ -69,51 +70,66 @@ class PlanConfig:
             raise ValueError(f"close_ratio must be in [0, 1] or None, got {self.close_ratio!r}.")
 
 
+# blocks per chunk when costs are computed: a few float64 [chunk, block_size] temporaries (≈ 64 MiB
+# at block size 65536), whatever the model's size
+_COST_CHUNK_BYTES = 64 * 1024 * 1024
+
+
 def plan_replacements(
     target,
     live: LiveBlocks,
-    base_matrix: torch.Tensor,
+    base: BlockRows | torch.Tensor,
     config: PlanConfig,
     *,
     calibration=None,
     loss_fn=None,
 ) -> list[Replacement]:
-    """Candidate replacements for ``target``, cheapest (or least salient) first."""
-    target_matrix = live.matrix()
-    n = target_matrix.shape[0]
+    """Candidate replacements for ``target``, cheapest (or least salient) first.
+
+    ``base`` holds the base's blocks: :class:`~hf_dpdedup.blocks.BlockRows` (views of its tensors)
+    or a ``[n_blocks, block_size]`` matrix. With aligned candidates and ``use_self=False`` nothing
+    of the size of a model is copied (rows are hashed and compared in place, costs computed in
+    chunks, a replacement's row is a view of the base's block); looking for close blocks elsewhere
+    (``use_self``, ``candidates="nearest"``) compares every block with every other and needs both
+    block matrices in memory.
+    """
+    base_rows, target_rows = as_block_rows(base), live.rows
+    n = len(target_rows)
     if n == 0:
         return []
-    blocks = _searchable_blocks(live, target_matrix, base_matrix, config)
+    blocks = _searchable_blocks(live, target_rows, base_rows, config)
     if not blocks:
         return []
-    choice = _choose_candidates(blocks, target_matrix, base_matrix, config)
-    order = _order(target, live, blocks, choice, target_matrix, base_matrix, config, calibration, loss_fn)
-    return _without_chains(order, choice, target_matrix, base_matrix)
+    choice = _choose_candidates(blocks, target_rows, base_rows, config)
+    order = _order(target, live, blocks, choice, target_rows, base_rows, config, calibration, loss_fn)
+    return _without_chains(order, choice, target_rows, base_rows)
 
 
-def _searchable_blocks(live: LiveBlocks, target_matrix: torch.Tensor, base_matrix: torch.Tensor,
+def _searchable_blocks(live: LiveBlocks, target_rows: BlockRows, base_rows: BlockRows,
                        config: PlanConfig) -> list[int]:
     """Blocks worth a decision: not already equal to a base block, inside ``only_tensors``."""
-    base_rows = set(row_hashes(base_matrix))
-    skip = {i for i, h in enumerate(row_hashes(target_matrix)) if h in base_rows}
+    base_hashes = set(row_hashes(base_rows))
+    skip = {i for i, h in enumerate(row_hashes(target_rows)) if h in base_hashes}
+    n = len(target_rows)
     if config.only_tensors is not None:
         owners = live.layout.block_owner()
-        skip |= {i for i in range(target_matrix.shape[0]) if owners[i][0] not in config.only_tensors}
-    return [i for i in range(target_matrix.shape[0]) if i not in skip]
+        skip |= {i for i in range(n) if owners[i][0] not in config.only_tensors}
+    return [i for i in range(n) if i not in skip]
 
 
 Choice = dict[int, list[tuple[str, int]]]  # block -> candidates ("base"|"self", row), best first
 
 
-def _choose_candidates(blocks: list[int], target_matrix: torch.Tensor, base_matrix: torch.Tensor,
+def _choose_candidates(blocks: list[int], target_rows: BlockRows, base_rows: BlockRows,
                        config: PlanConfig) -> Choice:
     """Each block's candidates, best first: the aligned base block and/or genuinely close others."""
-    aligned = config.candidates == "aligned" and base_matrix.shape[0] == target_matrix.shape[0]
+    aligned = config.candidates == "aligned" and len(base_rows) == len(target_rows)
     if config.candidates == "aligned" and not aligned:
         raise ValueError("Aligned candidates need a base with the target's block layout; use candidates='nearest'.")
-    rows = torch.tensor(blocks)
     choice: Choice = {b: [("base", b)] if aligned else [] for b in blocks}
     if not aligned or config.use_self:
+        target_matrix, base_matrix = target_rows.matrix(), base_rows.matrix()  # every block against every other
+        rows = torch.tensor(blocks)
         m = base_matrix.shape[0]
         parts = (base_matrix, target_matrix) if config.use_self else (base_matrix,)
         exclude = rows + m if config.use_self else None  # never a block's own match
@@ -150,12 +166,14 @@ def _close_bounds(rows: torch.Tensor, target_matrix: torch.Tensor, base_matrix: 
     return config.close_ratio * torch.minimum(aligned, own)
 
 
-def _row(source: str, index: int, target_matrix: torch.Tensor, base_matrix: torch.Tensor) -> torch.Tensor:
-    return base_matrix[index] if source == "base" else target_matrix[index]
+def _row(source: str, index: int, target_rows: BlockRows, base_rows: BlockRows) -> torch.Tensor:
+    """A candidate's values: a view of the base's block (the base is never edited), a copy of the
+    target's own (the target is edited while it is searched)."""
+    return base_rows.row(index) if source == "base" else target_rows.take([index])[0]
 
 
-def _order(target, live, blocks, choice: Choice, target_matrix, base_matrix, config: PlanConfig,
-           calibration, loss_fn) -> list[int]:
+def _order(target, live, blocks, choice: Choice, target_rows: BlockRows, base_rows: BlockRows,
+           config: PlanConfig, calibration, loss_fn) -> list[int]:
     """The blocks that have a candidate, cheapest (or least salient) first; ties in block order."""
     ordered = [b for b in blocks if b in choice]
     if not ordered:
@@ -165,17 +183,20 @@ def _order(target, live, blocks, choice: Choice, target_matrix, base_matrix, con
                                 calibration=calibration, loss_fn=loss_fn)
         rank = {b: i for i, b in enumerate(saliency_order(scores).tolist())}
         return sorted(ordered, key=rank.__getitem__)
-    rows = torch.tensor(ordered)
-    best = torch.stack([_row(*choice[b][0], target_matrix, base_matrix) for b in ordered])
-    deltas = best.to(torch.float64) - target_matrix[rows].to(torch.float64)
-    costs = replacement_costs(target, live.layout, rows, deltas, measure=config.cost, calibration=calibration,
-                              loss_fn=loss_fn, micro_batch=config.fisher_micro_batch,
-                              max_examples=config.fisher_max_examples)
-    return [ordered[i] for i in torch.sort(costs, stable=True).indices.tolist()]
+    prepared = BlockCosts.prepare(target, live.layout, measure=config.cost, calibration=calibration,
+                                  loss_fn=loss_fn, micro_batch=config.fisher_micro_batch,
+                                  max_examples=config.fisher_max_examples)
+    step = max(1, _COST_CHUNK_BYTES // (8 * live.block_size))
+    costs = []
+    for start in range(0, len(ordered), step):  # ascending blocks: each tensor's factors read once
+        chunk = ordered[start : start + step]
+        best = torch.stack([_row(*choice[b][0], target_rows, base_rows) for b in chunk])
+        costs.append(prepared.costs(chunk, best.to(torch.float64) - target_rows.take(chunk).to(torch.float64)))
+    return [ordered[i] for i in torch.sort(torch.cat(costs), stable=True).indices.tolist()]
 
 
-def _without_chains(order: list[int], choice: Choice, target_matrix: torch.Tensor,
-                    base_matrix: torch.Tensor) -> list[Replacement]:
+def _without_chains(order: list[int], choice: Choice, target_rows: BlockRows,
+                    base_rows: BlockRows) -> list[Replacement]:
     planned: set[int] = set()
     pinned: set[int] = set()
     sequence: list[Replacement] = []
@@ -187,7 +208,7 @@ def _without_chains(order: list[int], choice: Choice, target_matrix: torch.Tenso
                 if index == block or index in planned:
                     continue
                 pinned.add(index)
-            sequence.append(Replacement(block, source, index, _row(source, index, target_matrix, base_matrix)))
+            sequence.append(Replacement(block, source, index, _row(source, index, target_rows, base_rows)))
             planned.add(block)
             break
     return sequence

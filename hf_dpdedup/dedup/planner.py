@@ -26,11 +26,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
+from ..blocks import BlockRows
 from ..errors import DivergedProcessesError
 from ..privacy import (
     SEEDED_LABEL,
@@ -62,13 +63,39 @@ from .validate import (
 
 @dataclass
 class Member:
-    """One model of a family, with what it cost."""
+    """One model of a family, with what it cost.
+
+    A member given a ``load`` function (and ``model=None``) is *lazy*: the planner loads it when it
+    needs it and lets it go once it is stored, so a family is deduplicated with at most the base and
+    the model under validation in memory (:meth:`from_folder`). A member given a model keeps it.
+    """
 
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     privacy: PrivacyMetadata
     tokenizer: Any = None
     files_from: str | Path | None = None
+    load: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, privacy: PrivacyMetadata, load: Callable[[], torch.nn.Module], *,
+                    name: str | None = None, tokenizer: Any = None) -> "Member":
+        """A lazy member: ``load()`` builds its model from ``folder`` (memory-mapped safetensors)."""
+        folder = Path(folder)
+        return cls(name or folder.name, None, privacy, tokenizer=tokenizer, files_from=folder, load=load)
+
+    def loaded(self) -> torch.nn.Module:
+        """The model, loaded now if the member is lazy and not in memory."""
+        if self.model is None and self.load is not None:
+            self.model = self.load()
+        if self.model is None:
+            raise ValueError(f"Member {self.name!r} has neither a model nor a load function.")
+        return self.model
+
+    def release(self) -> None:
+        """Let a lazy member's model go (it is loaded again when needed); a given model is kept."""
+        if self.load is not None:
+            self.model = None
 
 
 @dataclass
@@ -164,9 +191,13 @@ def verdict_charges(members: list[Member], verdict: dict[str, Any] | None) -> li
 
 
 def group_members(members: list[Member]) -> list[list[Member]]:
+    """Members with one architecture signature and one training data set, in input order (a lazy
+    member is loaded for its signature and let go again)."""
     groups: dict[tuple, list[Member]] = {}
     for m in members:
-        groups.setdefault((signature(m.model), frozenset(m.privacy.datasets)), []).append(m)
+        key = (signature(m.loaded()), frozenset(m.privacy.datasets))
+        m.release()
+        groups.setdefault(key, []).append(m)
     return list(groups.values())
 
 
@@ -192,8 +223,12 @@ def deduplicate_family(
     report = FamilyReport(config=_config_dict(config))
     sampler = config.sampler()  # one noise source for the whole run
     for group in group_members(members):
-        for outcome in dedup_group(group, data, config, sampler=sampler):
+        # stored as soon as searched: a lazy member's model is let go before the next one is loaded
+        for outcome in iter_group(group, data, config, sampler=sampler):
             report.models.append(store_outcome(family, outcome))
+            if outcome.member.load is not None:
+                outcome.report.model = None
+            outcome.member.release()
     report.family_stored_bytes = family.stored_bytes()
     return report
 
@@ -205,7 +240,10 @@ def check_unique_names(members: list[Member]) -> None:
 
 
 def new_family_store(out: str | Path, members: list[Member], config: DedupConfig) -> FamilyStore:
-    return FamilyStore.create(out, block_size=config.block_size, dtype=next(members[0].model.parameters()).dtype)
+    first = members[0]
+    dtype = next(first.loaded().parameters()).dtype
+    first.release()
+    return FamilyStore.create(out, block_size=config.block_size, dtype=dtype)
 
 
 def dedup_group(group: list[Member], data: DedupData, config: DedupConfig, *,
@@ -213,41 +251,71 @@ def dedup_group(group: list[Member], data: DedupData, config: DedupConfig, *,
     """Search one group (same architecture and data): models are edited in place, nothing is stored.
 
     Outcomes come in order: the base, then the targets by ascending ε (with ``fairness="drop"`` the
-    flagged ones have role "dropped" and are not stored).
+    flagged ones have role "dropped" and are not stored). Every member ends up in memory: to
+    store as you go, consume :func:`iter_group` instead.
     """
+    return list(iter_group(group, data, config, sampler=sampler))
+
+
+def iter_group(group: list[Member], data: DedupData, config: DedupConfig, *,
+               sampler: LaplaceSampler | None = None) -> Iterator[Outcome]:
+    """:func:`dedup_group` one outcome at a time, each yielded as soon as it is final: the caller
+    stores it and may release a lazy member before the next target is loaded. The base stays in
+    memory until the group is done (its blocks are every target's candidates)."""
     sampler = sampler if sampler is not None else config.sampler()
     verdicts = _fairness(group, data, config)
     ordered = sorted(group, key=lambda m: (m.privacy.epsilon, m.name))
     base = next((m for m in ordered if m.name == config.base), None) if config.base else ordered[0]
     if base is None:
         raise ValueError(f"Base {config.base!r} is not a member of this group: {[m.name for m in ordered]}.")
-    base_live = LiveBlocks(base.model, config.block_size)
-    base_matrix = base_live.matrix()
-    base_report = _start(base, "base", base_live.n_blocks, data, config)
+    base_state = base.loaded().state_dict()  # held until the group is done, even once the base is stored
+    base_rows = LiveBlocks(base.model, config.block_size).rows  # views: the base is never edited
+    base_report = _start(base, "base", len(base_rows), data, config)
     base_report.fairness = verdicts.get(base.name)
     base_report.charges = [Charge.from_metadata(base.name, base.privacy),
                            *verdict_charges(group, base_report.fairness)]
     if len(base_report.charges) > 1:  # a named base above the smallest ε: its verdict read others
         base_report.ledger = _account(base_report.charges, config)
         base_report.ledger_at_own_delta = _account_at_own_delta(base_report.charges, base, config)
-    outcomes = [Outcome(base, _finish(base, base_report, data))]
-    floor_source: ModelReport | None = base_report if config.interactive else None
     targets = [m for m in ordered if m is not base]
+    base_outcome = Outcome(base, _finish(base, base_report, data))
+    # The next target's floor is a function of the model just finished: taken now, while that
+    # model is still in memory (the caller may let it go once it is stored).
+    floor = _next_floor(base_report, bool(targets), data, config, sampler)
+    yield _dropped_if_flagged(base_outcome, config)
     # one bar for the group, advancing per validation (the expensive step), the member in its postfix
     with tqdm(desc=f"dedup against {base.name}", unit="validation", disable=None) as bar:
-        for target in targets:
+        for i, target in enumerate(targets):
             bar.set_postfix_str(target.name, refresh=False)
-            outcome = _dedup_target(target, base, base_matrix, floor_source, data, config,
+            outcome = _dedup_target(target, base, base_state, base_rows, floor, data, config,
                                     verdict=verdicts.get(target.name), group=group, sampler=sampler,
                                     progress=bar.update)
-            outcomes.append(outcome)
-            if config.interactive:
-                floor_source = outcome.report
-    if config.fairness == "drop":
-        for outcome in outcomes:
-            if outcome.report.fairness and outcome.report.fairness["flagged"]:
-                outcome.report.role = "dropped"
-    return outcomes
+            floor = _next_floor(outcome.report, i + 1 < len(targets), data, config, sampler)
+            yield _dropped_if_flagged(outcome, config)
+
+
+@dataclass(frozen=True)
+class _Floor:
+    """The interactive floor a target inherits: U'_{i-1} and everything it depended on."""
+
+    value: float
+    charges: list[Charge]
+
+
+def _next_floor(previous: ModelReport, needed: bool, data: DedupData, config: DedupConfig,
+                sampler: LaplaceSampler) -> _Floor | None:
+    if not (config.interactive and needed):
+        return None
+    value, release = _previous_floor(previous, data, config, sampler)
+    return _Floor(value, release + previous.charges)
+
+
+def _dropped_if_flagged(outcome: Outcome, config: DedupConfig) -> Outcome:
+    """``fairness="drop"``: a flagged member keeps its report but is left out of the store (the
+    verdict is known before any search, so this changes nothing else)."""
+    if config.fairness == "drop" and outcome.report.fairness and outcome.report.fairness["flagged"]:
+        outcome.report.role = "dropped"
+    return outcome
 
 
 def _fairness(group: list[Member], data: DedupData, config: DedupConfig) -> dict[str, dict[str, Any]]:
@@ -256,30 +324,33 @@ def _fairness(group: list[Member], data: DedupData, config: DedupConfig) -> dict
         return {}
     on_test = data.public_test is not None
     fair_data = data.public_test if on_test else data.public_val
-    utility = {m.name: public_utility(m.model, fair_data, data.score_fn) for m in group}
+    utility = {}
+    for m in group:  # one member in memory at a time
+        utility[m.name] = public_utility(m.loaded(), fair_data, data.score_fn)
+        m.release()
     return fairness_verdicts(group, utility, on="public test" if on_test else "public validation")
 
 
-def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previous: ModelReport | None,
+def _dedup_target(target: Member, base: Member, base_state: Mapping[str, torch.Tensor], base_rows: BlockRows,
+                  previous: _Floor | None,
                   data: DedupData, config: DedupConfig, *, verdict: dict[str, Any] | None = None,
                   group: list[Member] | None = None, sampler: LaplaceSampler | None = None,
                   progress: Callable[[int], object] | None = None) -> Outcome:
     sampler = sampler if sampler is not None else config.sampler()
-    live = LiveBlocks(target.model, config.block_size)
+    live = LiveBlocks(target.loaded(), config.block_size)
     model_report = _start(target, "target", live.n_blocks, data, config)
     model_report.base = base.name
-    model_report.differing_tensors = differing_tensors(target.model, base.model)
+    model_report.differing_tensors = differing_tensors(target.model, base_state)
     model_report.fairness = verdict
     charges = [Charge.from_metadata(target.name, target.privacy), Charge.from_metadata(base.name, base.privacy),
                *verdict_charges(group or [], verdict)]
     floor = None
     if previous is not None:
-        floor, floor_charges = _previous_floor(previous, data, config, sampler)
-        charges += floor_charges + previous.charges
+        floor, charges = previous.value, charges + previous.charges
     validator = _validator(target, data, config, floor, sampler)
     confirmation = _confirmation_validator(target, data, config)  # built on the unedited target
     calibration = _calibration(target, data, config)
-    sequence = plan_replacements(target.model, live, base_matrix, config.plan, calibration=calibration,
+    sequence = plan_replacements(target.model, live, base_rows, config.plan, calibration=calibration,
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
     try:
@@ -297,9 +368,9 @@ def _dedup_target(target: Member, base: Member, base_matrix: torch.Tensor, previ
     return Outcome(target, _finish(target, model_report, data), list(result.accepted))
 
 
-def differing_tensors(model: torch.nn.Module, base: torch.nn.Module) -> tuple[str, ...]:
+def differing_tensors(model: torch.nn.Module, base: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     """Names of the tensors whose values differ from the base's (before any replacement)."""
-    theirs = base.state_dict()
+    theirs = base if isinstance(base, Mapping) else base.state_dict()
     return tuple(n for n, t in model.state_dict().items() if n not in theirs or not torch.equal(t, theirs[n]))
 
 
@@ -443,6 +514,7 @@ def _config_dict(config: DedupConfig) -> dict[str, Any]:
         "block_size": config.block_size, "threshold": config.threshold, "strategy": config.strategy,
         "strategy_options": config.strategy_options, "candidates": config.plan.candidates,
         "order": config.plan.order, "cost": config.plan.cost, "close_ratio": config.plan.close_ratio,
+        "use_self": config.plan.use_self,
         "saliency": config.plan.saliency,
         "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
         "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..blocks import check_block_size, dtype_name, parse_dtype
+from ..blocks import BlockRows, as_block_rows, check_block_size, dtype_name, parse_dtype
 from ..errors import ChecksumMismatchError, ConstitutionError, DtypeMismatchError, StoreFormatError
 from .codec import Codec, encode_rows
 from .decoded_cache import load_decoded
@@ -54,11 +54,17 @@ from .io import (
 )
 
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
+_COMPARE_CHUNK_BYTES = 64 * 1024 * 1024  # rows re-read at a time when reused rows are checked
 
 
-def row_hashes(matrix: torch.Tensor) -> list[str]:
-    """sha256 of each row's raw bytes (dtype-exact: bf16 rows are hashed as their 2-byte words)."""
-    raw = matrix.detach().contiguous().view(torch.uint8).numpy()
+def row_hashes(rows: torch.Tensor | BlockRows) -> list[str]:
+    """sha256 of each row's raw bytes (dtype-exact: bf16 rows are hashed as their 2-byte words).
+    ``rows`` is a ``[n, block_size]`` matrix or :class:`~hf_dpdedup.blocks.BlockRows` (hashed row by
+    row, no copy of the whole)."""
+    if isinstance(rows, BlockRows):
+        return [hashlib.sha256(rows.row(i).contiguous().view(torch.uint8).numpy()).hexdigest()
+                for i in range(len(rows))]
+    raw = rows.detach().contiguous().view(torch.uint8).numpy()
     return [hashlib.sha256(row).hexdigest() for row in raw]
 
 
@@ -136,12 +142,15 @@ class BlockStore:
 
     def add_rows(
         self,
-        matrix: torch.Tensor,
+        matrix: torch.Tensor | BlockRows,
         *,
         groups: Sequence[int] | None = None,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     ) -> list[int]:
         """Store the rows of ``matrix`` that are not stored yet; return the row id of every input row.
+
+        ``matrix`` is a ``[n, block_size]`` tensor or :class:`~hf_dpdedup.blocks.BlockRows` (a model's
+        blocks as views: only one shard's new rows are ever copied at a time).
 
         ``groups`` (row counts summing to ``len(matrix)``, e.g. the blocks of each tensor) keeps the
         new rows of one group inside one shard where they fit, so loading can map them zero-copy.
@@ -158,8 +167,8 @@ class BlockStore:
                 self._append(matrix, new_rows, new_groups, [digests[i] for i in new_rows], max_shard_bytes)
         return ids
 
-    def _check_matrix(self, matrix: torch.Tensor) -> None:
-        if matrix.dim() != 2 or matrix.shape[1] != self.block_size:
+    def _check_matrix(self, matrix: torch.Tensor | BlockRows) -> None:
+        if len(matrix.shape) != 2 or matrix.shape[1] != self.block_size:
             raise StoreFormatError(
                 f"Rows must be a [n, {self.block_size}] matrix for this store, got {list(matrix.shape)}."
             )
@@ -170,7 +179,7 @@ class BlockStore:
                 f"model.to(torch.{self.index.dtype}) or use a separate store."
             )
 
-    def _check_reused_rows(self, matrix: torch.Tensor, ids: list[int], new_rows: set[int]) -> None:
+    def _check_reused_rows(self, matrix: torch.Tensor | BlockRows, ids: list[int], new_rows: set[int]) -> None:
         """Rows matched by hash must hold exactly the input's bytes: a damaged ``row_hashes`` list
         (hashes swapped or edited) would otherwise map blocks of the new model to wrong rows."""
         reused = [i for i in range(len(ids)) if i not in new_rows and ids[i] < self.index.total_rows]
@@ -180,11 +189,13 @@ class BlockStore:
         matrices = self.read_shards(self.shards_for_rows(stored))
         starts = np.array(sorted(matrices), dtype=np.int64)
         shard_of = starts[np.searchsorted(starts, stored, side="right") - 1]
-        wanted = matrix[torch.tensor(reused, dtype=torch.long)]
-        for start in np.unique(shard_of):
-            mask = shard_of == start
-            got = matrices[int(start)].index_select(0, torch.from_numpy(stored[mask] - start))
-            if not torch.equal(got.view(torch.uint8), wanted[torch.from_numpy(mask)].view(torch.uint8)):
+        rows = as_block_rows(matrix)
+        step = max(1, _COMPARE_CHUNK_BYTES // (self.block_size * self.dtype.itemsize))
+        for lo in range(0, len(reused), step):  # a chunk of rows at a time, never a model's worth
+            wanted = rows.take(reused[lo : lo + step])
+            index = torch.from_numpy(stored[lo : lo + step] - shard_of[lo : lo + step])
+            got = torch.stack([matrices[int(s)][int(i)] for s, i in zip(shard_of[lo : lo + step], index)])
+            if not torch.equal(got.view(torch.uint8), wanted.view(torch.uint8)):
                 raise StoreFormatError(
                     f"block_store.json at {self.path} records row hashes that do not match the rows its "
                     f"shards hold; {RESTORE_INDEX}. Nothing was written."
@@ -218,21 +229,21 @@ class BlockStore:
 
     def _append(
         self,
-        matrix: torch.Tensor,
+        matrix: torch.Tensor | BlockRows,
         new_rows: list[int],
         new_groups: list[int],
         new_digests: list[str],
         max_shard_bytes: int,
     ) -> None:
-        row_bytes = self.block_size * matrix.element_size()
+        row_bytes = self.block_size * matrix.dtype.itemsize
         max_rows = max(1, max_shard_bytes // row_bytes)
-        rows = matrix[torch.tensor(new_rows, dtype=torch.long)]
+        rows = as_block_rows(matrix)
         shards = list(self.index.shards)
         start = 0
         for count in _pack(new_groups, max_rows):
             number = len(shards) + 1
             name = shard_file_name(number)
-            raw = rows[start : start + count]
+            raw = rows.take(new_rows[start : start + count])  # one shard's rows at a time
             chunk = encode_rows(raw, self.codec)
             meta = {"format": FORMAT, "first_row": str(self.index.total_rows + start)}
             raw_sha256 = None

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from ..blocks import BlockLayout, plan_layout, tensor_from_rows, to_block_matrix
+from ..blocks import BlockLayout, BlockRows, plan_layout, tensor_from_rows
 from ..errors import ConstitutionError, HfDpDedupError, MemberChangedError, StoreFormatError, StoreMismatchError
 from .block_store import BlockStore
 from .constitution import RESAVE, Constitution, StoreRef, TensorEntry
@@ -86,7 +86,8 @@ def write_member(
     check_member_name(name)
     check_source(source)  # before any row is appended: a failed add leaves the store as it was
     layout = plan_layout(state_dict, store.block_size)
-    matrix = to_block_matrix(state_dict, layout) if layout.tensors else _empty(store)
+    # views of the tensors' blocks: the store copies one shard's new rows at a time, never the model
+    matrix = BlockRows.of(state_dict, layout) if layout.tensors else _empty(store)
     row_ids = store.add_rows(matrix, groups=[t.n_blocks for t in layout.tensors])
     extras = {k: state_dict[k].detach().contiguous().clone() for k in layout.extras}
     ref = StoreRef(store.store_id, path=os.path.relpath(store.path.resolve(), member_dir.resolve()))
