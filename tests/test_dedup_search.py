@@ -150,3 +150,19 @@ def test_confirmation_reverts_what_the_second_split_rejects(mode):
     else:
         assert set(range(5)) < kept and len(kept) > 10  # walks past the rejected block
     assert result.confirmations == oracle.validations - 1  # (the oracle was asked once more above)
+
+
+@pytest.mark.parametrize("strategy,options", [("gallop", {"min_group": 2}), ("mcts", {"group": 20, "episodes": 10})])
+def test_without_undo_the_search_keeps_the_same_blocks_and_no_old_values(strategy, options):
+    from hf_dpdedup.dedup.search import confirm
+
+    bad = {40, 41, 120}
+    model, live, _, sequence, oracle = setup(bad)
+    kept_with = {r.block for r in run_search(strategy, model, live, sequence, oracle, **options).accepted}
+    state_with = {k: v.clone() for k, v in model.state_dict().items()}
+    model, live, _, sequence, oracle = setup(bad)
+    result = run_search(strategy, model, live, sequence, oracle, keep_undo=False, **options)
+    assert {r.block for r in result.accepted} == kept_with and result.undo == []
+    assert all(torch.equal(v, state_with[k]) for k, v in model.state_dict().items())  # the same edits
+    with pytest.raises(ValueError, match="keep_undo=True"):
+        confirm(model, live, result, oracle)

@@ -355,7 +355,7 @@ def _dedup_target(target: Member, base: Member, base_state: Mapping[str, torch.T
     _check_same_plan(target.name, sequence)
     try:
         result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
-                            **config.strategy_options)
+                            keep_undo=confirmation is not None, **config.strategy_options)
     finally:
         validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
     if confirmation is not None:  # public data: no private mechanism involved

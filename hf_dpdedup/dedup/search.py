@@ -45,10 +45,16 @@ class _Trial:
     """Applies groups on the live model and keeps or reverts them by the validator's answer."""
 
     def __init__(self, live: LiveBlocks, validator: Validator, model,
-                 progress: Callable[[int], object] | None = None) -> None:
+                 progress: Callable[[int], object] | None = None, keep_undo: bool = True) -> None:
         self.live, self.validator, self.model = live, validator, model
         self.progress = progress  # called with 1 after each validation (a progress bar's update)
+        self.keep_undo = keep_undo  # the accepted blocks' old values: one model's bytes at worst
         self.result = SearchResult()
+
+    def accept(self, group: list[Replacement], undo: list[tuple[int, Any]]) -> None:
+        self.result.accepted.extend(group)
+        if self.keep_undo:
+            self.result.undo.extend(undo)
 
     def validate(self) -> bool:
         self.result.validations += 1
@@ -66,8 +72,7 @@ class _Trial:
             return False
         undo = self.live.apply(group)
         if self.validate():
-            self.result.accepted.extend(group)
-            self.result.undo.extend(undo)
+            self.accept(group, undo)
             return True
         self.live.revert(undo)
         return False
@@ -172,8 +177,7 @@ def mcts(
             node[1] += reward
     chosen = [r for g, take in zip(groups, best[1]) if take for r in g]
     if chosen:  # already validated when it was found
-        trial.result.undo.extend(trial.live.apply(chosen))
-        trial.result.accepted.extend(chosen)
+        trial.accept(chosen, trial.live.apply(chosen))
 
 
 def _uct(node: list[float], parent_visits: float, c: float = 1.4) -> float:
@@ -191,15 +195,17 @@ def run_search(
     sequence: list[Replacement],
     validator: Validator,
     progress: Callable[[int], object] | None = None,
+    keep_undo: bool = True,
     **options,
 ) -> SearchResult:
     """Run ``strategy`` over ``sequence``; accepted replacements stay applied on ``model``.
-    ``progress(1)`` is called after every validation."""
+    ``progress(1)`` is called after every validation. ``keep_undo=False``: the accepted blocks'
+    old values are not kept (``result.undo`` stays empty; :func:`confirm` then cannot run)."""
     try:
         search = STRATEGIES[strategy]
     except KeyError:
         raise ValueError(f"Unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}.") from None
-    trial = _Trial(live, validator, model, progress)
+    trial = _Trial(live, validator, model, progress, keep_undo)
     search(trial, sequence, **options)
     return trial.finish()
 
@@ -221,6 +227,8 @@ def confirm(model, live: LiveBlocks, result: SearchResult, validator: Validator,
         raise ValueError(f"Unknown confirmation mode {mode!r}; use 'prefix' or 'gallop'.")
     if not result.accepted:
         return result
+    if len(result.undo) < len(result.accepted):
+        raise ValueError("confirm needs the search's undo values: run the search with keep_undo=True.")
     result.confirmations += 1
     if validator.accepts(model):
         return result
