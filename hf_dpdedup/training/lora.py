@@ -15,7 +15,7 @@ Public API:
 * :class:`LoraMemberSaver` — the ``saver`` of :func:`~.family.train_members`: a member as a peft
   adapter folder (``saved_as="adapter"``) and/or as the merged transformers model
   (``saved_as="merged"``, ``merge_and_unload`` on a copy), each with ``privacy.json`` and
-  ``training_args.json`` (see ``docs/architecture.md``, "Adapter members").
+  ``training_args.json`` (see ``docs/architecture.md``, "DP-LoRA decisions").
 * :func:`forward_peft_classifier` — ``(logits, labels)`` of a peft sequence classifier.
 """
 
