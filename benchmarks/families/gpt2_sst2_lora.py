@@ -52,6 +52,10 @@ GRID = [
     (replace(LORA, r=16, alpha=32), CONFIG),
     (replace(LORA, target_modules=("c_attn",)), CONFIG),
     (LORA, replace(CONFIG, epochs=4)),
+    # second round, around the best of the first (r = 4)
+    (replace(LORA, r=2, alpha=4), CONFIG),
+    (replace(LORA, r=4, alpha=8), replace(CONFIG, lr=5e-3)),
+    (replace(LORA, r=4, alpha=8), replace(CONFIG, epochs=4)),
 ]
 
 
@@ -68,15 +72,17 @@ def load_base(base_dir: Path):
     return model, tokenizer, packed
 
 
-def tune(base_dir: Path) -> list[dict]:
-    """Each grid point at ε = 8: public validation utility only (test is not looked at)."""
+def tune(base_dir: Path, points: list[int] | None = None) -> list[dict]:
+    """Grid points (all, or those indexed by ``points``) at ε = 8: public validation utility only."""
     rows = []
-    for spec, config in GRID:
+    for i, (spec, config) in enumerate(GRID):
+        if points is not None and i not in points:
+            continue
         model, _, packed = load_base(base_dir)
         peft_model = wrap_lora(model, spec, task_type="CAUSAL_LM", seed=SEED, base_name=str(base_dir))
         result = train_dp(peft_model, TensorDataset(packed["private_train"]), forward=forward,
                           criterion=SequenceCrossEntropy(), config=config, dataset_ids=(DATASET_ID,))
-        row = {"lora": spec.to_dict(), "lr": config.lr, "epochs": config.epochs, "optimizer": config.optimizer,
+        row = {"point": i, "lora": spec.to_dict(), "lr": config.lr, "epochs": config.epochs, "optimizer": config.optimizer,
                "steps": result.steps, "epsilon": result.epsilon,
                "public_val": utility(peft_model, packed["public_val"]), "seconds": round(result.seconds, 1)}
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -91,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=EPSILONS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true", help="run the ε = 8 grid on public validation and exit")
+    parser.add_argument("--points", type=int, nargs="+", help="with --tune: only these grid indices")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.tune:
-        print(json.dumps(tune(args.base), indent=2))
+        print(json.dumps(tune(args.base, args.points), indent=2))
         return 0
     model, tokenizer, packed = load_base(args.base)
     base_val, base_test = utility(model, packed["public_val"]), utility(model, packed["public_test"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,8 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise TrainingConfigError(f"LoRA r must be an integer ≥ 1, got {self.r!r}; e.g. r=8.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise TrainingConfigError(f"LoRA alpha must be a number > 0, got {self.alpha!r}; e.g. alpha=16.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise TrainingConfigError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}; e.g. alpha=16.")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise TrainingConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}; e.g. dropout=0.0.")
         if self.target_modules is not None and (
@@ -119,7 +120,7 @@ def _number(value: str, key: str, kind: type) -> Any:
 
 def _integral(x: float) -> float | int:
     """``16.0`` → ``16``, as peft's ``lora_alpha`` is usually written; ``0.5`` stays."""
-    return int(x) if x == x and abs(x) != float("inf") and x == int(x) else x
+    return int(x) if math.isfinite(x) and x == int(x) else x
 
 
 def check_save_modes(modes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
