@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2
 
 from hf_dpdedup.cli import train_family as cli
 from hf_dpdedup.errors import TrainingConfigError
-from hf_dpdedup.training import DPConfig, load_privacy, train_members
+from hf_dpdedup.training import DPConfig, load_privacy, train_members, train_text_family
 from hf_dpdedup.training.heads import batch_inputs
 from hf_dpdedup.training.lora import LoraMemberSaver, LoraSpec, parse_lora_spec, trainable_names, wrap_lora
 from hf_dpdedup.training.tasks import mean_score, next_token_accuracy
@@ -273,4 +273,18 @@ def test_cli_refuses_bad_lora_requests(tmp_path, extra, message):
                    "--out", str(tmp_path / "o"), *extra])
     with pytest.raises(TrainingConfigError, match=message):
         args.func(args)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "strategy, lora, save_as, message",
+    [("top-cls", LoraSpec(), "adapter", "cannot be combined with 'top-cls'"),
+     ("lora", None, "adapter", "needs the adapter's shape"),
+     ("lora", LoraSpec(), "both", "Save a LoRA member as one of")],
+)
+def test_the_api_refuses_inconsistent_lora_requests_before_loading(tmp_path, strategy, lora, save_as, message):
+    with pytest.raises(TrainingConfigError, match=message):
+        train_text_family(base="unused", train=make_data(16, 0), public_val=make_data(8, 1),
+                          public_test=make_data(8, 2), epsilons=[1.0], config=DPConfig(epsilon=1.0, delta=1e-5),
+                          out=tmp_path / "o", dataset_id="toy", strategy=strategy, lora=lora, save_as=save_as)
     assert not (tmp_path / "o").exists()
