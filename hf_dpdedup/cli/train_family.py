@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-family",
         help="DP fine-tune a base model on private data at several ε (Opacus)",
         description="Fine-tune one base model on one private data set once per ε with DP-SGD "
-        "(Opacus) and save every member as a transformers folder with privacy.json.",
+        "(Opacus) and save every member as a transformers folder with privacy.json "
+        "(with --lora: a DP-trained peft adapter, saved as an adapter folder or merged).",
     )
     p.add_argument("--base", required=True, help="transformers model folder or Hub id (a sequence classifier base)")
     p.add_argument("--data", required=True, type=Path,
