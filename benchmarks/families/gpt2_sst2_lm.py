@@ -149,13 +149,12 @@ def freeze_embeddings(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "gpt2-sst2-lm")
-    parser.add_argument("--epsilons", type=float, nargs="+", default=EPSILONS)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def build_base(base_dir: Path):
+    """Train the vocabulary and pre-train the public base; save both under ``base_dir``.
+
+    Returns ``(model, tokenizer, splits, packed, public test utility)``. Used by this family and by
+    ``gpt2_sst2_lora.py`` (which starts from the same base).
+    """
     started = time.perf_counter()
     splits = load_splits()
     tokenizer = train_tokenizer(splits["public"])
@@ -165,9 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     pre = utility(model, packed["public_test"])
     print(f"pre-trained: public test next-token accuracy {pre:.4f} ({time.perf_counter() - started:.0f}s)",
           file=sys.stderr)
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    return model, tokenizer, splits, packed, pre
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "gpt2-sst2-lm")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=EPSILONS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer, splits, packed, pre = build_base(args.out / "base")
     trained = freeze_embeddings(model)
-    model.save_pretrained(args.out / "base")
-    tokenizer.save_pretrained(args.out / "base")
     rows = train_members(
         model=model, module=model, train_set=TensorDataset(packed["private_train"]), forward=forward,
         criterion=SequenceCrossEntropy(),

@@ -7,6 +7,12 @@ Example::
 
 ``--data`` and the public flags take any data source (``hf_dpdedup.cli.data_flags``): a GLUE folder as
 above, ``stanfordnlp/sst2`` (train / validation / test splits), a ``save_to_disk`` folder, or files.
+
+DP-LoRA (peft adapter on the frozen base; only the adapter and the classifier are DP-trained)::
+
+    hf-dpdedup train-family --base path/to/bert --data hf_dpdedup/data/sst2 \\
+        --lora r=8,alpha=16,target_modules=query+value --save adapter \\
+        --epsilons 1 2 4 8 --delta 1e-5 --out families/my-lora-family
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-family",
         help="DP fine-tune a base model on private data at several ε (Opacus)",
         description="Fine-tune one base model on one private data set once per ε with DP-SGD "
-        "(Opacus) and save every member as a transformers folder with privacy.json.",
+        "(Opacus) and save every member as a transformers folder with privacy.json "
+        "(with --lora: a DP-trained peft adapter, saved as an adapter folder or merged).",
     )
     p.add_argument("--base", required=True, help="transformers model folder or Hub id (a sequence classifier base)")
     p.add_argument("--data", required=True,
@@ -43,8 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-id", help="id recorded in privacy.json (default: the training file path)")
     p.add_argument("--validation-fraction", type=float, default=0.05,
                    help="held out of the private data as private validation for the dedup engine (default 0.05)")
-    p.add_argument("--strategy", choices=("top-cls", "direct"), default="top-cls",
-                   help="top-cls: cache frozen activations, train top layer + head (BERT); direct: all but embeddings")
+    p.add_argument("--strategy", choices=("top-cls", "direct", "lora"),
+                   help="top-cls (default): cache frozen activations, train top layer + head (BERT); "
+                        "direct: all but embeddings; lora: implied by --lora")
+    p.add_argument("--lora", metavar="SPEC",
+                   help="DP-train a LoRA adapter (peft) + the classifier instead: comma-separated key=value, "
+                        "keys r (int), alpha (number), target_modules (names joined by '+'; default: peft's "
+                        "choice for the model type), dropout (default 0.0); e.g. "
+                        "r=8,alpha=16,target_modules=query+value,dropout=0.0")
+    p.add_argument("--save", choices=("adapter", "merged"),
+                   help="with --lora: save each member as a peft adapter folder (default) or merged into the base")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1024, help="logical (expected Poisson) batch size")
     p.add_argument("--physical-batch-size", type=int, help="largest batch held in memory at once")
@@ -81,10 +96,28 @@ def _data_sources(args: argparse.Namespace) -> tuple[DataSource, DataSource, Dat
     return data.with_split("train"), val, test
 
 
+def _lora_options(args: argparse.Namespace):
+    """``(strategy, LoraSpec | None, save_as)`` from ``--strategy``, ``--lora`` and ``--save``."""
+    from ..training.lora import parse_lora_spec
+
+    if args.lora is None:
+        if args.strategy == "lora":
+            raise TrainingConfigError("--strategy lora needs the adapter's shape: pass --lora r=8,alpha=16 "
+                                      "(see --help for the keys).")
+        if args.save is not None:
+            raise TrainingConfigError("--save adapter|merged applies to LoRA members only; add --lora or drop --save.")
+        return args.strategy or "top-cls", None, "adapter"
+    if args.strategy not in (None, "lora"):
+        raise TrainingConfigError(f"--lora is its own strategy and cannot be combined with --strategy {args.strategy}; "
+                                  "drop --strategy.")
+    return "lora", parse_lora_spec(args.lora), args.save or "adapter"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import DPConfig, check_family_request, load_text_data, split_private, train_text_family
 
     # Validate everything cheap before loading a model or touching the data in earnest.
+    strategy, lora, save_as = _lora_options(args)
     config = DPConfig(
         epsilon=args.epsilons[0], delta=args.delta, epochs=args.epochs, batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -103,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         rows = train_text_family(
             base=args.base, train=train, public_val=public_val, public_test=public_test,
             epsilons=args.epsilons, config=config, out=args.out, dataset_id=dataset_id,
-            strategy=args.strategy, max_length=args.max_length, progress=bars.update,
+            strategy=strategy, lora=lora, save_as=save_as, max_length=args.max_length, progress=bars.update,
             extra_args={"private_split": {"seed": args.seed, "validation_fraction": args.validation_fraction,
                                           "n_train": len(train), "n_validation": len(private_val)}},
         )

@@ -18,9 +18,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import TrainingConfigError
+from ..privacy.metadata import PrivacyMetadata
 from .data import TextClassificationData
 from .members import FAMILY_FILE, changed_tensors, member_dirname, save_member
 from .opacus_train import DPConfig, DPResult, ForwardFn, train_dp, validate_budget
+
+MemberSaver = Callable[[nn.Module, str, PrivacyMetadata, dict], Path]
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,16 @@ def train_members(
     processor: Any = None,
     extra_args: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    saver: MemberSaver | None = None,
 ) -> list[MemberSummary]:
     """The family loop shared by every task: reset, DP-train, evaluate, save — once per ε.
 
     ``module`` is what DP-SGD trains (``model`` itself, or a head sharing its parameters);
     ``model`` is what is saved. Every member starts from ``model``'s weights at call time and from
     ``config.seed``. ``evaluate(module)`` returns (public validation, public test) utility.
+    ``saver(model, member_name, metadata, training_args)`` writes a member and returns its folder
+    (default: :func:`~.members.save_member` to ``out/<member_name>`` with ``processor``; DP-LoRA
+    families pass a :class:`~.lora.LoraMemberSaver`).
     """
     check_family_request(epsilons, config.delta)
     out = Path(out)
@@ -95,8 +102,11 @@ def train_members(
             "steps": result.steps, "seconds": round(result.seconds, 1),
             "public_val_accuracy": val_acc, "public_test_accuracy": test_acc,
         }
-        path = save_member(model, out / member_dirname(eps), metadata=result.metadata,
-                           training_args=args, processor=processor)
+        if saver is None:
+            path = save_member(model, out / member_dirname(eps), metadata=result.metadata,
+                               training_args=args, processor=processor)
+        else:
+            path = saver(model, member_dirname(eps), result.metadata, args)
         summaries.append(_summary(result, member_config, val_acc, test_acc, path))
     _write_family(out, summaries, dataset_id=dataset_id, **{k: v for k, v in (extra_args or {}).items()
                                                            if isinstance(v, (str, int, float))})

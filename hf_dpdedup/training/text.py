@@ -1,12 +1,15 @@
 """DP family training for sequence classification (the ``train-family`` command).
 
-Two strategies:
+Three strategies:
 
 * ``"top-cls"`` (BERT-style models): cache the frozen part's [CLS] activations once for the family
   (on disk, under ``out/_cache``), DP-train the top layer's post-attention block, pooler and
   classifier on the cache (see :mod:`.heads`).
 * ``"direct"`` (any sequence classifier): Opacus on the whole model with the embeddings frozen and
   per-batch position/token-type ids. Slow on CPU; meant for small models.
+* ``"lora"`` (any sequence classifier peft can adapt): a peft LoRA adapter (:mod:`.lora`) on the
+  frozen base, the classifier trained through ``modules_to_save``; Opacus trains only those.
+  Members are saved as adapter folders or merged models (``save_as``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from ..errors import TrainingConfigError
 from .data import TextClassificationData, seed_everything, tokenize
 from .family import MemberSummary, check_family_request, train_members
 from .heads import BertTopClsHead, batch_inputs, cache_top_inputs, freeze_all_but_top
+from .lora import LoraMemberSaver, LoraSpec, check_save_modes, forward_peft_classifier, trainable_names, wrap_lora
 from .opacus_train import DPConfig
 from .tasks import classification_correct, mean_score
 
-STRATEGIES = ("top-cls", "direct")
+STRATEGIES = ("top-cls", "direct", "lora")
 
 
 def load_base(base: str | Path, num_labels: int, *, seed: int):
@@ -62,10 +66,15 @@ def train_text_family(
     dataset_id: str,
     strategy: str = "top-cls",
     max_length: int = 32,
+    lora: LoraSpec | None = None,
+    save_as: str = "adapter",
     extra_args: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[MemberSummary]:
     """Train one member per ε (``config.epsilon`` is replaced) and save them under ``out``.
+
+    ``strategy="lora"`` needs ``lora`` (the adapter's shape); its members are saved as peft adapter
+    folders (``save_as="adapter"``) or merged transformers models (``save_as="merged"``).
 
     ``progress(label, done, total)`` reports caching and training progress. Returns one
     :class:`MemberSummary` per member, in the order of ``epsilons``, and writes ``family.json``.
@@ -73,11 +82,18 @@ def train_text_family(
     check_family_request(epsilons, config.delta, train, public_val, public_test)
     if strategy not in STRATEGIES:
         raise TrainingConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    _check_lora_request(strategy, lora, save_as)
     num_labels = max(train.num_labels, public_val.num_labels, public_test.num_labels)
     tokenizer, model = load_base(base, num_labels, seed=config.seed)
-    trained_names = (
-        freeze_all_but_top(model) if strategy == "top-cls" else _freeze_embeddings(model)
-    )
+    saver = None
+    if strategy == "lora":
+        model = wrap_lora(model, lora, task_type="SEQ_CLS", seed=config.seed, base_name=base)
+        trained_names = trainable_names(model)
+        saver = LoraMemberSaver({save_as: out}, processor=tokenizer)
+    elif strategy == "top-cls":
+        trained_names = freeze_all_but_top(model)
+    else:
+        trained_names = _freeze_embeddings(model)
     out = Path(out)
     encoded = {name: tokenize(tokenizer, d.texts, max_length=max_length)
                for name, d in (("train", train), ("val", public_val), ("test", public_test))}
@@ -88,8 +104,10 @@ def train_text_family(
         forward = forward_head
     else:
         inputs = {k: (v["input_ids"], v["attention_mask"]) for k, v in encoded.items()}
-        module, forward = model, forward_model
+        module, forward = model, (forward_peft_classifier if strategy == "lora" else forward_model)
     extra = {**(extra_args or {}), "base": str(base), "strategy": strategy, "max_length": max_length}
+    if lora is not None:
+        extra["lora"] = lora.to_dict()
 
     def evaluate(trained: nn.Module) -> tuple[float, float]:
         return (accuracy(trained, forward, inputs["val"], labels["val"]),
@@ -99,8 +117,18 @@ def train_text_family(
         model=model, module=module, train_set=TensorDataset(*inputs["train"], labels["train"]),
         forward=forward, criterion=nn.CrossEntropyLoss(), evaluate=evaluate, epsilons=epsilons,
         config=config, out=out, dataset_id=dataset_id, trained_names=trained_names,
-        processor=tokenizer, extra_args=extra, progress=progress,
+        processor=tokenizer, extra_args=extra, progress=progress, saver=saver,
     )
+
+
+def _check_lora_request(strategy: str, lora: LoraSpec | None, save_as: str) -> None:
+    if strategy == "lora" and lora is None:
+        raise TrainingConfigError("strategy 'lora' needs the adapter's shape: pass lora=LoraSpec(...) "
+                                  "(on the command line: --lora r=8,alpha=16).")
+    if strategy != "lora" and lora is not None:
+        raise TrainingConfigError(f"A LoRA adapter is its own strategy; it cannot be combined with {strategy!r}. "
+                                  "Use strategy 'lora' (drop --strategy on the command line).")
+    check_save_modes((save_as,))
 
 
 def _freeze_embeddings(model: nn.Module) -> list[str]:
