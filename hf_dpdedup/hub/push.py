@@ -46,7 +46,7 @@ from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
 from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError, SeededPushError
-from ..store.constitution import StoreRef
+from ..store.constitution import Constitution, StoreRef
 from ..store.family import FamilyStore
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
@@ -250,10 +250,19 @@ def member_files(
         files[REMOTE_CODE_FILE] = remote_code()
     card = member_card(
         constitution, repo_id=repo_id, store_repo=store_repo, store_commit=store_commit, endpoint=endpoint,
-        base_model=base_model or hub_base_model(folder / "config.json"), family=family_stats, license=license,
+        base_model=base_model or adapter_base_model(constitution) or hub_base_model(folder / "config.json"),
+        family=family_stats, license=license,
     )
     files["README.md"] = str(card).encode()
     return files
+
+
+def adapter_base_model(constitution: Constitution) -> str | None:
+    """The base of an adapter member (its ``base_model_name_or_path``), when it is a Hub id."""
+    base = constitution.adapter.base_model if constitution.adapter is not None else None
+    if not isinstance(base, str) or not is_repo_id(base) or Path(base).exists():
+        return None
+    return base
 
 
 def hub_base_model(config_file: Path) -> str | None:
