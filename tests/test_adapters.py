@@ -229,15 +229,51 @@ def test_adapter_members_round_trip_through_the_hub_with_a_peft_card(hub, adapte
 
     api = HfApi(endpoint=hub.url, token="hf_read")
     files = set(api.list_repo_files("alice/lora-eps2"))
-    assert {"adapter_config.json", "config.json", "dedup_constitution.json"} <= files
-    assert "adapter_model.safetensors" not in files
+    assert {"config.json", "dedup_constitution.json", "modeling_hf_dpdedup.py"} <= files
+    # no adapter_config.json / adapter_model.safetensors: transformers must not take it for a plain adapter
+    assert not files & {"adapter_config.json", "adapter_model.safetensors"}
     card = ModelCard(hub.blobs[hub.repos["alice/lora-eps2"].resolve("main").files["README.md"]].decode())
     meta = card.data.to_dict()
     assert (meta["library_name"], meta["base_model"], meta["base_model_relation"]) == (
         "peft", "alice/tiny-bert", "adapter")
     assert {"peft", "lora"} <= set(meta["tags"])
     assert card_metadata(card)["adapter"]["base_model_class"] == "BertForSequenceClassification"
-    assert "merge_adapter=True" in card.text and "trust_remote_code" not in card.text
+    assert "merge_adapter=True" in card.text and "trust_remote_code=True" in card.text
+
+    # plain transformers (remote code): merged with hf_dpdedup installed, a clear refusal without it
+    got = as_a_transformers_user(hub, tmp_path, "alice/lora-eps2")
+    assert got["class"] == "BertForSequenceClassification"
+    reference = copy.deepcopy(members[1].model).merge_and_unload().state_dict()
+    assert list(got["state_dict"]) == list(reference)
+    assert all(torch.equal(got["state_dict"][k], v) for k, v in reference.items())
+    with pytest.raises(AssertionError, match="peft adapter member"):
+        as_a_transformers_user(hub, tmp_path / "bare", "alice/lora-eps2", "--without-hf-dpdedup")
+
+
+def as_a_transformers_user(hub, tmp_path: Path, repo: str, *flags: str) -> dict:  # noqa: F811
+    """AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True) in a fresh
+    process whose HF_ENDPOINT is the local Hub (as tests/test_hub_transformers.py runs it)."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "result.pt"
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_CACHE": str(tmp_path / "user-cache"), "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "HF_TOKEN": "hf_read", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    code = (
+        "import sys\n"
+        "if '--without-hf-dpdedup' in sys.argv: sys.modules['hf_dpdedup'] = None\n"
+        "import torch, transformers\n"
+        "m = transformers.AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "torch.save({'class': type(m).__name__, 'state_dict': m.state_dict()}, sys.argv[2])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, repo, str(out), *flags], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return torch.load(out, weights_only=False)
 
 
 def test_pipeline_runs_an_adapter_member_merged(adapter_run):

@@ -153,6 +153,7 @@ def member_card(
         block_size=constitution.block_size,
         dtype=constitution.dtype,
         adapter=adapter.to_dict() if adapter is not None else None,
+        adapter_base=(base_model or adapter.base_model_class) if adapter is not None else None,
     )
 
 

@@ -48,7 +48,7 @@ from huggingface_hub.utils.sha import git_hash
 from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError, SeededPushError
 from ..store.constitution import Constitution, StoreRef
 from ..store.family import FamilyStore
-from ..store.format import CONSTITUTION_FILE, INDEX_FILE
+from ..store.format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
 from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS, is_repo_id
@@ -245,6 +245,10 @@ def member_files(
         f.name: f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
     }
     files[CONSTITUTION_FILE] = (json.dumps(constitution.to_dict(), indent=2) + "\n").encode()
+    # An adapter member's repo has no adapter_config.json: with one, transformers (and peft) would take the
+    # repo for a plain peft adapter, load the base and fail on the missing adapter_model.safetensors,
+    # instead of reaching the remote code; the adapter config is in the constitution's adapter record.
+    files.pop(ADAPTER_CONFIG_FILE, None)
     if "config.json" in files:  # plain transformers loads the member through the remote code
         files["config.json"] = config_with_auto_map(folder / "config.json")
         files[REMOTE_CODE_FILE] = remote_code()
