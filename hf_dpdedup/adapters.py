@@ -125,15 +125,33 @@ def peft_config(record: AdapterRecord) -> peft.PeftConfig:
         ) from None
 
 
-def empty_peft_model(record: AdapterRecord, base: torch.nn.Module) -> peft.PeftModel:
+def empty_peft_model(record: AdapterRecord, base: torch.nn.Module) -> tuple[peft.PeftModel, tuple[str, ...]]:
     """``base`` (built without weights) wrapped in the member's adapter, every adapter tensor on the
-    meta device: the stored tensors are assigned into it. In inference mode, as peft loads adapters."""
+    meta device: the stored tensors are assigned into it. In inference mode, as peft loads adapters.
+    Also returns the names of the tensors the adapter added (see :func:`match_adapter_dtypes`)."""
     config = peft_config(record)
     config.inference_mode = True
+    own = {id(t) for t in base.parameters()}
     with init_empty_weights():
         model = peft_class(record)(base, config, record.adapter_name, autocast_adapter_dtype=False,
                                    low_cpu_mem_usage=True)
-    return model
+    added = tuple(n for n, p in model.named_parameters() if id(p) not in own)
+    return model, added
+
+
+def match_adapter_dtypes(model: torch.nn.Module, added: tuple[str, ...], state_dict: dict[str, torch.Tensor]) -> None:
+    """Give the (empty) tensors the adapter added the dtype they were stored with: peft creates them in
+    the default dtype, while an adapter may have been trained in the base's dtype (bf16, ...) or
+    upcast to float32 beside a half-precision base (peft's ``autocast_adapter_dtype``)."""
+    for name in added:
+        stored = state_dict.get(name)
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = module._parameters.get(leaf)
+        if stored is None or param is None or not param.is_meta or param.dtype == stored.dtype:
+            continue
+        if param.is_floating_point() and stored.is_floating_point():
+            module._parameters[leaf] = torch.nn.Parameter(param.to(stored.dtype), requires_grad=param.requires_grad)
 
 
 def refuse_peft_model(model: Any, where: str, instead: str) -> None:

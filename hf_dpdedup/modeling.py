@@ -30,7 +30,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from .adapters import empty_peft_model
+from .adapters import empty_peft_model, match_adapter_dtypes
 from .blocks import parse_dtype
 from .errors import ConstitutionError, LoadArgumentError, StoreFormatError
 from .hub.download import HubOptions, download_member, fetch_store, is_repo_id
@@ -200,9 +200,11 @@ class DedupedModel:
                                             attn_implementation=attn_implementation)
                                 if constitution.tensors or constitution.adapter else None)
                     if constitution.adapter is not None:
-                        skeleton = empty_peft_model(constitution.adapter, skeleton)
+                        skeleton, added = empty_peft_model(constitution.adapter, skeleton)
                 finally:
                     state_dict = weights.result()
+            if constitution.adapter is not None:
+                match_adapter_dtypes(skeleton, added, state_dict)
             model = build_model(klass, member_config, state_dict, aliases=constitution.aliases,
                                 extras=constitution.extras, skeleton=skeleton, attn_implementation=attn_implementation)
             return model, constitution, store

@@ -55,7 +55,7 @@ def adapter_on(base: Path, *, seed: int, noise: float = 0.0, teacher_seed: int =
 def save_adapter(model: peft.PeftModel, folder: Path, epsilon: float) -> Path:
     """An adapter member folder per the contract: peft's files + privacy.json + tokenizer."""
     model.save_pretrained(folder)
-    tiny_tokenizer(folder)
+    tiny_tokenizer(folder).save_pretrained(folder)
     (folder / "privacy.json").write_text(json.dumps(PrivacyMetadata(epsilon, 1e-5, ("toy-train",)).to_dict()))
     return folder
 
@@ -139,6 +139,21 @@ def test_a_causal_lm_adapter_with_tied_embeddings_round_trips(tmp_path):
     assert inner.lm_head.weight is inner.transformer.wte.weight  # tied again
     merged = DedupedModel.from_pretrained(family.member_path("gpt"), merge_adapter=True)
     assert same_state(merged, copy.deepcopy(model).merge_and_unload())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_bfloat16_base_with_bfloat16_or_float32_adapters_round_trips(tmp_path, autocast):
+    import transformers
+
+    base = save_base(tmp_path / "base")
+    model = get_peft_model(transformers.BertForSequenceClassification.from_pretrained(base, dtype=torch.bfloat16),
+                           LoraConfig(**LORA), autocast_adapter_dtype=autocast).eval()
+    lora = {v.dtype for k, v in model.state_dict().items() if "lora_" in k}
+    assert lora == ({torch.float32} if autocast else {torch.bfloat16})
+    # a family has one block dtype: float32 adapter tensors (smaller than a 1024 block) are stored as extras
+    family = FamilyStore.create(tmp_path / "f", block_size=1024, dtype=torch.bfloat16)
+    family.add_model("bf16", model)
+    assert same_state(DedupedModel.from_pretrained(family.member_path("bf16")), model)
 
 
 # --- a deduplicated family of adapters ---------------------------------------------------------------
@@ -336,3 +351,25 @@ def test_an_adapter_constitution_needs_its_format_and_record(stored):
         Constitution.from_dict({**data, "format": "hf_dpdedup/1"})
     with pytest.raises(ConstitutionError, match="adapter"):
         Constitution.from_dict({k: v for k, v in data.items() if k != "adapter"})
+
+
+def test_the_dedup_command_takes_adapter_folders(tmp_path, capsys):
+    from hf_dpdedup.cli import main
+
+    from conftest import SST2_DIR
+
+    base = save_base(tmp_path / "base")
+    folders = [save_adapter(adapter_on(base, seed=i, noise=noise), tmp_path / f"lora-eps-{eps:g}", eps)
+               for i, (eps, noise) in enumerate(((1.0, 0.3), (4.0, 0.0)))]
+    lines = (SST2_DIR / "dev.tsv").read_text().splitlines()
+    (tmp_path / "val.tsv").write_text("\n".join(lines[:101]) + "\n")
+    out = tmp_path / "store"
+    assert main(["dedup", *map(str, folders), "--out", str(out), "--val", str(tmp_path / "val.tsv"),
+                 "--threshold", "0.05", "--block-size", str(BLOCK), "--strategy", "binary",
+                 "--max-length", "32"]) == 0
+    assert "lora-eps-4" in capsys.readouterr().out
+    report = json.loads((out / "report" / "dedup_report.json").read_text())
+    assert [m["role"] for m in report["models"]] == ["base", "target"]
+    loaded = DedupedModel.from_pretrained(out / "members" / "lora-eps-4")
+    assert isinstance(loaded, peft.PeftModelForSequenceClassification) and loaded.dedup_info.epsilon == 5.0
+    assert (out / "members" / "lora-eps-4" / "adapter_config.json").is_file()
