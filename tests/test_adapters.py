@@ -373,3 +373,5 @@ def test_the_dedup_command_takes_adapter_folders(tmp_path, capsys):
     loaded = DedupedModel.from_pretrained(out / "members" / "lora-eps-4")
     assert isinstance(loaded, peft.PeftModelForSequenceClassification) and loaded.dedup_info.epsilon == 5.0
     assert (out / "members" / "lora-eps-4" / "adapter_config.json").is_file()
+    assert main(["inspect", str(out)]) == 0
+    assert "BertForSequenceClassification+LORA" in capsys.readouterr().out

@@ -16,6 +16,7 @@ installed; this file alone cannot rebuild adapters and says so.
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -44,9 +45,12 @@ class DedupedMember:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        if DedupedModel is not None:  # an adapter member comes back merged: auto classes return transformers models
-            return DedupedModel.from_pretrained(pretrained_model_name_or_path, *model_args, merge_adapter=True,
-                                                **kwargs)
+        if DedupedModel is not None:
+            # an adapter member comes back merged (auto classes return transformers models); an hf_dpdedup
+            # from before adapters has no merge_adapter (and refuses adapter members by their format)
+            if "merge_adapter" in inspect.signature(DedupedModel.from_pretrained).parameters:
+                kwargs.setdefault("merge_adapter", True)
+            return DedupedModel.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return load_member(str(pretrained_model_name_or_path), **kwargs)
 
 
