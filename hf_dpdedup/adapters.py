@@ -6,7 +6,8 @@ member's ``privacy.json``. :func:`load_adapter_folder` loads it as a ``PeftModel
 ``AutoPeftModelFor*`` classes do: the base through the transformers auto class of the adapter's
 ``task_type``, then the adapter on top. How such a model is stored is :mod:`.store.adapter`;
 :func:`empty_peft_model` rebuilds the module tree of a stored one without weights, for
-:mod:`.modeling` to assign the stored tensors into.
+:mod:`.modeling` to assign the stored tensors into. (Recognising a ``PeftModel`` and refusing it where
+only full models go needs no peft import: :mod:`.store.adapter`.)
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 
-from .errors import AdapterError, AdapterNotSupportedError
-from .store.adapter import is_peft_model
+from .errors import AdapterError
 from .store.constitution import AdapterRecord
 from .store.format import ADAPTER_CONFIG_FILE
 
@@ -152,11 +152,3 @@ def match_adapter_dtypes(model: torch.nn.Module, added: tuple[str, ...], state_d
             continue
         if param.is_floating_point() and stored.is_floating_point():
             module._parameters[leaf] = torch.nn.Parameter(param.to(stored.dtype), requires_grad=param.requires_grad)
-
-
-def refuse_peft_model(model: Any, where: str, instead: str) -> None:
-    """A typed error when a ``PeftModel`` reaches ``where``, which takes full models only."""
-    if is_peft_model(model):
-        raise AdapterNotSupportedError(
-            f"{where} takes full transformers models, not a peft {type(model).__name__}. {instead}"
-        )

@@ -375,3 +375,12 @@ def test_the_dedup_command_takes_adapter_folders(tmp_path, capsys):
     assert (out / "members" / "lora-eps-4" / "adapter_config.json").is_file()
     assert main(["inspect", str(out)]) == 0
     assert "BertForSequenceClassification+LORA" in capsys.readouterr().out
+
+
+def test_fast_cls_head_validation_refuses_a_peft_model(stored):
+    from hf_dpdedup.dedup.tasks import ClsHeadTask
+
+    _, original = stored
+    with pytest.raises(AdapterNotSupportedError, match="merge_and_unload"):
+        ClsHeadTask(original, tokenizer=None)
+    ClsHeadTask(copy.deepcopy(original).merge_and_unload(), tokenizer=None)  # the merged model is a plain BERT

@@ -74,3 +74,11 @@ def base_config(model: Any) -> Any:
 def adapter_config_bytes(record: AdapterRecord) -> bytes:
     """``adapter_config.json`` of an adapter member (peft's layout: sorted keys, indent 2)."""
     return json.dumps(record.config, indent=2, sort_keys=True).encode()
+
+
+def refuse_peft_model(model: Any, where: str, instead: str) -> None:
+    """A typed error when a ``PeftModel`` reaches ``where``, which takes full models only."""
+    if is_peft_model(model):
+        raise AdapterNotSupportedError(
+            f"{where} takes full transformers models, not a peft {type(model).__name__}. {instead}"
+        )
