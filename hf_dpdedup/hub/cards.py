@@ -308,7 +308,8 @@ def _summary(constitution: Constitution, base_model: str | None) -> str:
     origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}) " if base_model else ""
     adapter = constitution.adapter
     if adapter is not None:
-        on = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else f"a `{adapter.base_model_class}`"
+        on = (f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model
+              else f"a `{adapter.base_model_class}`")
         return (
             f"A peft {adapter.peft_type} adapter ({adapter.task_type or 'no task type'}) on {on}, trained with "
             "differential privacy (DP-SGD), stored as part of a family of adapters on the same base trained on the "
