@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
+from .adapters import is_adapter_folder, load_adapter_folder
 from .dedup.live import LiveBlocks, Replacement
 from .dedup.planner import (
     DedupConfig,
@@ -397,10 +398,18 @@ def process_max_memory(fraction: float = 0.9) -> dict[Any, int] | None:
 
 
 def load_member_model(folder: str | Path, *, device_map: str | None = None) -> torch.nn.Module:
-    """A transformers member folder as a model; with ``device_map`` it is built under
+    """A member folder as a model: a transformers folder as its ``config.architectures[0]`` class, a
+    peft adapter folder (``adapter_config.json``) as a ``PeftModel`` on its base (see
+    :func:`hf_dpdedup.adapters.load_adapter_folder`). With ``device_map`` it is built under
     ``init_empty_weights`` and dispatched over this process' GPUs (Accelerate's big-model loading)."""
     import transformers
 
+    if is_adapter_folder(folder):
+        if device_map is None:
+            return load_adapter_folder(folder)
+        model = load_adapter_folder(folder, device_map=device_map, max_memory=process_max_memory())
+        check_materialised(Path(folder).name, model)
+        return model
     config = transformers.AutoConfig.from_pretrained(folder)
     klass = getattr(transformers, (config.architectures or ["AutoModelForSequenceClassification"])[0])
     if device_map is None:

@@ -45,6 +45,16 @@ class StoreMismatchError(StoreFormatError):
     """A member that points at another block store than the one it is being loaded from."""
 
 
+class AdapterError(StoreFormatError):
+    """A peft adapter folder or record that cannot be used (no adapter_config.json, an unknown task
+    type, a base model that cannot be found)."""
+
+
+class AdapterNotSupportedError(HfDpDedupError, TypeError):
+    """A peft adapter (``PeftModel`` or adapter member) handed to a path that takes full models only;
+    the message names the path that takes it (e.g. ``DedupedModel.from_pretrained(..., merge_adapter=True)``)."""
+
+
 class MemberChangedError(HfDpDedupError, OSError):
     """A member that another process kept replacing while it was read: retryable, load it again."""
 

@@ -5,6 +5,12 @@ weights under Accelerate's ``init_empty_weights`` and the rebuilt tensors are *a
 copied) into it, then tied weights are tied again. The result is a plain ``PreTrainedModel`` that
 works with ``pipeline(...)``, ``generate`` and ``save_pretrained``.
 
+An *adapter member* (a peft ``PeftModel`` stored with ``FamilyStore.add_model`` or deduplicated
+from adapter folders) is rebuilt as a ``PeftModel``: its base class from ``config.json`` and the
+adapter from its constitution's record are built without weights, and the stored tensors (base and
+adapter) are assigned; ``merge_adapter=True`` returns ``merge_and_unload()`` of it, a plain
+transformers model.
+
 Members load from a local member folder or from a Hub repo id (``namespace/name``); Hub resolution
 (member snapshot, pinned block store commit, only the needed shards) lives in ``hf_dpdedup.hub``.
 """
@@ -24,6 +30,7 @@ from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from .adapters import empty_peft_model, match_adapter_dtypes
 from .blocks import parse_dtype
 from .errors import ConstitutionError, LoadArgumentError, StoreFormatError
 from .hub.download import HubOptions, download_member, fetch_store, is_repo_id
@@ -47,6 +54,9 @@ class DedupInfo:
     repo_id: str | None = None  # the member's Hub repo, when loaded from the Hub
     store_repo_id: str | None = None
     store_revision: str | None = None  # the pinned block store commit
+    #: the adapter record (``AdapterRecord.to_dict()``) of an adapter member, else None
+    adapter: dict[str, Any] | None = None
+    merged: bool = False  # an adapter member returned merged into its base (merge_adapter=True)
 
     @property
     def base(self) -> str | None:
@@ -107,6 +117,7 @@ class DedupedModel:
         attn_implementation: str | None = None,
         model_class: type[PreTrainedModel] | None = None,
         verify: bool = True,
+        merge_adapter: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load a member (local folder or Hub repo) as a transformers model with bit-identical weights.
@@ -140,6 +151,14 @@ class DedupedModel:
             model_class: the class to build; default ``config.architectures[0]``.
             verify: check the sha256 of every file read (on by default; each file version is
                 hashed once per process).
+            merge_adapter: for an adapter member (a peft adapter on a base), return the base
+                model with the adapter merged in (``PeftModel.merge_and_unload()``: a plain
+                transformers model) instead of the ``PeftModel``. No effect on other members.
+
+        Returns:
+            The transformers model; for an adapter member a ``peft.PeftModel`` (eval mode, adapter
+            frozen, as ``PeftModel.from_pretrained`` loads it) unless ``merge_adapter=True``.
+            ``model_class`` then names the base class.
 
         Raises:
             LoadArgumentError: a keyword that is neither a loading option nor a config attribute.
@@ -179,15 +198,22 @@ class DedupedModel:
                     klass = model_class or _model_class(member_config, constitution.architecture)
                     skeleton = (empty_model(klass, member_config, parse_dtype(constitution.dtype),
                                             attn_implementation=attn_implementation)
-                                if constitution.tensors else None)
+                                if constitution.tensors or constitution.adapter else None)
+                    if constitution.adapter is not None:
+                        skeleton, added = empty_peft_model(constitution.adapter, skeleton)
                 finally:
                     state_dict = weights.result()
+            if constitution.adapter is not None:
+                match_adapter_dtypes(skeleton, added, state_dict)
             model = build_model(klass, member_config, state_dict, aliases=constitution.aliases,
                                 extras=constitution.extras, skeleton=skeleton, attn_implementation=attn_implementation)
             return model, constitution, store
 
         model, constitution, store = read_consistently(member_dir, read)
         ref = constitution.block_store
+        merged = bool(merge_adapter and constitution.adapter is not None)
+        if merged:
+            model = model.merge_and_unload()
         model = _place(model, torch_dtype=dtype, device_map=device_map, device=device)
         model.dedup_info = DedupInfo(
             name=constitution.name,
@@ -199,6 +225,8 @@ class DedupedModel:
             repo_id=repo_id,
             store_repo_id=ref.repo_id if ref.path is None or repo_id is not None else None,
             store_revision=ref.revision if ref.path is None or repo_id is not None else None,
+            adapter=constitution.adapter.to_dict() if constitution.adapter is not None else None,
+            merged=merged,
         )
         return model
 

@@ -1,10 +1,12 @@
 """``hf-dpdedup dedup MODEL... --out STORE``: deduplicate a family of DP fine-tuned models.
 
 Each MODEL is a transformers folder with a ``privacy.json`` (written by ``train-family``: ε, δ,
-data set ids, accountant history). Utility data are any data source, ``PATH_OR_ID[:SPLIT]``: a Hub data
-set id, a ``save_to_disk`` folder, a csv/tsv/json/jsonl/parquet file or a GLUE folder split
-(:mod:`hf_dpdedup.cli.data_flags`). ``--task image-classification`` reads an image column through the
-first member's image processor.
+data set ids, accountant history), or a peft adapter folder (``adapter_config.json`` naming its base
+by folder or Hub id) with a ``privacy.json``: adapters are stored on one shared copy of the base and
+deduplicated against each other (use a ``--block-size`` no larger than the adapter matrices). Utility
+data are any data source, ``PATH_OR_ID[:SPLIT]``: a Hub data set id, a ``save_to_disk`` folder, a
+csv/tsv/json/jsonl/parquet file or a GLUE folder split (:mod:`hf_dpdedup.cli.data_flags`).
+``--task image-classification`` reads an image column through the first member's image processor.
 
 Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is distributed with
 :mod:`hf_dpdedup.distributed`: ``torchrun --nproc_per_node 4 -m hf_dpdedup.cli dedup ...``.
@@ -23,7 +25,7 @@ from .data_flags import add_data_flags, data_source
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dedup", help="deduplicate a family of DP fine-tuned models into a store")
-    p.add_argument("models", nargs="+", help="member folders (transformers + privacy.json)")
+    p.add_argument("models", nargs="+", help="member folders (transformers or peft adapter folders, each with privacy.json)")
     p.add_argument("--out", required=True, help="new family store folder")
     p.add_argument("--base", help="member folder name to use as base (default: smallest ε)")
     p.add_argument("--task", default="text-classification",

@@ -21,6 +21,7 @@ import torch
 from ..data.sources import DataSource, label_ids, load_source, require_columns
 from ..errors import DataSourceError
 from ..privacy import PrivateDataset
+from ..store.adapter import refuse_peft_model
 from ..training.heads import BertTopClsHead, cache_top_inputs, trained_module_names
 from ..training.tasks import classification_correct, next_token_accuracy
 
@@ -174,6 +175,9 @@ class ClsHeadTask:
     predict_fn = staticmethod(cls_head_predict)
 
     def __init__(self, model, tokenizer, *, max_length: int = 64) -> None:
+        refuse_peft_model(model, "ClsHeadTask", "An adapter changes layers below the head, so the cached top-layer "
+                          "inputs would not stay valid: validate adapter members on the full model "
+                          "(DedupData(classification_score, ...)), or merge the adapter first (merge_and_unload()).")
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.tensors = frozenset(
             name for name, _ in model.named_parameters()

@@ -23,6 +23,12 @@ namespaced block ``hf_dpdedup`` with the exact, machine-readable privacy and ded
       block_store: {repo_id, revision, store_id, block_size, dtype}
       family: {members, stored_fraction}
 
+An *adapter member* (a peft adapter on a base, see ``Constitution.adapter``) has ``library_name:
+peft``, ``base_model`` (the adapter's base when it is a Hub id) with ``base_model_relation: adapter``,
+the tags ``peft`` and the adapter type (e.g. ``lora``), and a card that says how to load it as a
+``PeftModel`` or merged (``merge_adapter=True``); its block adds ``adapter: {peft_type, task_type,
+base_model, base_model_class}``.
+
 The prose (``model_cards/dp_member_card.md``) explains the budget to a reader who is not a DP expert.
 
 Keys read from the constitution's ``dedup`` record (all optional; the card renders what is there, so
@@ -102,21 +108,24 @@ def member_card(
     """The model card of a pushed member (deterministic: the same inputs give the same bytes)."""
     dedup = constitution.dedup or {}
     privacy = _original_privacy(constitution)
+    adapter = constitution.adapter
     base_model = base_model or dedup.get("base_model")
     task = pipeline_tag(constitution.architecture)
     block = _card_block(constitution, store_repo, store_commit, family)
     results = _eval_results(dedup, task)
+    relation = ("adapter" if adapter is not None else "finetune") if base_model else None
     data = ModelCardData(
-        # transformers loads members (remote code in the repo): the Hub's snippet and pipeline() use it
-        library_name="transformers",
+        # transformers loads members (remote code in the repo): the Hub's snippet and pipeline() use it;
+        # an adapter member is a peft adapter on its base
+        library_name="peft" if adapter is not None else "transformers",
         license=license,
         base_model=base_model,
         datasets=_datasets(privacy, dedup) or None,
-        tags=[*TAGS, *_epsilon_tag(block)],
+        tags=[*TAGS, *(["peft", adapter.peft_type.lower()] if adapter is not None else []), *_epsilon_tag(block)],
         pipeline_tag=task,
         eval_results=results,
         model_name=repo_id.split("/")[-1] if results else None,
-        **({"base_model_relation": "finetune"} if base_model else {}),
+        **({"base_model_relation": relation} if relation else {}),
         **{CARD_KEY: block},
     )
     n_blocks = sum(len(t.rows) for t in constitution.tensors)
@@ -143,6 +152,8 @@ def member_card(
         n_blocks=n_blocks,
         block_size=constitution.block_size,
         dtype=constitution.dtype,
+        adapter=adapter.to_dict() if adapter is not None else None,
+        adapter_base=(base_model or adapter.base_model_class) if adapter is not None else None,
     )
 
 
@@ -210,6 +221,9 @@ def _card_block(constitution: Constitution, store_repo: str, store_commit: str, 
                         "store_id": constitution.block_store.store_id,
                         "block_size": constitution.block_size, "dtype": constitution.dtype},
         "family": family or None,
+        "adapter": _drop_none({k: constitution.adapter.to_dict()[k] for k in
+                               ("peft_type", "task_type", "base_model", "base_model_class")})
+        if constitution.adapter is not None else None,
     }
     return _drop_none(block)
 
@@ -292,6 +306,18 @@ def _fmt(x: Any) -> str:
 
 def _summary(constitution: Constitution, base_model: str | None) -> str:
     origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}) " if base_model else ""
+    adapter = constitution.adapter
+    if adapter is not None:
+        on = (f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model
+              else f"a `{adapter.base_model_class}`")
+        return (
+            f"A peft {adapter.peft_type} adapter ({adapter.task_type or 'no task type'}) on {on}, trained with "
+            "differential privacy (DP-SGD), stored as part of a family of adapters on the same base trained on the "
+            "same private data at different privacy budgets. The base's weights are stored once for the whole "
+            "family and the adapters' weight blocks are deduplicated against each other "
+            "([hf_dpdedup](https://github.com/hf-dpdedup/hf_dpdedup)); loading it gives back a `peft` model "
+            "(or, merged, an ordinary `transformers` model)."
+        )
     return (
         f"A `{constitution.architecture or 'transformers'}` model {origin}with differentially private "
         "training (DP-SGD), stored as part of a family of models trained on the same private data at "

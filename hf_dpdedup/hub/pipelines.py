@@ -43,7 +43,9 @@ def pipeline(
     ``cache_dir``, ``local_files_only``, ``force_download``, ``endpoint``, ``store_dir``, ``verify``,
     ``subfolder``; ``device`` (``-1`` or ``"cpu"``, ``0`` or ``"cuda:0"``, ...) goes to the pipeline,
     and every other keyword (``top_k=``, ``batch_size=``, ...) to the pipeline class, as in
-    transformers. ``pipeline_kwargs`` is an explicit dict of the latter.
+    transformers. ``pipeline_kwargs`` is an explicit dict of the latter. An adapter member (a peft
+    adapter on a base) is loaded merged into its base (``merge_adapter=True``); pass
+    ``model_kwargs={"merge_adapter": False}`` to run the ``PeftModel`` itself.
 
     Example:
         >>> classify = hf_dpdedup.pipeline(model="my-org/minilm-sst2-eps4", top_k=None, device=-1)
@@ -57,6 +59,7 @@ def pipeline(
     torch_dtype = kwargs.pop("torch_dtype", None)
     load.setdefault("dtype", torch_dtype if torch_dtype is not None and dtype == "auto" else dtype)
     kwargs.pop("trust_remote_code", None)  # the member's code is this package: nothing remote runs
+    load.setdefault("merge_adapter", True)  # an adapter member runs merged: pipelines take transformers models
     loaded = DedupedModel.from_pretrained(model, revision=revision, token=token, device_map=device_map, **load)
     folder = Path(loaded.dedup_info.member_path)
     task = task or pipeline_tag(type(loaded).__name__)

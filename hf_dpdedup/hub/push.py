@@ -46,9 +46,9 @@ from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils.sha import git_hash
 
 from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError, SeededPushError
-from ..store.constitution import StoreRef
+from ..store.constitution import Constitution, StoreRef
 from ..store.family import FamilyStore
-from ..store.format import CONSTITUTION_FILE, INDEX_FILE
+from ..store.format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, INDEX_FILE
 from ..store.member import check_member_name
 from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS, is_repo_id
@@ -245,15 +245,28 @@ def member_files(
         f.name: f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
     }
     files[CONSTITUTION_FILE] = (json.dumps(constitution.to_dict(), indent=2) + "\n").encode()
+    # An adapter member's repo has no adapter_config.json: with one, transformers (and peft) would take the
+    # repo for a plain peft adapter, load the base and fail on the missing adapter_model.safetensors,
+    # instead of reaching the remote code; the adapter config is in the constitution's adapter record.
+    files.pop(ADAPTER_CONFIG_FILE, None)
     if "config.json" in files:  # plain transformers loads the member through the remote code
         files["config.json"] = config_with_auto_map(folder / "config.json")
         files[REMOTE_CODE_FILE] = remote_code()
     card = member_card(
         constitution, repo_id=repo_id, store_repo=store_repo, store_commit=store_commit, endpoint=endpoint,
-        base_model=base_model or hub_base_model(folder / "config.json"), family=family_stats, license=license,
+        base_model=base_model or adapter_base_model(constitution) or hub_base_model(folder / "config.json"),
+        family=family_stats, license=license,
     )
     files["README.md"] = str(card).encode()
     return files
+
+
+def adapter_base_model(constitution: Constitution) -> str | None:
+    """The base of an adapter member (its ``base_model_name_or_path``), when it is a Hub id."""
+    base = constitution.adapter.base_model if constitution.adapter is not None else None
+    if not isinstance(base, str) or not is_repo_id(base) or Path(base).exists():
+        return None
+    return base
 
 
 def hub_base_model(config_file: Path) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..blocks import parse_dtype
-from ..errors import BlockLayoutError, ChecksumMismatchError, StoreFormatError
+from ..errors import AdapterNotSupportedError, BlockLayoutError, ChecksumMismatchError, StoreFormatError
 from ..modeling import read_config
 from ..store.constitution import Constitution
 from ..store.member import read_constitution, read_extras_file
@@ -88,6 +88,14 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
     from ..modeling import _model_class
 
     constitution = read_constitution(member_dir)
+    if constitution.adapter is not None:
+        raise AdapterNotSupportedError(
+            f"Member {name!r} is a peft adapter member ({constitution.adapter.peft_class} on "
+            f"{constitution.adapter.base_model_class}); the serving pool serves full members only. Leave it out "
+            "(ServingPool(..., members=[...])) and load it with DedupedModel.from_pretrained(path) (a PeftModel) or "
+            "DedupedModel.from_pretrained(path, merge_adapter=True); or store merge_and_unload() of the adapter "
+            "as the member to serve it from a pool."
+        )
     config = read_config(member_dir)
     klass = _model_class(config, constitution.architecture)
     tensors = {

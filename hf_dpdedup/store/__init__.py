@@ -1,9 +1,10 @@
-"""On-disk format ``hf_dpdedup/1`` (``/2`` for coded block stores): block store, member folders, family folder."""
+"""On-disk format ``hf_dpdedup/1`` (``/2`` for coded block stores and adapter members): block store, member
+folders, family folder."""
 
 from .block_store import BlockStore
 from .codec import Codec
-from .constitution import Constitution, StoreRef, TensorEntry
+from .constitution import AdapterRecord, Constitution, StoreRef, TensorEntry
 from .family import FamilyStore
 from .format import FORMAT
 
-__all__ = ["FORMAT", "BlockStore", "Codec", "Constitution", "FamilyStore", "StoreRef", "TensorEntry"]
+__all__ = ["FORMAT", "AdapterRecord", "BlockStore", "Codec", "Constitution", "FamilyStore", "StoreRef", "TensorEntry"]

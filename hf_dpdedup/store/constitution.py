@@ -5,6 +5,14 @@ Hub repo id with a *pinned* commit sha), the block size and dtype, and for every
 shape and the list of store rows that hold its blocks, in order. Extras (small tensors) live in the
 member's ``extras.safetensors`` whose sha256 is recorded here; ``aliases`` restores tied weights.
 ``privacy`` and ``dedup`` carry the model's privacy metadata and the deduplication record.
+
+A member that is a peft adapter on a base model (a ``PeftModel``) has an ``adapter`` record
+(:class:`AdapterRecord`): the adapter config exactly as peft writes ``adapter_config.json``, the
+peft class, and the base model's class and Hub id / path; its ``tensors`` are the ``PeftModel``'s
+whole state dict (base weights included, so the base rows are shared by content addressing),
+``architecture`` is the *base* class and the member folder's ``config.json`` is the base's config.
+Such a constitution has format ``hf_dpdedup/2``, so a reader that predates adapters refuses it with
+its "upgrade hf_dpdedup" error instead of rebuilding a bare base model.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from typing import Any
 
 from ..blocks import BLOCK_DTYPES, check_block_size
 from ..errors import BlockLayoutError, ConstitutionError
-from .format import EXTRAS_FILE, FORMAT, check_format, unknown_keys
+from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, check_format, unknown_keys
 
 #: what to do about a damaged constitution
 RESAVE = (
@@ -23,7 +31,9 @@ RESAVE = (
     "(FamilyStore.add_model) from the original model"
 )
 _KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "tensors",
-         "extras", "aliases", "privacy", "dedup")
+         "extras", "aliases", "privacy", "dedup", "adapter")
+_ADAPTER_KEYS = ("library", "peft_type", "task_type", "peft_class", "adapter_name", "base_model",
+                 "base_model_class", "config")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,53 @@ class StoreRef:
 
 
 @dataclass(frozen=True)
+class AdapterRecord:
+    """How an adapter member is rebuilt: the base class (built from the member's ``config.json``),
+    wrapped by ``peft_class`` with the adapter ``config`` (the contents of ``adapter_config.json``)."""
+
+    peft_type: str  # "LORA", ...
+    task_type: str | None  # "SEQ_CLS", "CAUSAL_LM", ... (peft's TaskType), or None
+    peft_class: str  # "PeftModelForSequenceClassification", ...
+    base_model_class: str  # the transformers class of the base ("BertForSequenceClassification")
+    config: dict[str, Any]  # the adapter config, as peft writes adapter_config.json
+    base_model: str | None = None  # the base's Hub id or folder (adapter_config's base_model_name_or_path)
+    adapter_name: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "library": "peft",
+            "peft_type": self.peft_type,
+            "task_type": self.task_type,
+            "peft_class": self.peft_class,
+            "adapter_name": self.adapter_name,
+            "base_model": self.base_model,
+            "base_model_class": self.base_model_class,
+            "config": dict(self.config),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "AdapterRecord":
+        what = "dedup_constitution.json: 'adapter'"
+        if not isinstance(data, dict):
+            raise ConstitutionError(f"{what} must be an object; {RESAVE}.")
+        for key in ("peft_type", "peft_class", "base_model_class", "adapter_name"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise ConstitutionError(f"{what} needs a non-empty string {key!r}; {RESAVE}.")
+        for key in ("task_type", "base_model"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ConstitutionError(f"{what}: {key!r} must be a string or null; {RESAVE}.")
+        if not isinstance(data.get("config"), dict) or data["config"].get("peft_type") != data["peft_type"]:
+            raise ConstitutionError(f"{what}: 'config' must be the adapter config of a {data['peft_type']} "
+                                    f"adapter; {RESAVE}.")
+        return cls(peft_type=data["peft_type"], task_type=data.get("task_type"), peft_class=data["peft_class"],
+                   base_model_class=data["base_model_class"], config=dict(data["config"]),
+                   base_model=data.get("base_model"), adapter_name=data["adapter_name"],
+                   extra=unknown_keys(data, _ADAPTER_KEYS))
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     name: str
     shape: tuple[int, ...]
@@ -87,6 +144,8 @@ class Constitution:
     dedup: dict[str, Any] | None = None
     #: fast digest of extras.safetensors, checked at load (absent in members written before it)
     extras_xxh3: str | None = None
+    #: set when the member is a peft adapter on a base model (see the module docstring)
+    adapter: AdapterRecord | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -95,7 +154,7 @@ class Constitution:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT,
             "kind": "member",
             "name": self.name,
             "architecture": self.architecture,
@@ -112,13 +171,21 @@ class Constitution:
             "aliases": dict(self.aliases),
             "privacy": self.privacy,
             "dedup": self.dedup,
+            **({"adapter": self.adapter.to_dict()} if self.adapter is not None else {}),
             **self.extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Constitution":
         what = "dedup_constitution.json"
-        check_format(data, what, fix=RESAVE)
+        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT), fix=RESAVE)
+        adapter = AdapterRecord.from_dict(data["adapter"]) if data.get("adapter") is not None else None
+        if (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
+            raise ConstitutionError(
+                f"{what}: format {data['format']!r} "
+                + ("without an 'adapter' record" if adapter is None else "with an 'adapter' record")
+                + f" (adapter members are {ADAPTER_MEMBER_FORMAT!r}, others {FORMAT!r}); {RESAVE}."
+            )
         try:
             block_size = check_block_size(data.get("block_size"))
         except BlockLayoutError as exc:
@@ -159,6 +226,7 @@ class Constitution:
             privacy=data.get("privacy"),
             dedup=data.get("dedup"),
             extras_xxh3=xxh3,
+            adapter=adapter,
             extra=unknown_keys(data, _KEYS),
         )
 

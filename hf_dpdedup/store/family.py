@@ -21,6 +21,7 @@ import torch
 
 from ..errors import StoreFormatError
 from ..privacy.metadata import PrivacyMetadata
+from .adapter import adapter_record, base_config, is_peft_model
 from .block_store import BlockStore
 from .codec import Codec
 from .constitution import Constitution, StoreRef
@@ -89,9 +90,19 @@ class FamilyStore:
         privacy: PrivacyMetadata | None = None,
         dedup: dict[str, Any] | None = None,
     ) -> Constitution:
-        """Store ``model`` (a transformers model, or a state dict with ``files_from`` a model folder)
-        as member ``name``: only rows not stored yet are appended. Re-adding a name replaces it."""
-        if isinstance(model, Mapping):
+        """Store ``model`` (a transformers model, a peft ``PeftModel``, or a state dict with
+        ``files_from`` a model folder) as member ``name``: only rows not stored yet are appended.
+        Re-adding a name replaces it.
+
+        A ``PeftModel`` becomes an *adapter member*: its whole state dict is stored (the base's rows
+        are shared with every member on the same base), with the adapter config and the base class
+        in the constitution and ``adapter_config.json`` + the base's ``config.json`` in the folder;
+        ``DedupedModel.from_pretrained`` gives it back as a ``PeftModel``."""
+        adapter = None
+        if is_peft_model(model):
+            adapter = adapter_record(model)
+            state_dict, config, architecture = model.state_dict(), base_config(model), adapter.base_model_class
+        elif isinstance(model, Mapping):
             state_dict, config, architecture = model, None, None
             if files_from is None:
                 raise TypeError("A bare state dict needs files_from= (a model folder with config.json).")
@@ -110,6 +121,7 @@ class FamilyStore:
             architecture=architecture,
             privacy=privacy.to_dict() if privacy is not None else None,
             dedup=dedup,
+            adapter=adapter,
         )
 
     def recode(self, dest: str | os.PathLike, *, codec: Codec | str) -> "FamilyStore":

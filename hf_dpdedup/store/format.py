@@ -25,6 +25,11 @@ from .codec import Codec
 FORMAT = "hf_dpdedup/1"
 #: the format of a block store whose shards are coded (``codec`` other than ``"none"``)
 CODED_FORMAT = "hf_dpdedup/2"
+#: the format of the constitution of a peft adapter member (an older reader, which would rebuild it as
+#: the bare base class, refuses it with its "upgrade hf_dpdedup" error instead)
+ADAPTER_MEMBER_FORMAT = "hf_dpdedup/2"
+#: peft's name for an adapter's config file, written into adapter member folders
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 INDEX_FILE = "block_store.json"
 CONSTITUTION_FILE = "dedup_constitution.json"
 EXTRAS_FILE = "extras.safetensors"

@@ -1,7 +1,8 @@
 """Member folders: write one model into a block store, and read its state dict back.
 
 A member folder holds the transformers ``config.json`` (unchanged), tokenizer / processor files,
-``dedup_constitution.json`` and ``extras.safetensors``. It is built under a temporary name and
+``dedup_constitution.json`` and ``extras.safetensors``; an adapter member also ``adapter_config.json``
+(its ``config.json`` is then the base model's). It is built under a temporary name and
 swapped in (atomically, under the members folder's lock) only after its rows are in the store's
 index, so a member never names missing rows. Readers (:func:`read_consistently`) notice when a
 member was swapped while they read it and read it again, so they see one version, never a mix.
@@ -25,8 +26,9 @@ from safetensors.torch import save_file
 from ..blocks import BlockLayout, BlockRows, plan_layout, tensor_from_rows
 from ..errors import ConstitutionError, HfDpDedupError, MemberChangedError, StoreFormatError, StoreMismatchError
 from .block_store import BlockStore
-from .constitution import RESAVE, Constitution, StoreRef, TensorEntry
-from .format import CONSTITUTION_FILE, EXTRAS_FILE, LOCK_FILE
+from .adapter import adapter_config_bytes
+from .constitution import RESAVE, AdapterRecord, Constitution, StoreRef, TensorEntry
+from .format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, EXTRAS_FILE, LOCK_FILE
 from .io import (
     atomic_write_json,
     check_buffer,
@@ -81,8 +83,10 @@ def write_member(
     architecture: str | None = None,
     privacy: dict[str, Any] | None = None,
     dedup: dict[str, Any] | None = None,
+    adapter: AdapterRecord | None = None,
 ) -> Constitution:
-    """Add a model's blocks to ``store`` and write its member folder at ``member_dir``."""
+    """Add a model's blocks to ``store`` and write its member folder at ``member_dir`` (with
+    ``adapter``: an adapter member, whose ``state_dict`` is the whole ``PeftModel``'s)."""
     check_member_name(name)
     check_source(source)  # before any row is appended: a failed add leaves the store as it was
     layout = plan_layout(state_dict, store.block_size)
@@ -97,6 +101,8 @@ def write_member(
     def build(tmp: Path) -> None:
         nonlocal constitution
         _write_side_files(tmp, source)
+        if adapter is not None:
+            (tmp / ADAPTER_CONFIG_FILE).write_bytes(adapter_config_bytes(adapter))
         save_file(extras, tmp / EXTRAS_FILE, metadata={"format": "pt"})
         raw = (tmp / EXTRAS_FILE).read_bytes()
         constitution = Constitution(
@@ -112,6 +118,7 @@ def write_member(
             privacy=privacy,
             dedup=dedup,
             extras_xxh3=fast_digest(raw),
+            adapter=adapter,
         )
         atomic_write_json(tmp / CONSTITUTION_FILE, constitution.to_dict())
 

@@ -40,7 +40,10 @@ def member_summary(member_dir: Path, constitution: Constitution, row_users: Coun
     files = {f.name: f.stat().st_size for f in member_dir.iterdir() if f.is_file()}
     summary: dict[str, Any] = {
         "name": constitution.name,
-        "architecture": constitution.architecture,
+        # an adapter member shows its adapter on the base class: "BertForSequenceClassification+LORA"
+        "architecture": (f"{constitution.architecture}+{constitution.adapter.peft_type}"
+                         if constitution.adapter is not None else constitution.architecture),
+        "adapter": constitution.adapter.to_dict() if constitution.adapter is not None else None,
         "block_tensors": len(constitution.tensors),
         "extras": len(constitution.extras),
         "tied": len(constitution.aliases),

@@ -9,9 +9,14 @@ delegates to ``hf_dpdedup.DedupedModel.from_pretrained``; without it, it downloa
 and the shards the member needs at the pinned commit, checks their sha256, and rebuilds the state
 dict itself. Either way the result is the ordinary transformers model of ``config.architectures[0]``
 with bit-identical weights and ``model.dedup_info`` set. Shipped by ``hf-dpdedup push``.
+
+A member that is a peft adapter on a base (its constitution has an ``adapter`` record) comes back
+merged into its base (``merge_and_unload()``: the base's transformers class) when hf_dpdedup is
+installed; this file alone cannot rebuild adapters and says so.
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -41,6 +46,10 @@ class DedupedMember:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         if DedupedModel is not None:
+            # an adapter member comes back merged (auto classes return transformers models); an hf_dpdedup
+            # from before adapters has no merge_adapter (and refuses adapter members by their format)
+            if "merge_adapter" in inspect.signature(DedupedModel.from_pretrained).parameters:
+                kwargs.setdefault("merge_adapter", True)
             return DedupedModel.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return load_member(str(pretrained_model_name_or_path), **kwargs)
 
@@ -57,6 +66,11 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
 
     with open(member_file("dedup_constitution.json"), encoding="utf-8") as f:
         constitution = json.load(f)
+    if constitution.get("adapter"):
+        raise OSError(f"{path} is a peft adapter member ({constitution['adapter'].get('peft_class')} on "
+                      f"{constitution['adapter'].get('base_model_class')}): `pip install hf_dpdedup` and load it with "
+                      "hf_dpdedup.DedupedModel.from_pretrained(path) (a PeftModel) or with merge_adapter=True "
+                      "(a transformers model); this remote code alone rebuilds full members only.")
     ref = constitution["block_store"]
     if ref.get("path") is not None and os.path.isdir(path):  # a local family folder
         store = os.path.normpath(os.path.join(path, subfolder, ref["path"]))
