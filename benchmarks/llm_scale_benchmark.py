@@ -16,8 +16,8 @@ does in one process: lazy members (``Member.from_folder`` + ``load_member_model`
 safetensors), streamed storing (``iter_group`` + ``store_outcome``), aligned candidates only
 (``use_self=False``: the close-block search compares every block with every other), the Wanda cost
 (forward passes only: the Fisher would hold two float32 copies of the model), validation by
-agreement with the target's own next-token predictions on 4 public SST-2 sentences × 16 tokens
-(threshold 1.5 % of tokens, gallop with at most 10 validations). The parent reads the child's
+agreement with the target's own next-token predictions on 8 public SST-2 sentences × 16 tokens
+(threshold 3 % of the tokens, i.e. at most 3 changed predictions; gallop with at most 10 validations). The parent reads the child's
 peak RSS from ``wait4`` (``ru_maxrss``: anonymous *and* file-backed pages the child had mapped);
 a sampling thread in the child splits it into anonymous and file-backed peaks.
 Target: peak RSS ≤ 2 × one member's bytes + 2 GiB.
@@ -163,11 +163,11 @@ def child(folders: list[Path], out_store: Path, result_file: Path) -> None:
     sampler.start()
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folders[0])
-    sentences = list(read_tsv(builtin_path("sst2", "dev")).texts[:4])
-    batches = text_batches(tokenizer, sentences, None, batch_size=4, max_length=16)
+    sentences = list(read_tsv(builtin_path("sst2", "dev")).texts[:8])
+    batches = text_batches(tokenizer, sentences, None, batch_size=8, max_length=16)
     data = DedupData(score_fn=_token_agreement, public_val=batches, predict_fn=_token_predictions,
                      calibration=batches, calibration_loss=lambda model, batch: model(**batch).logits.float().mean())
-    config = DedupConfig(block_size=65536, threshold=0.015, agreement=True, interactive=False, fairness="off",
+    config = DedupConfig(block_size=65536, threshold=0.03, agreement=True, interactive=False, fairness="off",
                          strategy_options={"max_validations": 10},
                          plan=PlanConfig(cost="wanda", use_self=False))
     members = [Member.from_folder(f, load_privacy(f), lambda f=f: load_member_model(f)) for f in folders]

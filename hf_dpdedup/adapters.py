@@ -74,6 +74,16 @@ def resolve_base(folder: Path, base: Any) -> str:
     return base  # a Hub id: transformers resolves (and caches) it
 
 
+def model_config(folder: str | os.PathLike) -> transformers.PretrainedConfig:
+    """The transformers config of the model a member folder loads as: its own ``config.json``, or
+    for an adapter folder its base's."""
+    folder = Path(folder)
+    if is_adapter_folder(folder):
+        return transformers.AutoConfig.from_pretrained(
+            resolve_base(folder, read_adapter_config(folder).get("base_model_name_or_path")))
+    return transformers.AutoConfig.from_pretrained(folder)
+
+
 def base_auto_class(task_type: str | None, where: str) -> Any:
     if task_type not in BASE_AUTO_CLASSES:
         raise AdapterError(

@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from .. import distributed
+    from ..adapters import model_config
     from ..dedup.plan import PlanConfig
     from ..dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
     from ..dedup.tasks import SCORES, private_source, source_batches
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         processor = transformers.AutoImageProcessor.from_pretrained(args.models[0])
     else:
         processor = transformers.AutoTokenizer.from_pretrained(args.models[0])
-    names = class_names(transformers.AutoConfig.from_pretrained(args.models[0]))
+    names = class_names(model_config(args.models[0]))
 
     def source(spec: str):
         return data_source(args, spec, label_names=names)
