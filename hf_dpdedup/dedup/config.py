@@ -189,7 +189,8 @@ class DedupConfig:
     # Pairs of data set ids that share examples (the ledger joins their components: sequential composition).
     overlaps: tuple[tuple[str, str], ...] = ()
     fairness: Literal["flag", "drop", "off"] = "flag"  # see hf_dpdedup.dedup.planner
-    # Deprecated keywords (one release): converted into ``strategy`` / ``validation``, not stored.
+    # Deprecated keywords (one release): converted into ``strategy`` / ``validation``, not stored (as
+    # attributes they only read None, which dataclasses.replace needs: read config.validation instead).
     strategy_options: InitVar[Mapping[str, Any] | None] = None
     svt_epsilon: InitVar[float | None] = None
     svt_cutoff: InitVar[int | None] = None
@@ -230,11 +231,6 @@ class DedupConfig:
                               "deduplicate_family (or by a version before configs were stored).")
         return cls.from_dict(data)
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _MOVED:
-            raise AttributeError(f"DedupConfig.{name} is gone: read {_MOVED[name]}.")
-        raise AttributeError(f"'DedupConfig' object has no attribute {name!r}")
-
     def __post_init__(self, strategy_options: Mapping[str, Any] | None, svt_epsilon: float | None,
                       svt_cutoff: int | None, naive_epsilon: float | None, floor_epsilon: float | None) -> None:
         object.__setattr__(self, "strategy", _legacy_strategy(self.strategy, strategy_options))
@@ -256,18 +252,6 @@ class DedupConfig:
                               "(the previous model's utility) does not apply: use interactive=False (or leave "
                               "interactive unset: it defaults to False under agreement).")
 
-
-# the deprecated keywords' attributes: where their values are now (the dataclass keeps InitVar
-# defaults as class attributes; without them, reading one reaches __getattr__ and its message)
-_MOVED = {
-    "strategy_options": "config.strategy.options() (e.g. DedupConfig(strategy=Greedy(n=10)))",
-    "svt_epsilon": "config.validation.epsilon (DedupConfig(validation=SVT(epsilon=...)))",
-    "svt_cutoff": "config.validation.cutoff (DedupConfig(validation=SVT(cutoff=...)))",
-    "naive_epsilon": "config.validation.epsilon_per_query (DedupConfig(validation=NaiveLaplace(...)))",
-    "floor_epsilon": "config.validation.floor_epsilon (SVT(floor_epsilon=...) / NaiveLaplace(floor_epsilon=...))",
-}
-for _name in _MOVED:
-    delattr(DedupConfig, _name)
 
 VALIDATIONS: dict[str, type] = choice_kinds(DedupConfig, "validation")
 STRATEGIES: dict[str, type] = choice_kinds(DedupConfig, "strategy")
