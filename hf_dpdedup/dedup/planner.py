@@ -13,7 +13,7 @@ Semantics (DESIGN "The deduplication algorithm"):
    ``fairness="off"``: no verdict, nothing read, nothing charged;
 3. the base is the smallest-ε member unless named; it is stored as is;
 4. targets go in ascending ε order; with ``interactive`` the floor of model i is
-   ``max(U'_{i-1}, U_i − t)`` so a higher-ε model never ends below a lower-ε one;
+   ``max(U'_{i-1}, U_i − threshold)`` so a higher-ε model never ends below a lower-ε one;
 5. every target's replacements are searched against a validator (public, SVT or naive);
 6. the ledger composes each target's (ε, δ): its own training, the base's training (charged
    whenever the base's blocks were candidates: the search's choices depend on them), the
