@@ -263,15 +263,19 @@ def _deprecated(message: str) -> None:
 
 def _legacy_strategy(strategy: Any, options: Mapping[str, Any] | None) -> Any:
     """``strategy="greedy", strategy_options={"n": 10}`` → ``Greedy(n=10)`` (deprecated)."""
+    old = []
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
             raise ConfigError(f"Unknown strategy {strategy!r}; use one of {sorted(STRATEGIES)} "
                               "(e.g. DedupConfig(strategy=Greedy(n=10))).")
+        old.append(f"strategy={strategy!r}")
         strategy = STRATEGIES[strategy]()
     elif options is None or not isinstance(strategy, _Strategy):
         return strategy  # the type check names what it takes
+    if options is not None:
+        old.append("strategy_options=...")
     options = dict(options or {})
-    _deprecated(f"DedupConfig(strategy=<name>, strategy_options=...) is deprecated: pass strategy="
+    _deprecated(f"DedupConfig({', '.join(old)}) is deprecated: pass strategy="
                 f"{type(strategy).__name__}({', '.join(f'{k}={v!r}' for k, v in options.items())}).")
     unknown = sorted(set(options) - set(strategy.options()))
     if unknown:
