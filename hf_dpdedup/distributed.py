@@ -47,7 +47,6 @@ from .dedup.planner import (
     DedupData,
     Member,
     Outcome,
-    _config_dict,
     check_unique_names,
     dedup_group,
     deduplicate_family,
@@ -214,7 +213,7 @@ def deduplicate_family_distributed(
             received = _gather_to_main(sent, timeout_s)
             report = None
             if is_main:
-                report = FamilyReport(config={**_config_dict(config), "processes": state.num_processes,
+                report = FamilyReport(config={**config.to_dict(), "processes": state.num_processes,
                                               "teams": len(teams)})
                 by_name = {m.name: m for m in members}
                 for g in range(len(groups)):
