@@ -30,7 +30,7 @@ from .dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
 from .dedup.report import FamilyReport
 from .dedup.tasks import classification_predict, classification_score
 from .hub import pipeline, push_family_to_hub
-from .hub.local_server import local_hub
+from .testing import local_hub
 from .modeling import DedupedModel
 from .store.family import FamilyStore
 from .training import load_privacy, train_members

@@ -8,8 +8,8 @@
   ships, so ``AutoModelFor<Task>.from_pretrained(repo, trust_remote_code=True)`` loads it too;
 - :mod:`hf_dpdedup.hub.retry` — 429 / 5xx retried with backoff, honouring ``Retry-After``;
 - :func:`pipeline` — a ``transformers.pipeline`` around a member in one call;
-- :mod:`hf_dpdedup.hub.cards` — DP model cards; :mod:`hf_dpdedup.hub.local_server` — a small
-  Hub-compatible server for offline demos and tests.
+- :mod:`hf_dpdedup.hub.cards` — DP model cards. (The Hub-compatible server of the offline demo
+  and the tests is :class:`hf_dpdedup.testing.HubServer`.)
 """
 
 from __future__ import annotations
