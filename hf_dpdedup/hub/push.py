@@ -53,7 +53,7 @@ from ..store.member import check_member_name
 from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS, is_repo_id
 from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
-from .retry import retry_call
+from .retry import retry_call, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
     try:
         yield
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
+        status = status_of(exc)
         if status in (401, 403) or isinstance(exc, RepositoryNotFoundError):
             raise HubAuthError(
                 f"The Hub refused to write to {repo_id!r} (HTTP {status}): the token needs *write* access to "
