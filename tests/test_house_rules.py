@@ -148,6 +148,22 @@ def test_allow_lists_hold_only_live_exceptions():
     assert stale == [], "remove these entries from the allow-lists: they no longer break the rule"
 
 
+def test_only_the_demo_uses_the_test_doubles():
+    """``hf_dpdedup.testing`` stands in for the outside world (a Hub): the library never needs it."""
+    users = []
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("testing/") or rel == "demo.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([_resolve(path, node) or ""] + [f"{_resolve(path, node)}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n == f"{PACKAGE}.testing" or n.startswith(f"{PACKAGE}.testing.") for n in names):
+                users.append(f"{rel} line {node.lineno}")
+    assert users == []
+
+
 # --- the guards catch what they guard ------------------------------------------------------------
 @pytest.mark.parametrize("source, expected", [
     ("def f():\n    from .store import member\n", 1),

@@ -1,7 +1,7 @@
 """Test doubles and helpers that ship with the package for the demo, the examples and the benchmarks.
 
-Nothing in the library proper imports this package: it is where the things that stand in for the
-outside world live, so that the rest of the house has no test-only code.
+In the package only the demo (:mod:`hf_dpdedup.demo`) imports it: it is where the things that stand
+in for the outside world live, so that the rest of the house has no test-only code.
 
 - :class:`HubServer`, :func:`local_hub` (:mod:`hf_dpdedup.testing.hub_server`): a small
   Hub-compatible HTTP server on 127.0.0.1 (model and dataset repos, git-LFS batch API, tags,
