@@ -59,7 +59,7 @@ from transformers import (  # noqa: E402
 from common import median_seconds, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402
 from hf_dpdedup.demo import minilm_folder  # noqa: E402
-from hf_dpdedup.hub.local_server import HubServer  # noqa: E402
+from hf_dpdedup.testing import HubServer  # noqa: E402
 from hf_dpdedup.privacy import PrivacyMetadata  # noqa: E402
 from hf_dpdedup.store.io import forget_verified  # noqa: E402
 

@@ -30,7 +30,8 @@ import time
 import torch
 
 from common import write_results
-from hf_dpdedup.dedup.similarity import candidate_pool, nearest_blocks
+from hf_dpdedup.dedup.similarity import nearest_blocks
+from hf_dpdedup.testing import candidate_pool
 
 BLOCK_SIZE = 2**20
 WEIGHT_STD = 0.02

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hf_dpdedup import push_family_to_hub
 from hf_dpdedup.demo import build_family
-from hf_dpdedup.hub.local_server import local_hub
+from hf_dpdedup.testing import local_hub
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--endpoint", help="a Hub URL (default: start a local Hub-compatible server)")

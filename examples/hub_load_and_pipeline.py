@@ -15,7 +15,7 @@ from pathlib import Path
 import hf_dpdedup
 from hf_dpdedup import DedupedModel, push_family_to_hub
 from hf_dpdedup.demo import build_family
-from hf_dpdedup.hub.local_server import local_hub
+from hf_dpdedup.testing import local_hub
 
 SENTENCES = ["a gripping , beautifully acted film .", "it never finds its footing and drags on forever ."]
 

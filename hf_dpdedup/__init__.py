@@ -35,7 +35,7 @@ _LAZY = {
     "Codec": "store",
     "FamilyStore": "store",
     "push_family_to_hub": "hub",
-    "pipeline": "hub",
+    "pipeline": "pipelines",
     "ServingPool": "serving",
     "deduplicate_family": "dedup.planner",
     # the typed config of a deduplication (hf_dpdedup.dedup.config)
@@ -55,7 +55,8 @@ __all__ = ["HfDpDedupError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling import DedupedModel, DedupInfo
-    from .hub import pipeline, push_family_to_hub
+    from .hub import push_family_to_hub
+    from .pipelines import pipeline
     from .dedup.config import MCTS, SVT, Binary, DedupConfig, Gallop, Greedy, Halving, NaiveLaplace, PlanConfig, Public
     from .dedup.planner import deduplicate_family
     from .serving import ServingPool

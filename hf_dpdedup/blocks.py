@@ -243,17 +243,3 @@ def tensor_from_rows(rows: torch.Tensor, spec_shape: tuple[int, ...]) -> torch.T
             f"({numel} elements need {math.ceil(numel / block_size)} blocks)."
         )
     return rows.reshape(-1)[:numel].view(spec_shape)
-
-
-def rebuild_from_matrix(
-    matrix: torch.Tensor, layout: BlockLayout, extras: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_block_matrix` plus the extras and aliases: the original state dict."""
-    out: dict[str, torch.Tensor] = {}
-    for spec in layout.tensors:
-        rows = matrix[spec.first_block : spec.first_block + spec.n_blocks]
-        out[spec.name] = tensor_from_rows(rows, spec.shape)
-    out.update(extras)
-    for alias, canonical in layout.aliases.items():
-        out[alias] = out[canonical]
-    return out

@@ -29,9 +29,10 @@ from transformers import ViTForImageClassification
 from .dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
 from .dedup.report import FamilyReport
 from .dedup.tasks import classification_predict, classification_score
-from .hub import pipeline, push_family_to_hub
-from .hub.local_server import local_hub
+from .hub import push_family_to_hub
+from .testing import local_hub
 from .modeling import DedupedModel
+from .pipelines import pipeline
 from .store.family import FamilyStore
 from .training import load_privacy, train_members
 from .training import digits as recipe

@@ -2,7 +2,8 @@
 
 The member's config names its class (``config.architectures[0]``); the model is built without
 weights under Accelerate's ``init_empty_weights`` and the rebuilt tensors are *assigned* (not
-copied) into it, then tied weights are tied again. The result is a plain ``PreTrainedModel`` that
+copied) into it, then tied weights are tied again (:mod:`hf_dpdedup.skeleton`, which the serving pool
+shares). The result is a plain ``PreTrainedModel`` that
 works with ``pipeline(...)``, ``generate`` and ``save_pretrained``.
 
 An *adapter member* (a peft ``PeftModel`` stored with ``FamilyStore.add_model`` or deduplicated
@@ -25,19 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
-from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
-from transformers.initialization import no_init_weights
+from accelerate import dispatch_model, infer_auto_device_map
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .adapters import empty_peft_model, match_adapter_dtypes
 from .blocks import parse_dtype
-from .errors import ConstitutionError, LoadArgumentError, StoreFormatError
+from .errors import LoadArgumentError, StoreFormatError
 from .hub.download import HubOptions, download_member, fetch_store, is_repo_id
 from .privacy.noise import SEEDED_LABEL
 from .store.constitution import Constitution
 from .store.io import live_dir
 from .store.member import load_member_state_dict, open_member_store, read_consistently
+from .skeleton import architecture_class, build_model, empty_model, read_config
 from .store.format import CONSTITUTION_FILE
 
 
@@ -195,7 +195,7 @@ class DedupedModel:
                 weights = pool.submit(load_member_state_dict, folder, constitution, store, verify=verify)
                 try:
                     member_config = _config(folder, config, kwargs)
-                    klass = model_class or _model_class(member_config, constitution.architecture)
+                    klass = model_class or architecture_class(member_config, constitution.architecture)
                     skeleton = (empty_model(klass, member_config, parse_dtype(constitution.dtype),
                                             attn_implementation=attn_implementation)
                                 if constitution.tensors or constitution.adapter else None)
@@ -229,21 +229,6 @@ class DedupedModel:
             merged=merged,
         )
         return model
-
-
-def read_config(member_dir: Path, **overrides: Any) -> Any:
-    """The member's transformers config; a missing, invalid or unknown one is a typed error. With
-    ``overrides``: ``(config, unused overrides)``, as ``AutoConfig.from_pretrained`` returns them."""
-    try:
-        if overrides:
-            return AutoConfig.from_pretrained(member_dir, return_unused_kwargs=True, **overrides)
-        return AutoConfig.from_pretrained(member_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise StoreFormatError(
-            f"config.json of member {member_dir} cannot be used ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else exc!r}). Restore the member's config.json (download "
-            "the member again, or re-run add_model); an unknown model_type needs a newer transformers."
-        ) from None
 
 
 # keywords transformers' auto classes and pipelines pass to a remote class's from_pretrained, which
@@ -301,110 +286,6 @@ def _resolve_member(path_or_id: str | os.PathLike, hub: HubOptions, subfolder: s
         f"No member folder at {str(path)!r}. Pass the path of a member folder "
         "(e.g. family/members/eps4) or a member's Hub repo id (namespace/name)."
     )
-
-
-def _model_class(config: Any, recorded: str | None) -> type[PreTrainedModel]:
-    names = list(getattr(config, "architectures", None) or []) or ([recorded] if recorded else [])
-    for name in names:
-        klass = getattr(transformers, name, None)
-        if isinstance(klass, type) and issubclass(klass, PreTrainedModel):
-            return klass
-    raise ConstitutionError(
-        f"config.json names architectures {names!r}, none of which this transformers "
-        f"({transformers.__version__}) provides. Upgrade transformers, or pass model_class=."
-    )
-
-
-def build_model(
-    klass: type[PreTrainedModel],
-    config: Any,
-    state_dict: dict[str, torch.Tensor],
-    *,
-    aliases: dict[str, str] | None = None,
-    extras: tuple[str, ...] = (),
-    skeleton: PreTrainedModel | None = None,
-    attn_implementation: str | None = None,
-) -> PreTrainedModel:
-    """Build ``klass`` with no weights (or take ``skeleton``, built so by :func:`empty_model`) and
-    assign ``state_dict`` into it; re-tie ``aliases``. (``extras``: the tensors read from
-    extras.safetensors, named in errors about them.)"""
-    dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-    model = skeleton if skeleton is not None else empty_model(klass, config, dtype,
-                                                             attn_implementation=attn_implementation)
-    aliases = aliases or {}
-    own = {k: v for k, v in state_dict.items() if k not in aliases}
-    check_shapes(model, own, extras)
-    result = model.load_state_dict(own, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise ConstitutionError(
-            f"The member holds tensors {result.unexpected_keys[:5]} that {klass.__name__} does not "
-            "have: config.json and the stored weights disagree."
-        )
-    for alias, canonical in aliases.items():
-        _tie(model, alias, canonical)
-    if any(t.is_meta for t in _tensors(model)):
-        model.tie_weights()  # ties the checkpoint itself omitted (e.g. a saved lm_head)
-    still_empty = [n for n, t in _named_tensors(model) if t.is_meta]
-    if still_empty:
-        raise ConstitutionError(
-            f"The member lacks weights for {still_empty[:5]} of {klass.__name__}; it was saved from "
-            "another architecture or is incomplete: re-save it from the original model."
-        )
-    model.eval()
-    return model
-
-
-def empty_model(klass: type[PreTrainedModel], config: Any, dtype: torch.dtype | None, *,
-                attn_implementation: str | None = None) -> PreTrainedModel:
-    """``klass`` with meta tensors. Weights are assigned right after: transformers' weight
-    initialisation is skipped (on meta tensors it is pure Python overhead, most of the
-    construction time of a small model)."""
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with init_empty_weights(), no_init_weights():
-        return klass._from_config(config, dtype=dtype, **extra)
-
-
-def check_shapes(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> None:
-    """Each stored tensor must have the shape and dtype the model built from config.json expects;
-    say which file disagrees (a wrong dtype would otherwise load and fail only in the forward pass)."""
-    expected = dict(_named_tensors(model))
-    for name, tensor in state_dict.items():
-        slot = expected.get(name)
-        if slot is None or (slot.shape == tensor.shape and slot.dtype == tensor.dtype):
-            continue
-        source = "extras.safetensors" if name in extras else "dedup_constitution.json"
-        raise ConstitutionError(
-            f"Tensor {name!r} is stored as {tensor.dtype} {list(tensor.shape)} (in the member's {source}) "
-            f"but config.json builds it as {slot.dtype} {list(slot.shape)}: the member's files disagree. "
-            "Restore the member (download it again, or re-run add_model from the original model)."
-        )
-
-
-def _named_tensors(model: torch.nn.Module):
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
-
-
-def _tensors(model: torch.nn.Module):
-    return (t for _, t in _named_tensors(model))
-
-
-def _tie(model: torch.nn.Module, alias: str, canonical: str) -> None:
-    module_name, _, leaf = alias.rpartition(".")
-    source_module_name, _, source_leaf = canonical.rpartition(".")
-    try:
-        module = model.get_submodule(module_name)
-        source = model.get_submodule(source_module_name)
-    except AttributeError:
-        raise ConstitutionError(
-            f"The constitution ties {alias!r} to {canonical!r}, but {type(model).__name__} has no such "
-            "module: config.json and the constitution disagree. Restore the member (download it again, "
-            "or re-run add_model from the original model)."
-        ) from None
-    if source_leaf in source._parameters:
-        setattr(module, leaf, source._parameters[source_leaf])
-    else:
-        module.register_buffer(leaf, getattr(source, source_leaf))
 
 
 def _place(

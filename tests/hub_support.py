@@ -19,7 +19,7 @@ import torch
 
 from conftest import example_inputs, tiny_model
 from hf_dpdedup import DedupedModel, FamilyStore
-from hf_dpdedup.hub.local_server import HubServer
+from hf_dpdedup.testing import HubServer
 from hf_dpdedup.privacy import PrivacyMetadata
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -18,7 +18,7 @@ from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.distributed import load_member_model
 from hf_dpdedup.errors import AdapterError, AdapterNotSupportedError, ConstitutionError
-from hf_dpdedup.hub.cards import card_metadata
+from card_support import card_metadata
 from hf_dpdedup.hub.remote import REMOTE_CODE
 from hf_dpdedup.privacy import PrivacyMetadata
 from hf_dpdedup.store.member import read_constitution

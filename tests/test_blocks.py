@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_dpdedup.blocks import plan_layout, rebuild_from_matrix, to_block_matrix, check_block_size
+from block_support import rebuild_from_matrix
+from hf_dpdedup.blocks import plan_layout, to_block_matrix, check_block_size
 from hf_dpdedup.errors import BlockLayoutError, DtypeMismatchError, HfDpDedupError
 
 from conftest import tiny_model

@@ -134,7 +134,8 @@ def test_private_validation_never_reads_unnoised(tmp_path, validation):
     assert eps2.private_validation["toy-train"]["epsilon"] == pytest.approx(spent)
     eps8 = {m.name: m for m in report.models}["eps8"]
     assert eps8.private_validation["toy-train"]["mechanisms"]["laplace"] >= 1  # the floor release
-    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from card_support import card_metadata
+    from hf_dpdedup.hub.cards import member_card
     from hf_dpdedup.store.member import read_constitution
 
     constitution = read_constitution(tmp_path / "store" / "members" / "eps2")
@@ -168,7 +169,8 @@ def _dominated_family():
 
 
 def test_a_flagged_member_is_stored_loadable_and_flagged_in_report_and_card(tmp_path):
-    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from card_support import card_metadata
+    from hf_dpdedup.hub.cards import member_card
     from hf_dpdedup.store.member import read_constitution
 
     members, batches = _dominated_family()
@@ -321,7 +323,8 @@ def test_a_seeded_run_draws_all_its_noise_from_one_sampler(tmp_path):
 
 def test_seeded_training_is_marked_through_ledger_record_dedup_info_and_card(tmp_path):
     """Issue 13 (critical 2): a member trained with seeded noise taints everything built from it."""
-    from hf_dpdedup.hub.cards import card_metadata, member_card
+    from card_support import card_metadata
+    from hf_dpdedup.hub.cards import member_card
     from hf_dpdedup.store.member import read_constitution
 
     members, batches = make_family()

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_dpdedup.dedup.similarity import METRICS, SimilarityError, candidate_pool, nearest_blocks
+from hf_dpdedup.dedup.similarity import METRICS, SimilarityError, nearest_blocks
+from hf_dpdedup.testing import candidate_pool
 from hf_dpdedup.errors import HfDpDedupError
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import ModelCard
 
-from hf_dpdedup.hub.cards import card_metadata, member_card, store_card
+from card_support import card_metadata
+from hf_dpdedup.hub.cards import member_card, store_card
 from hf_dpdedup.store.constitution import Constitution, StoreRef, TensorEntry
 from hf_dpdedup.store.format import StoreIndex
 

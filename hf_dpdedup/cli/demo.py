@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
+from ..demo import run_demo
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="DP-train a ViT family on built-in digits, deduplicate, push, load, "
@@ -20,10 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..demo import run_demo
-
     # The demo's ViT is tiny: one intra-op thread beats thread hand-offs (and oversubscription
     # on a busy machine) for models this small.
     torch.set_num_threads(1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..hub.push import push_family_to_hub
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -31,8 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub.push import push_family_to_hub
-
     result = push_family_to_hub(
         args.family,
         args.namespace,

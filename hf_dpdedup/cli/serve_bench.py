@@ -19,6 +19,11 @@ import math
 import tempfile
 from pathlib import Path
 
+from transformers.utils.logging import disable_progress_bar
+
+from ..serving import ServingPool
+from ..serving.bench import TransformersLRU, compare, query_inputs, query_order, read_sentences, save_plain_folders
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve-bench", help="time the serving pool against loading full models (LRU)")
@@ -34,11 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers.utils.logging import disable_progress_bar
-
-    from ..serving import ServingPool
-    from ..serving.bench import TransformersLRU, compare, query_inputs, query_order, read_sentences, save_plain_folders
-
     disable_progress_bar()  # as a server would: no progress bar per load
     pool = ServingPool(args.store, budget_models=args.budget_models)
     members = pool.members

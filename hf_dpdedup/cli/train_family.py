@@ -25,6 +25,8 @@ from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..data import DataSource, available_splits
 from ..errors import TrainingConfigError
+from ..training import DPConfig, check_family_request, load_text_data, split_private, train_text_family
+from ..training.lora import parse_lora_spec
 from .data_flags import add_data_flags, data_source
 
 
@@ -98,8 +100,6 @@ def _data_sources(args: argparse.Namespace) -> tuple[DataSource, DataSource, Dat
 
 def _lora_options(args: argparse.Namespace):
     """``(strategy, LoraSpec | None, save_as)`` from ``--strategy``, ``--lora`` and ``--save``."""
-    from ..training.lora import parse_lora_spec
-
     if args.lora is None:
         if args.strategy == "lora":
             raise TrainingConfigError("--strategy lora needs the adapter's shape: pass --lora r=8,alpha=16 "
@@ -114,8 +114,6 @@ def _lora_options(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import DPConfig, check_family_request, load_text_data, split_private, train_text_family
-
     # Validate everything cheap before loading a model or touching the data in earnest.
     strategy, lora, save_as = _lora_options(args)
     config = DPConfig(

@@ -1,6 +1,7 @@
 """Nearest-block matching: for each target block, its most similar candidate blocks.
 
-Candidates are the base model's blocks followed by the target's own blocks (:func:`candidate_pool`);
+Candidates are the base model's blocks followed by the target's own blocks (one matrix, or several
+numbered one after the other);
 a target block never matches itself (``exclude_self``; ``-1`` means "nothing to exclude", never
 "the last block", a bug of the paper's prototype). Metrics: ``"l2"`` (default), ``"l1"`` and
 ``"cosine"`` as the distance ``1 - cos`` (smallest distance = MOST similar; a zero block has
@@ -56,27 +57,6 @@ class Match:
     distances: torch.Tensor  # float64 [n, k], ascending per row
 
 
-@dataclass(frozen=True)
-class CandidatePool:
-    """The base blocks followed by the target's own blocks, without copying either matrix."""
-
-    parts: tuple[torch.Tensor, torch.Tensor]  # (base [m, bs], target [n, bs])
-    exclude_self: torch.Tensor  # int64 [n]: target i is candidate m + i
-
-    @property
-    def n_base(self) -> int:
-        return self.parts[0].shape[0]
-
-    def source(self, index: int) -> tuple[str, int]:
-        """``("base", row)`` or ``("self", row)`` for a candidate index of this pool."""
-        return ("base", index) if index < self.n_base else ("self", index - self.n_base)
-
-
-def candidate_pool(base: torch.Tensor, target: torch.Tensor) -> CandidatePool:
-    """Candidates for ``target``: ``base``'s blocks then ``target``'s own, itself excluded."""
-    return CandidatePool((base, target), torch.arange(target.shape[0]) + base.shape[0])
-
-
 def nearest_blocks(
     targets: torch.Tensor,
     candidates: torch.Tensor | Sequence[torch.Tensor],
@@ -93,12 +73,11 @@ def nearest_blocks(
     """The ``k`` nearest candidates of every target block.
 
     ``candidates`` is one ``[m, bs]`` matrix or several whose rows are numbered one after the other
-    (e.g. ``CandidatePool.parts``). ``exclude_self[i]`` is the candidate index that *is* target i,
+    (e.g. ``(base, target)``). ``exclude_self[i]`` is the candidate index that *is* target i,
     or -1 for none. ``rerank`` is how many sketch neighbours are refined with the true metric.
 
     >>> base = torch.eye(3); target = base + 0.01
-    >>> pool = candidate_pool(base, target)
-    >>> nearest_blocks(target, pool.parts, exclude_self=pool.exclude_self).indices.tolist()
+    >>> nearest_blocks(target, (base, target), exclude_self=torch.arange(3) + 3).indices.tolist()
     [[0], [1], [2]]
     """
     parts = (candidates,) if isinstance(candidates, torch.Tensor) else tuple(candidates)

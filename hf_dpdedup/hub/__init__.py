@@ -7,35 +7,12 @@
 - :mod:`hf_dpdedup.hub.remote` — the ``auto_map`` + ``modeling_hf_dpdedup.py`` every member repo
   ships, so ``AutoModelFor<Task>.from_pretrained(repo, trust_remote_code=True)`` loads it too;
 - :mod:`hf_dpdedup.hub.retry` — 429 / 5xx retried with backoff, honouring ``Retry-After``;
-- :func:`pipeline` — a ``transformers.pipeline`` around a member in one call;
-- :mod:`hf_dpdedup.hub.cards` — DP model cards; :mod:`hf_dpdedup.hub.local_server` — a small
-  Hub-compatible server for offline demos and tests.
+- :mod:`hf_dpdedup.hub.cards` — DP model cards. (The Hub-compatible server of the offline demo
+  and the tests is :class:`hf_dpdedup.testing.HubServer`.)
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from .push import PushResult, RepoPush, member_repo_id, push_family_to_hub, store_repo_id
 
-# imported lazily (like the top-level package): ``hf_dpdedup.modeling`` imports ``hub.download``,
-# and ``hub.pipelines`` imports ``hf_dpdedup.modeling``
-_LAZY = {
-    "pipeline": "pipelines",
-    "PushResult": "push",
-    "RepoPush": "push",
-    "push_family_to_hub": "push",
-    "store_repo_id": "push",
-    "member_repo_id": "push",
-}
-
-__all__ = list(_LAZY)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pipelines import pipeline
-    from .push import PushResult, RepoPush, member_repo_id, push_family_to_hub, store_repo_id
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'hf_dpdedup.hub' has no attribute {name!r}")
+__all__ = ["PushResult", "RepoPush", "member_repo_id", "push_family_to_hub", "store_repo_id"]

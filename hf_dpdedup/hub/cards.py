@@ -181,11 +181,6 @@ def store_card(index: StoreIndex, *, repo_id: str, members: list[str] | None = N
     return ModelCard(text)
 
 
-def card_metadata(card: ModelCard) -> dict[str, Any]:
-    """The ``hf_dpdedup`` block of a card (e.g. ``ModelCard.load(repo_id)``)."""
-    return dict(card.data.to_dict().get(CARD_KEY) or {})
-
-
 # --- the namespaced block --------------------------------------------------------------------------
 def _original_privacy(constitution: Constitution) -> dict:
     """The budget the model was trained with. A deduplicated member's constitution ``privacy`` is its

@@ -49,7 +49,7 @@ from ..store.block_store import BlockStore
 from ..store.constitution import Constitution, StoreRef
 from ..store.format import CONSTITUTION_FILE, INDEX_FILE, ShardInfo
 from ..store.io import atomic_write_json, mark_verified, verify_file
-from .retry import retry_call
+from .retry import retry_call, status_of
 
 # huggingface_hub 2.x speaks httpx2, 1.x httpx: catch whichever transport errors it can raise
 TRANSPORT_ERRORS = tuple(
@@ -269,7 +269,7 @@ def hub_errors(where: str, repo_id: str, *, pinned: str | None = None) -> Iterat
             "Re-push the family with `hf-dpdedup push`."
         ) from exc
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
+        status = status_of(exc)
         if status in (401, 403):
             raise HubAuthError(
                 f"The Hub refused access to the {where} (HTTP {status}): pass a token with read access "

@@ -48,12 +48,12 @@ from huggingface_hub.utils.sha import git_hash
 from ..errors import HubAuthError, PushError, RepoCollisionError, RepoNameError, SeededPushError
 from ..store.constitution import Constitution, StoreRef
 from ..store.family import FamilyStore
-from ..store.format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, INDEX_FILE
+from ..store.format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, EXTRAS_FILE, INDEX_FILE
 from ..store.member import check_member_name
 from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS, is_repo_id
 from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
-from .retry import retry_call
+from .retry import retry_call, status_of
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def _family_stats(family: FamilyStore) -> dict[str, Any]:
         c = family.constitution(name)
         itemsize = family.blocks.dtype.itemsize
         original += sum(t.numel for t in c.tensors) * itemsize
-        extras = family.member_path(name) / "extras.safetensors"
+        extras = family.member_path(name) / EXTRAS_FILE
         original += extras.stat().st_size if extras.is_file() else 0
     stored = family.stored_bytes()
     return {"members": len(names), "stored_bytes": stored, "original_bytes": original,
@@ -356,7 +356,7 @@ def push_errors(repo_id: str, *, pushed: list[str]) -> Iterator[None]:
     try:
         yield
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
+        status = status_of(exc)
         if status in (401, 403) or isinstance(exc, RepositoryNotFoundError):
             raise HubAuthError(
                 f"The Hub refused to write to {repo_id!r} (HTTP {status}): the token needs *write* access to "

@@ -28,6 +28,7 @@ MAX_DELAY = 30.0  # a Retry-After above this is honoured, a computed backoff is 
 
 
 def status_of(exc: BaseException) -> int | None:
+    """The HTTP status of a Hub error (``None`` for a network error with no answer)."""
     response = getattr(exc, "response", None)
     return response.status_code if response is not None else None
 

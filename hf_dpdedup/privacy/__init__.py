@@ -10,6 +10,7 @@ The engine's view, in four steps (see ``docs/privacy.md``):
 4. compose the derived model's cost with ``account([Charge.from_metadata(...), ..., *dataset.charges])``.
 """
 
+from ._checks import check_delta, check_epsilon
 from .accounting import DEFAULT_ORDERS, epsilon_from_rdp, opacus_epsilon, rdp_of_curve, rdp_of_history, rdp_of_pure_dp
 from .laplace import NaiveLaplaceValidator, NoisyRelease, naive_epsilon, release_utility
 from .charge import Charge
@@ -21,6 +22,8 @@ from .report import ComponentReport, LedgerReport
 from .svt import SVTParameters, SVTSession, split_budget, svt_parameters
 
 __all__ = [
+    "check_delta",
+    "check_epsilon",
     "DEFAULT_ORDERS",
     "SCORE_GRID",
     "SEEDED_LABEL",

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import PrivacyAccountingError
 from ._checks import check_delta, check_epsilon
 from .accounting import DEFAULT_ORDERS, rdp_of_curve, rdp_of_history, rdp_of_pure_dp
-from .metadata import AccountantStep, PrivacyMetadata, _decode_float, _encode_float
+from .metadata import AccountantStep, PrivacyMetadata, decode_float, encode_float
 
 KNOWN_KINDS = ("training", "svt", "laplace", "naive_laplace")
 
@@ -76,7 +76,7 @@ class Charge:
         return {
             "source_id": self.source_id,
             "datasets": list(self.datasets),
-            "epsilon": _encode_float(self.epsilon),
+            "epsilon": encode_float(self.epsilon),
             "delta": self.delta,
             "kind": self.kind,
             "history": [
@@ -93,7 +93,7 @@ class Charge:
             return cls(
                 source_id=data["source_id"],
                 datasets=tuple(data["datasets"]),
-                epsilon=_decode_float(data["epsilon"]),
+                epsilon=decode_float(data["epsilon"]),
                 delta=float(data.get("delta", 0.0)),
                 kind=data.get("kind", "training"),
                 history=tuple(AccountantStep(**h) for h in data.get("history") or ()),

@@ -21,7 +21,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import PrivateDataAccessError
-from ._checks import check_epsilon, check_unit_interval
+from ._checks import check_epsilon
 from .charge import Charge, sum_rounded_up
 from .noise import SEEDED_LABEL, LaplaceSampler
 from .private_data import (
@@ -30,15 +30,13 @@ from .private_data import (
     PrivateDataset,
     ScoreFn,
     current_collective,
-    held_private,
-    hold_private,
     mechanism_id,
     open_grant,
     quantized_total,
     release_from_main,
     revoke_grant,
-    wipe_private,
 )
+from .svt import DropQuery
 
 
 @dataclass(frozen=True)
@@ -117,20 +115,16 @@ class NaiveLaplaceValidator:
         label: str | None = None,
     ) -> None:
         self._eps = check_epsilon(epsilon_per_query, name="epsilon_per_query")
-        self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
-        self._dataset = dataset
-        self._score_fn = score_fn
-        units = Fraction(dataset.public_size * SCORE_GRID)
-        self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
-        self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
-        self._collective = current_collective()
-        self._label = self._collective.from_main(lambda: mechanism_id("naive", dataset, label))
+        self._q = DropQuery(self, dataset, kind="naive", score_fn=score_fn, allowed_drop=allowed_drop, floor=floor,
+                            sampler=sampler, label=label)
+        self._sampler, self._dataset, self._collective = self._q.sampler, dataset, self._q.collective
+        self._threshold, self._label = self._q.threshold, self._q.source_id
         self.charges: list[Charge] = []
         self.queries = 0
         # The reference is read now (the engine edits it in place later), under the first query's charge.
         self._pending = self._open_query()
         self.closed = False
-        hold_private(dataset, self, quantized_total(dataset, self._pending, reference, score_fn))
+        self._q.hold_reference(self._pending, reference)
 
     @property
     def epsilon_spent(self) -> float:
@@ -146,13 +140,10 @@ class NaiveLaplaceValidator:
             raise PrivateDataAccessError(f"Validator {self._label!r} is closed: open a new one to query again.")
         grant, self._pending = self._pending or self._open_query(), None
         try:
-            total = quantized_total(self._dataset, grant, candidate, self._score_fn)
+            query = self._q.query(grant, candidate)
         finally:
             revoke_grant(self._dataset, grant)
         self.queries += 1
-        query = Fraction(held_private(self._dataset, self) - total)
-        if self._floor is not None:
-            query = max(query, self._threshold + self._floor - total)
         scale_units = Fraction(2 * SCORE_GRID) / Fraction(self._eps)
         # main process only: the noise never exists on the others, they receive the answer
         return release_from_main(
@@ -164,7 +155,7 @@ class NaiveLaplaceValidator:
             revoke_grant(self._dataset, self._pending)
             self._pending = None
         self.closed = True
-        wipe_private(self._dataset, self)
+        self._q.wipe()
 
     def _open_query(self) -> Any:
         charge = Charge(f"{self._label}/q{len(self.charges) + 1}", (self._dataset.dataset_id,), self._eps, 0.0,

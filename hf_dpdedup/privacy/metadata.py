@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PrivacyBudgetError
+from ._checks import check_delta, check_epsilon
 from .noise import SEEDED_LABEL
 
 
@@ -56,10 +57,8 @@ class PrivacyMetadata:
     seeded: bool = False
 
     def __post_init__(self) -> None:
-        if not (self.epsilon >= 0) or math.isnan(self.epsilon):
-            raise PrivacyBudgetError(f"epsilon must be ≥ 0 (or inf for non-private), got {self.epsilon!r}.")
-        if not (0 <= self.delta < 1):
-            raise PrivacyBudgetError(f"delta must be in [0, 1), got {self.delta!r}.")
+        check_epsilon(self.epsilon, allow_zero=True, allow_inf=True)
+        check_delta(self.delta)
         if not self.datasets or not all(isinstance(d, str) and d for d in self.datasets):
             raise PrivacyBudgetError(
                 "datasets must name at least one training data set id (non-empty strings), "
@@ -81,7 +80,7 @@ class PrivacyMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "epsilon": _encode_float(self.epsilon),
+            "epsilon": encode_float(self.epsilon),
             "delta": self.delta,
             "datasets": list(self.datasets),
             "accountant": self.accountant,
@@ -97,7 +96,7 @@ class PrivacyMetadata:
     def from_dict(cls, data: dict[str, Any]) -> "PrivacyMetadata":
         try:
             return cls(
-                epsilon=_decode_float(data["epsilon"]),
+                epsilon=decode_float(data["epsilon"]),
                 delta=float(data["delta"]),
                 datasets=tuple(data["datasets"]),
                 accountant=data.get("accountant"),
@@ -111,10 +110,11 @@ class PrivacyMetadata:
             ) from exc
 
 
-def _encode_float(x: float) -> float | str:
-    # JSON has no infinity; "inf" keeps the file standard-conforming.
+def encode_float(x: float) -> float | str:
+    """``x`` for JSON: ``"inf"`` for infinity (JSON has none; the file stays standard-conforming)."""
     return "inf" if math.isinf(x) else x
 
 
-def _decode_float(x: float | str) -> float:
+def decode_float(x: float | str) -> float:
+    """The inverse of :func:`encode_float`."""
     return math.inf if x == "inf" else float(x)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import PrivacyAccountingError
 from .charge import Charge
-from .metadata import PrivacyMetadata, _encode_float
+from .metadata import PrivacyMetadata, encode_float
 from .noise import SEEDED_LABEL
 
 
@@ -28,11 +28,11 @@ class ComponentReport:
         return {
             "datasets": list(self.datasets),
             "sources": list(self.sources),
-            "loose": {"epsilon": _encode_float(self.epsilon_loose), "delta": self.delta_loose},
+            "loose": {"epsilon": encode_float(self.epsilon_loose), "delta": self.delta_loose},
             "tight": None
             if self.epsilon_tight is None
-            else {"epsilon": _encode_float(self.epsilon_tight), "delta": self.delta_tight},
-            "epsilon_rdp": None if self.epsilon_rdp is None else _encode_float(self.epsilon_rdp),
+            else {"epsilon": encode_float(self.epsilon_tight), "delta": self.delta_tight},
+            "epsilon_rdp": None if self.epsilon_rdp is None else encode_float(self.epsilon_rdp),
             "tight_unavailable": self.tight_unavailable,
         }
 
@@ -94,13 +94,13 @@ class LedgerReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "epsilon": _encode_float(self.epsilon),
+            "epsilon": encode_float(self.epsilon),
             "delta": self.delta,
             "basis": "loose" if self.epsilon_tight is None else "tight",
-            "loose": {"epsilon": _encode_float(self.epsilon_loose), "delta": self.delta_loose},
+            "loose": {"epsilon": encode_float(self.epsilon_loose), "delta": self.delta_loose},
             "tight": None
             if self.epsilon_tight is None
-            else {"epsilon": _encode_float(self.epsilon_tight), "delta": self.delta_tight},
+            else {"epsilon": encode_float(self.epsilon_tight), "delta": self.delta_tight},
             "tight_unavailable": self.tight_unavailable,
             "components": [c.to_dict() for c in self.components],
             "charges": [c.to_dict() for c in self.charges],

@@ -117,6 +117,39 @@ def svt_parameters(*, epsilon: float, cutoff: int, size: int) -> SVTParameters:
     )
 
 
+class DropQuery:
+    """The query SVT and the naive Laplace validator (:mod:`.laplace`) both answer, and their shared
+    set-up: ``q = U(M) − U(M')`` (with a public ``floor``: ``max(q, T + floor − U(M'))``) in exact grid
+    units, the allowed drop ``T``, the sampler (secure unless one is given), the collective and the
+    mechanism's source id. ``owner`` (the validator) holds the private reference sum U(M)."""
+
+    def __init__(self, owner: Any, dataset: PrivateDataset, *, kind: str, score_fn: ScoreFn, allowed_drop: float,
+                 floor: float | None, sampler: LaplaceSampler | None, label: str | None) -> None:
+        self.owner, self.dataset, self.score_fn = owner, dataset, score_fn
+        self.sampler = sampler if sampler is not None else LaplaceSampler.secure()
+        units = Fraction(dataset.public_size * SCORE_GRID)
+        self.threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
+        self.floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
+        self.collective = current_collective()
+        self.source_id = self.collective.from_main(lambda: mechanism_id(kind, dataset, label))
+
+    def hold_reference(self, grant: Any, reference: Any) -> None:
+        """Read U(M) of ``reference`` under ``grant`` and keep it inside the firewall."""
+        hold_private(self.dataset, self.owner, quantized_total(self.dataset, grant, reference, self.score_fn))
+
+    def query(self, grant: Any, candidate: Any) -> Fraction:
+        """The exact (private) query of ``candidate`` under ``grant``, in grid units."""
+        total = quantized_total(self.dataset, grant, candidate, self.score_fn)
+        query = Fraction(held_private(self.dataset, self.owner) - total)
+        if self.floor is not None:
+            query = max(query, self.threshold + self.floor - total)
+        return query
+
+    def wipe(self) -> None:
+        """Forget the private reference (the mechanism is closed)."""
+        wipe_private(self.dataset, self.owner)
+
+
 class SVTSession:
     """AboveThreshold over one target model's deduplication; answers only "acceptable or not".
 
@@ -145,18 +178,14 @@ class SVTSession:
         label: str | None = None,
     ) -> None:
         self.parameters = svt_parameters(epsilon=epsilon, cutoff=cutoff, size=dataset.public_size)
-        self._sampler = sampler if sampler is not None else LaplaceSampler.secure()
-        self._dataset = dataset
-        self._score_fn = score_fn
-        units = Fraction(dataset.public_size * SCORE_GRID)
-        self._threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
-        self._floor = None if floor is None else Fraction(check_unit_interval(floor, name="floor")) * units
-        self._collective = current_collective()
-        source_id = self._collective.from_main(lambda: mechanism_id("svt", dataset, label))
-        self.charge = Charge(source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
+        self._q = DropQuery(self, dataset, kind="svt", score_fn=score_fn, allowed_drop=allowed_drop, floor=floor,
+                            sampler=sampler, label=label)
+        self._sampler, self._dataset, self._collective = self._q.sampler, dataset, self._q.collective
+        self._threshold = self._q.threshold
+        self.charge = Charge(self._q.source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
                              seeded=self._sampler.seeded)
         self._grant = open_grant(dataset, self.charge)
-        hold_private(dataset, self, quantized_total(dataset, self._grant, reference, score_fn))
+        self._q.hold_reference(self._grant, reference)
         # Only the main process holds ρ and draws ν; the others learn nothing but the answers.
         self._rho = (self._sampler.discrete_laplace(self.parameters.threshold_scale_units)
                      if self._collective.is_main else None)
@@ -192,10 +221,7 @@ class SVTSession:
                 f"SVT session {self.charge.source_id!r} has halted after {self.above_count} 'too big a drop' "
                 f"answers (cut-off {self.parameters.cutoff}); stop deduplicating this model."
             )
-        total = quantized_total(self._dataset, self._grant, candidate, self._score_fn)
-        query = Fraction(held_private(self._dataset, self) - total)
-        if self._floor is not None:
-            query = max(query, self._threshold + self._floor - total)
+        query = self._q.query(self._grant, candidate)
         too_big = release_from_main(self._collective, lambda: self._too_big(query))
         self.queries += 1
         if too_big:
@@ -212,7 +238,7 @@ class SVTSession:
         """End the session (its ε stays charged) and wipe its private reference; later queries raise
         SVTHaltedError."""
         revoke_grant(self._dataset, self._grant)
-        wipe_private(self._dataset, self)
+        self._q.wipe()
 
     def to_dict(self) -> dict[str, Any]:
         """Public facts for reports: parameters, counts, noise mode (never a utility)."""

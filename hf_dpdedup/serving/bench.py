@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
+from transformers import AutoConfig
+
+from ..modeling import DedupedModel
+from .plan import load_tokenizer
 
 PATTERNS = ("round-robin", "random")
 
@@ -78,8 +82,6 @@ def run_queries(server: Server, order: Sequence[str], inputs: Sequence[Mapping[s
 
 def save_plain_folders(family: Any, out: Path, members: Sequence[str]) -> dict[str, Path]:
     """Each member rebuilt and saved the usual way (``save_pretrained``): the baseline's input."""
-    from ..modeling import DedupedModel
-
     folders = {}
     for name in members:
         folders[name] = out / name
@@ -119,15 +121,6 @@ def read_sentences(path: Path, limit: int) -> list[str]:
     return lines[:limit]
 
 
-def load_tokenizer(member_dir: Path) -> Any | None:
-    """The member folder's tokenizer, or None when it has no tokenizer files."""
-    if not any((member_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(member_dir)
-
-
 def query_inputs(
     member_dir: Path, sentences: Sequence[str] | None, count: int, *, seed: int = 0
 ) -> list[dict[str, torch.Tensor]]:
@@ -138,8 +131,6 @@ def query_inputs(
         if tokenizer is not None:
             return [dict(tokenizer(s, truncation=True, max_length=64, return_tensors="pt"))
                     for s in list(sentences)[:count]]
-    from transformers import AutoConfig
-
     vocab = AutoConfig.from_pretrained(member_dir).vocab_size
     g = torch.Generator().manual_seed(seed)
     out = []

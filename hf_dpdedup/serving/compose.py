@@ -9,7 +9,7 @@
 - :func:`compose` points a model's parameters at those shared tensors: a *template* of the same
   architecture (the module tree of an evicted member, or a structural clone of a resident one)
   whose parameter slots are simply re-pointed, or, for a new architecture, a skeleton built
-  without weights. Nothing is ever written into a shared tensor: pool models
+  without weights (:func:`hf_dpdedup.skeleton.empty_model`, as loading builds one). Nothing is ever written into a shared tensor: pool models
   are read-only.
 """
 
@@ -22,11 +22,9 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from accelerate import init_empty_weights
-from transformers.initialization import no_init_weights
 
 from ..blocks import tensor_from_rows
-from ..errors import ConstitutionError
+from ..skeleton import check_tensor, missing_weights_error, source_file, unexpected_tensors_error
 from ..store.block_store import BlockStore
 from .plan import MemberPlan, TensorKey, read_extras
 
@@ -194,12 +192,6 @@ def clone_structure(template: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def new_skeleton(plan: MemberPlan, dtype: torch.dtype) -> torch.nn.Module:
-    """``plan``'s model class with no weights (meta tensors) and no weight initialisation."""
-    with init_empty_weights(), no_init_weights():
-        return plan.klass._from_config(plan.config, dtype=dtype)
-
-
 def compose(plan: MemberPlan, entries: dict[str, _Entry], model: torch.nn.Module, *, fresh: bool) -> torch.nn.Module:
     """Point every weight slot of ``model`` at ``entries`` (re-tying aliases); return ``model``.
 
@@ -209,14 +201,12 @@ def compose(plan: MemberPlan, entries: dict[str, _Entry], model: torch.nn.Module
     sources = {**{n: n for n in entries}, **plan.aliases, **getattr(model, "_serving_ties", {})}
     for name, source in sources.items():
         if name not in slots:
-            raise ConstitutionError(
-                f"Member {plan.name!r} holds tensor {name!r} that {plan.klass.__name__} does not have: "
-                "config.json and the stored weights disagree."
-            )
+            raise unexpected_tensors_error(plan.klass, [name], plan.name)
         module, leaf, is_param = slots[name]
         entry = entries[source]
         if fresh:
-            _check_slot(plan, name, (module._parameters if is_param else module._buffers).get(leaf), entry.tensor)
+            check_tensor(name, (module._parameters if is_param else module._buffers).get(leaf), entry.tensor,
+                         source=source_file(plan.tensors[source].kind == "extra"), member=plan.name)
         if is_param:
             module._parameters[leaf] = entry.param
         else:
@@ -226,17 +216,6 @@ def compose(plan: MemberPlan, entries: dict[str, _Entry], model: torch.nn.Module
         model.eval()  # a template is in eval mode already
     model.serving_member = plan.name
     return model
-
-
-def _check_slot(plan: MemberPlan, name: str, slot: torch.Tensor | None, tensor: torch.Tensor) -> None:
-    """A new skeleton's (meta) slot has the shape and dtype config.json asks for: the stored tensor
-    must match it, or the member's files disagree (a wrong dtype would fail only in the forward)."""
-    if slot is not None and (slot.shape != tensor.shape or slot.dtype != tensor.dtype):
-        raise ConstitutionError(
-            f"Member {plan.name!r}: tensor {name!r} is stored as {tensor.dtype} {list(tensor.shape)} but "
-            f"config.json builds it as {slot.dtype} {list(slot.shape)}: the member's files disagree. Restore "
-            "the member (download it again, or re-run add_model from the original model)."
-        )
 
 
 def _find_ties(plan: MemberPlan, model: torch.nn.Module, slots: dict[str, _Slot], sources: dict[str, str]) -> None:
@@ -251,10 +230,7 @@ def _find_ties(plan: MemberPlan, model: torch.nn.Module, slots: dict[str, _Slot]
     for name in empty:
         tied = next((s for s in sources if value(s) is value(name)), None)
         if tied is None:
-            raise ConstitutionError(
-                f"Member {plan.name!r} lacks weights for {name!r} of {plan.klass.__name__}; it was "
-                "saved from another architecture or is incomplete: re-save it from the original model."
-            )
+            raise missing_weights_error(plan.klass, [name], plan.name)
         ties[name] = sources[tied]
     model._serving_ties = ties
 

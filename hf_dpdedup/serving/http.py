@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import ServingError, ServingRequestError, ServingTimeoutError, UnknownMemberError
-from .bench import load_tokenizer
+from .plan import load_tokenizer
 from .pool import ServingPool
 
 MAX_BODY_BYTES = 1 << 20

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from ..blocks import parse_dtype
 from ..errors import AdapterNotSupportedError, BlockLayoutError, ChecksumMismatchError, StoreFormatError
-from ..modeling import read_config
+from ..skeleton import architecture_class, read_config
 from ..store.constitution import Constitution
 from ..store.member import read_constitution, read_extras_file
 
@@ -85,8 +86,6 @@ def parse_dtype_any(name: str) -> torch.dtype:
 
 def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan:
     """Read member ``name``'s folder into a :class:`MemberPlan` (extras are hashed, not kept)."""
-    from ..modeling import _model_class
-
     constitution = read_constitution(member_dir)
     if constitution.adapter is not None:
         raise AdapterNotSupportedError(
@@ -97,7 +96,7 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
             "as the member to serve it from a pool."
         )
     config = read_config(member_dir)
-    klass = _model_class(config, constitution.architecture)
+    klass = architecture_class(config, constitution.architecture)
     tensors = {
         t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors
     }
@@ -112,6 +111,13 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
         tensors=tensors,
         aliases=dict(constitution.aliases),
     )
+
+
+def load_tokenizer(member_dir: Path) -> Any | None:
+    """The member folder's tokenizer, or None when it has no tokenizer files."""
+    if not any((member_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(member_dir)
 
 
 def extra_keys(member_dir: Path, constitution: Constitution, *, verify: bool = True) -> dict[str, TensorKey]:

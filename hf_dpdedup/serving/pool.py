@@ -35,8 +35,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import ServingBudgetError, ServingTimeoutError, UnknownMemberError
+from ..skeleton import empty_model
 from ..store.family import FamilyStore
-from .compose import RowMemory, TensorCache, clone_structure, compose, new_skeleton, strip
+from .compose import RowMemory, TensorCache, clone_structure, compose, strip
 from .plan import MemberPlan, read_plan
 
 
@@ -217,7 +218,7 @@ class ServingPool:
             self._stats["cloned_template"] += 1
             return compose(plan, entries, clone_structure(twin), fresh=False)
         self._stats["built_model"] += 1
-        return compose(plan, entries, new_skeleton(plan, self._rows.dtype), fresh=True)
+        return compose(plan, entries, empty_model(plan.klass, plan.config, self._rows.dtype), fresh=True)
 
     # --- budget ------------------------------------------------------------------------------------
     def _used(self) -> int:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import TrainingConfigError
+from ..errors import PrivacyBudgetError, TrainingConfigError
+from ..privacy import check_delta, check_epsilon
 from ..privacy.metadata import PrivacyMetadata
 from . import opacus_layers  # noqa: F401  (registers GPT-2 Conv1D samplers)
 from .lars import LARS
@@ -87,13 +88,16 @@ class DPConfig:
 
 
 def validate_budget(epsilon: float, delta: float) -> None:
-    """Raise :class:`TrainingConfigError` unless ``ε > 0`` (``inf`` = non-private) and ``0 < δ < 1``."""
-    if not (isinstance(epsilon, (int, float)) and epsilon > 0) or math.isnan(epsilon):
-        raise TrainingConfigError(f"epsilon must be > 0, got {epsilon!r}; pick a budget such as 1, 2, 4 or 8.")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    """Raise :class:`TrainingConfigError` unless ``ε > 0`` (``inf`` = non-private) and ``0 < δ < 1``
+    (the privacy package's checks, :func:`~hf_dpdedup.privacy.check_epsilon` and
+    :func:`~hf_dpdedup.privacy.check_delta`, as a training configuration error)."""
+    try:
+        check_epsilon(epsilon, allow_inf=True)
+        check_delta(delta, allow_zero=False)
+    except PrivacyBudgetError as exc:
         raise TrainingConfigError(
-            f"delta must be in (0, 1), got {delta!r}; use something below 1/n such as 1e-5."
-        )
+            f"{exc} Pick budgets such as ε = 1, 2, 4 or 8 and a δ below 1/n (n training examples), such as 1e-5."
+        ) from None
 
 
 @dataclass

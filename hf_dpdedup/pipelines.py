@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import transformers
 
-from ..errors import LoadArgumentError
-from ..modeling import DedupedModel
-from .cards import pipeline_tag
+from .errors import LoadArgumentError
+from .hub.cards import pipeline_tag
+from .modeling import DedupedModel
 
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # keywords that locate or build the member: they go to DedupedModel.from_pretrained
