@@ -13,9 +13,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -171,3 +173,25 @@ class FamilyStore:
             if f.is_file()
         )
         return self.blocks.stored_bytes() + members
+
+
+@contextmanager
+def staged_family_folder(out: str | os.PathLike, *,
+                         before_publish: Callable[[], None] | None = None) -> Iterator[Path]:
+    """A hidden staging folder next to ``out`` to build a whole family in; renamed to ``out`` when
+    the block succeeds (after ``before_publish()``, e.g. a barrier of every process), removed when
+    it fails. ``out`` must be new or an empty folder: a family is never half-written or overwritten.
+    Members name their block store by a relative path, so the rename keeps them loadable."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreFormatError(f"{out} exists and is not empty; choose a new folder for the family store.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        yield staging
+        if before_publish is not None:
+            before_publish()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
