@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "families"))
 
 from common import RESULTS_DIR, write_results  # noqa: E402
-from hf_dpdedup.dedup.plan import PlanConfig  # noqa: E402
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
+from hf_dpdedup.dedup.config import MCTS, SVT, Binary, DedupConfig, Greedy, Halving, NaiveLaplace, PlanConfig  # noqa: E402
+from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import ClsHeadTask  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
 
@@ -124,18 +124,18 @@ def main() -> None:
 
     runs: dict[str, tuple[DedupData | None, DedupConfig]] = {}
     if "strategies" in args.runs:
-        runs["binary"] = (public, config(strategy="binary"))
-        runs["binary_labels"] = (public, config(strategy="binary", agreement=False))
-        runs["binary_labels_interactive"] = (public, config(strategy="binary", agreement=False, interactive=True))
-        runs["halving"] = (public, config(strategy="halving"))
+        runs["binary"] = (public, config(strategy=Binary()))
+        runs["binary_labels"] = (public, config(strategy=Binary(), agreement=False))
+        runs["binary_labels_interactive"] = (public, config(strategy=Binary(), agreement=False, interactive=True))
+        runs["halving"] = (public, config(strategy=Halving()))
         for n in (10, 20, 40):
-            runs[f"greedy{n}"] = (public, config(strategy="greedy", strategy_options={"n": n}))
-        runs["mcts20"] = (public, config(strategy="mcts", strategy_options={"group": 20, "episodes": 20}))
+            runs[f"greedy{n}"] = (public, config(strategy=Greedy(n=n)))
+        runs["mcts20"] = (public, config(strategy=MCTS(group=20, episodes=20)))
     if "private" in args.runs:
-        runs["svt"] = (None, config(validation="svt", svt_epsilon=1.0, svt_cutoff=3))
-        runs["naive"] = (None, config(validation="naive", naive_epsilon=0.1))
-        runs["svt_labels"] = (None, config(validation="svt", svt_epsilon=1.0, svt_cutoff=3, agreement=False))
-        runs["naive_labels"] = (None, config(validation="naive", naive_epsilon=0.1, agreement=False))
+        runs["svt"] = (None, config(validation=SVT(epsilon=1.0, cutoff=3)))
+        runs["naive"] = (None, config(validation=NaiveLaplace(epsilon_per_query=0.1)))
+        runs["svt_labels"] = (None, config(validation=SVT(epsilon=1.0, cutoff=3), agreement=False))
+        runs["naive_labels"] = (None, config(validation=NaiveLaplace(epsilon_per_query=0.1), agreement=False))
     if "ablation" in args.runs:
         for bs in (4096, 16384, 65536):
             runs[f"block{bs}"] = (public, config(block_size=bs))

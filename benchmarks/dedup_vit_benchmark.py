@@ -52,8 +52,8 @@ sys.path.insert(0, str(HERE.parent))  # this checkout's package, not whichever o
 
 from common import RESULTS_DIR, write_results  # noqa: E402
 from hf_dpdedup.dedup.live import LiveBlocks  # noqa: E402
-from hf_dpdedup.dedup.plan import PlanConfig  # noqa: E402
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
+from hf_dpdedup.dedup.config import MCTS, SVT, Binary, DedupConfig, Greedy, Halving, NaiveLaplace, PlanConfig  # noqa: E402
+from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import classification_predict, classification_score  # noqa: E402
 from hf_dpdedup.dedup.validate import public_utility_stats  # noqa: E402
 from hf_dpdedup.privacy import PrivateDataset  # noqa: E402
@@ -199,7 +199,7 @@ def main() -> None:
         runs["old"] = (data(confirm=False), config(plan=OLD))
         runs["default"] = (data(), config())  # gallop search
         runs["default_non_interactive"] = (data(), config(interactive=False))
-        runs["binary"] = (data(), config(strategy="binary"))
+        runs["binary"] = (data(), config(strategy=Binary()))
         runs["confirm_gallop"] = (data(), config(confirmation="gallop"))
         runs["confirm_gallop_non_interactive"] = (data(), config(confirmation="gallop", interactive=False))
         runs["confirm_margin_1se"] = (data(), config(confirm_margin_se=1.0))
@@ -216,13 +216,13 @@ def main() -> None:
         for bs in (256, 4096):
             runs[f"block{bs}"] = (data(), config(block_size=bs))
     if "strategies" in args.runs:
-        runs["greedy10"] = (data(), config(strategy="greedy", strategy_options={"n": 10}))
-        runs["halving"] = (data(), config(strategy="halving"))
-        runs["mcts20"] = (data(), config(strategy="mcts", strategy_options={"group": 20, "episodes": 20}))
+        runs["greedy10"] = (data(), config(strategy=Greedy(n=10)))
+        runs["halving"] = (data(), config(strategy=Halving()))
+        runs["mcts20"] = (data(), config(strategy=MCTS(group=20, episodes=20)))
     if "private" in args.runs:
         for c in (3, 10):
-            runs[f"svt_c{c}"] = (data(private=True), config(validation="svt", svt_epsilon=1.0, svt_cutoff=c))
-        runs["naive"] = (data(private=True), config(validation="naive", naive_epsilon=0.1))
+            runs[f"svt_c{c}"] = (data(private=True), config(validation=SVT(epsilon=1.0, cutoff=c)))
+        runs["naive"] = (data(private=True), config(validation=NaiveLaplace(epsilon_per_query=0.1)))
     for label, (d, cfg) in runs.items():
         figures.update({f"{label}.{k}": v for k, v in run_one(label, members, changed, d, cfg, conf).items()})
     previous = RESULTS_DIR / "dedup_vit.json"  # a partial --runs keeps the other runs' figures

@@ -38,7 +38,8 @@ def build_family(validation: str):
     import torch
     import transformers
 
-    from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+    from hf_dpdedup.dedup.config import VALIDATIONS, Binary, DedupConfig
+    from hf_dpdedup.dedup.planner import DedupData, Member
     from hf_dpdedup.dedup.tasks import classification_score
     from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
 
@@ -66,8 +67,8 @@ def build_family(validation: str):
                                  public_size=N_VAL, batch_size=BATCH)
     data = DedupData(classification_score, public_val=batches[:n_val], public_test=batches[n_val:],
                      private_val=private)
-    config = DedupConfig(block_size=4096, threshold=0.02, strategy="binary", strategy_options={"min_group": 8},
-                         validation=validation, noise_seed=0 if validation != "public" else None)
+    config = DedupConfig(block_size=4096, threshold=0.02, strategy=Binary(min_group=8),
+                         validation=VALIDATIONS[validation](), noise_seed=0 if validation != "public" else None)
     return members, data, config
 
 

@@ -151,7 +151,7 @@ def child(folders: list[Path], out_store: Path, result_file: Path) -> None:
     from transformers import AutoTokenizer
 
     from hf_dpdedup.data import builtin_path
-    from hf_dpdedup.dedup.plan import PlanConfig
+    from hf_dpdedup.dedup.config import Gallop, PlanConfig
     from hf_dpdedup.dedup.planner import (DedupConfig, DedupData, Member, group_members, iter_group,
                                           new_family_store, store_outcome)
     from hf_dpdedup.dedup.tasks import text_batches
@@ -168,7 +168,7 @@ def child(folders: list[Path], out_store: Path, result_file: Path) -> None:
     data = DedupData(score_fn=_token_agreement, public_val=batches, predict_fn=_token_predictions,
                      calibration=batches, calibration_loss=lambda model, batch: model(**batch).logits.float().mean())
     config = DedupConfig(block_size=65536, threshold=0.03, agreement=True, interactive=False, fairness="off",
-                         strategy_options={"max_validations": 10},
+                         strategy=Gallop(max_validations=10),
                          plan=PlanConfig(cost="wanda", use_self=False))
     members = [Member.from_folder(f, load_privacy(f), lambda f=f: load_member_model(f)) for f in folders]
     family = new_family_store(out_store, members, config)

@@ -47,6 +47,17 @@ _LAZY = {
     "pipeline": "hub",
     "ServingPool": "serving",
     "deduplicate_family": "dedup.planner",
+    # the typed config of a deduplication (hf_dpdedup.dedup.config)
+    "DedupConfig": "dedup.config",
+    "PlanConfig": "dedup.config",
+    "Public": "dedup.config",
+    "SVT": "dedup.config",
+    "NaiveLaplace": "dedup.config",
+    "Gallop": "dedup.config",
+    "Greedy": "dedup.config",
+    "Binary": "dedup.config",
+    "Halving": "dedup.config",
+    "MCTS": "dedup.config",
 }
 
 __all__ = ["HfDpDedupError", "__version__", *_LAZY]
@@ -59,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modeling import DedupedModel, DedupInfo
     from .privacy import PrivacyMetadata
     from .hub import pipeline, push_family_to_hub
+    from .dedup.config import MCTS, SVT, Binary, DedupConfig, Gallop, Greedy, Halving, NaiveLaplace, PlanConfig, Public
     from .dedup.planner import deduplicate_family
     from .serving import ServingPool
     from .store import FORMAT, BlockStore, Codec, FamilyStore

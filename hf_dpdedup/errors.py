@@ -81,6 +81,16 @@ class SVTHaltedError(PrivateDataAccessError):
 
 
 # --- dedup engine ----------------------------------------------------------------------------------
+class ConfigError(HfDpDedupError, ValueError):
+    """A ``DedupConfig`` / ``PlanConfig`` field with a wrong type or value, an unknown kind of
+    validation or strategy, contradicting options, or a config dict / ``dedup_config.json`` that
+    cannot be read; the message names the field and the values it takes."""
+
+
+class UnsupportedConfigVersionError(ConfigError):
+    """A serialised config written by a newer hf_dpdedup (a ``version`` this one does not know)."""
+
+
 class SaliencyError(HfDpDedupError, ValueError):
     """A saliency request that cannot be computed (unknown measure, no loss, NaN gradients, ...)."""
 

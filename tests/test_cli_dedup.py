@@ -9,6 +9,7 @@ import transformers
 
 from hf_dpdedup import DedupedModel
 from hf_dpdedup.cli import main
+from hf_dpdedup.dedup.config import DedupConfig
 from hf_dpdedup.privacy import PrivacyMetadata
 
 from conftest import SST2_DIR, minilm_path
@@ -60,7 +61,8 @@ def test_aligned_only_dedup_streams_members_and_records_it(tmp_path, capsys):
                  "--threshold", "0.05", "--block-size", "4096", "--aligned-only", "--cost", "wanda"])
     assert code == 0
     report = json.loads((out / "report" / "dedup_report.json").read_text())
-    assert report["config"]["use_self"] is False and report["config"]["cost"] == "wanda"
+    assert report["config"]["plan"]["use_self"] is False and report["config"]["plan"]["cost"] == "wanda"
+    assert DedupConfig.from_family(out) == DedupConfig.from_dict(report["config"])  # dedup_config.json
     target = report["models"][1]
     assert target["from_self"] == 0 and target["from_base"] > 0
     reference = transformers.BertForSequenceClassification.from_pretrained(folders[0])

@@ -12,6 +12,7 @@ from hf_dpdedup import DedupedModel
 from hf_dpdedup.dedup.plan import PlanConfig
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family, fairness_verdicts
 from hf_dpdedup.dedup.tasks import classification_score
+from hf_dpdedup.errors import ConfigError
 from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
 
 from conftest import tiny_model
@@ -275,8 +276,9 @@ def test_agreement_validation_bounds_the_share_of_changed_predictions(tmp_path):
         changed = sum(int((classification_predict(model, b) != r).sum()) for b, r in zip(batches[:3], reference[m.name]))
         assert changed <= 0.02 * 300
         assert m.from_base + m.from_self > 0
-    with pytest.raises(ValueError, match="interactive=False"):
-        DedupConfig(agreement=True)
+    with pytest.raises(ConfigError, match="interactive=False"):
+        DedupConfig(agreement=True, interactive=True)
+    assert DedupConfig(agreement=True).interactive is False  # the default follows agreement
 
 
 def test_private_agreement_through_svt_never_reads_unnoised(tmp_path):

@@ -284,7 +284,7 @@ def test_the_confirmation_catches_an_overfit_validation_set(tmp_path, with_confi
         return
     assert m.confirmations > 1 and m.rejected_by_confirmation > 0
     assert not damaged  # the confirmation reverted what only the other split could see
-    checker = PublicValidator(conf, classification_score, reference=_fresh_target(), allowed_drop=0.02)
+    checker = PublicValidator(conf, classification_score, reference=_fresh_target(), threshold=0.02)
     assert checker.accepts(target)
     loaded = DedupedModel.from_pretrained(tmp_path / "store" / "members" / "eps8")
     for k, v in target.state_dict().items():  # what is stored is what was validated, bit for bit
@@ -332,7 +332,7 @@ def test_the_confirmation_margin_widens_the_allowed_drop_by_standard_errors():
     reference = Scores(torch.tensor([1.0, 0.0, 1.0, 1.0]))  # utility 3/4, SE 1/4 (above)
     worse = Scores(torch.tensor([1.0, 0.0, 0.0, 1.0]))  # utility 1/2: a drop of 1/4
     score = lambda model, batch: model(batch)  # noqa: E731
-    plain = PublicValidator([None], score, reference=reference, allowed_drop=0.1)
-    wide = PublicValidator([None], score, reference=reference, allowed_drop=0.1, margin_se=1.0)
+    plain = PublicValidator([None], score, reference=reference, threshold=0.1)
+    wide = PublicValidator([None], score, reference=reference, threshold=0.1, margin_se=1.0)
     assert (plain.minimum, wide.minimum) == (pytest.approx(0.65), pytest.approx(0.4))
     assert not plain.accepts(worse) and wide.accepts(worse)

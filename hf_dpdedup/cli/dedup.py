@@ -15,11 +15,14 @@ Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is di
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import re
 from pathlib import Path
 
-from ..errors import PrivacyBudgetError, TrainingConfigError
+from ..dedup.config import MCTS, STRATEGIES, SVT, VALIDATIONS, DedupConfig, Gallop, Greedy, NaiveLaplace, PlanConfig
+from ..dedup.typed import literal_choices
+from ..errors import ConfigError, PrivacyBudgetError, TrainingConfigError
 from .data_flags import add_data_flags, data_source
 
 
@@ -27,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dedup", help="deduplicate a family of DP fine-tuned models into a store")
     p.add_argument("models", nargs="+", help="member folders (transformers or peft adapter folders, each with privacy.json)")
     p.add_argument("--out", required=True, help="new family store folder")
-    p.add_argument("--base", help="member folder name to use as base (default: smallest ε)")
     p.add_argument("--task", default="text-classification",
                    choices=["text-classification", "image-classification", "causal-lm"],
                    help="text tasks use the first member's tokenizer, image-classification its image processor")
@@ -42,39 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private-size", type=int,
                    help="public normaliser n of the private validation set, fixed before looking at it (e.g. the "
                         "planned split size); its true row count is private. Required with --private-val")
-    p.add_argument("--validation", default="public", choices=["public", "svt", "naive"])
-    p.add_argument("--threshold", type=float, default=0.015, help="allowed utility drop (0.015 = 1.5 points)")
-    p.add_argument("--strategy", default="gallop", choices=["gallop", "greedy", "binary", "halving", "mcts"])
-    p.add_argument("--greedy-n", type=int, default=10)
-    p.add_argument("--min-group", type=int, default=4)
-    p.add_argument("--max-validations", type=int, default=25, help="gallop: validations per target at most")
-    p.add_argument("--mcts-group", type=int, default=20)
-    p.add_argument("--mcts-episodes", type=int, default=20)
-    p.add_argument("--block-size", type=int, default=65536)
-    p.add_argument("--candidates", default="aligned", choices=["aligned", "nearest"],
-                   help="aligned: the base's block at the same position (default); nearest: the paper's rule")
-    p.add_argument("--aligned-only", action="store_true",
-                   help="candidates are only the base's blocks at the same position: no search for close blocks "
-                        "elsewhere (it compares every block with every other and holds two block matrices in memory; "
-                        "use this for LLM-sized members)")
-    p.add_argument("--close-ratio", type=float, default=0.5,
-                   help="offer another block only if nearer than this × the aligned distance")
-    p.add_argument("--order", default="cost", choices=["cost", "saliency"],
-                   help="cost: estimated loss increase of each replacement (default); saliency: the paper's")
-    p.add_argument("--cost", default="fisher", choices=["fisher", "taylor", "wanda", "delta"])
-    p.add_argument("--saliency", default="magnitude", choices=["magnitude", "gradient", "fisher", "wanda"])
-    p.add_argument("--aggregate", default="mean", choices=["mean", "l1", "l2", "linf", "q3"])
-    p.add_argument("--metric", default="l2", choices=["l2", "l1", "cosine"])
-    p.add_argument("--svt-epsilon", type=float, default=1.0)
-    p.add_argument("--svt-cutoff", type=int, default=3)
-    p.add_argument("--naive-epsilon", type=float, default=0.1)
-    p.add_argument("--no-interactive", action="store_true", help="no floor from the previous model")
-    p.add_argument("--fairness", choices=["flag", "drop", "off"], default="flag",
-                   help="flag (default): members with a higher ε but a lower public utility than a lower-ε member are "
-                        "stored and flagged; drop: leave them out of the store; off: no verdict. Any verdict charges "
-                        "each member the training of every lower-ε member it compared with")
-    p.add_argument("--overlap", nargs=2, action="append", default=[], metavar=("ID_A", "ID_B"),
-                   help="two data set ids that share individuals (composed sequentially); repeatable")
+    add_config_flags(p)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--report", help="folder for dedup_report.{json,txt,png} (default: OUT/report)")
     add_data_flags(p, image=True, member_labels=True)
@@ -98,14 +68,125 @@ def class_names(config) -> tuple[str, ...] | None:
     return names
 
 
-def strategy_options(args: argparse.Namespace) -> dict:
-    return {
-        "gallop": {"min_group": args.min_group, "max_validations": args.max_validations},
-        "greedy": {"n": args.greedy_n},
-        "binary": {"min_group": args.min_group},
-        "halving": {"min_group": args.min_group},
-        "mcts": {"group": args.mcts_group, "episodes": args.mcts_episodes},
-    }[args.strategy]
+# --- the DedupConfig flags: every default is the dataclass's own ------------------------------------
+_CONFIG = DedupConfig()
+_PLAN = PlanConfig()
+# interactive's dataclass default is None ("not agreement"), which the resolved DedupConfig() hides
+_CONFIG_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DedupConfig)}
+
+#: DedupConfig fields no flag sets, and why (tests/test_dedup_config.py checks every other field has one)
+PYTHON_ONLY = {
+    "noise_seed": "seeded noise is for tests only; the command line always draws secure noise",
+}
+
+
+def _default(value) -> str:
+    return f"(default: {value})"
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that build :class:`~hf_dpdedup.dedup.config.DedupConfig` (see :func:`config_from_args`).
+
+    Flags of a validation or strategy kind default to None: the kind's own dataclass default applies."""
+    p.add_argument("--block-size", type=int, default=_CONFIG.block_size, help=_default(_CONFIG.block_size))
+    p.add_argument("--threshold", type=float, default=_CONFIG.threshold,
+                   help=f"allowed utility drop (0.015 = 1.5 points) {_default(_CONFIG.threshold)}")
+    p.add_argument("--base", default=_CONFIG.base, help="member folder name to use as base (default: smallest ε)")
+    p.add_argument("--validation", default=_CONFIG.validation.kind, choices=list(VALIDATIONS),
+                   help="public: public validation data; svt / naive: --private-val through the Sparse Vector "
+                        f"Technique / one Laplace release per query {_default(_CONFIG.validation.kind)}")
+    p.add_argument("--svt-epsilon", type=float, help=f"svt: ε per target {_default(SVT().epsilon)}")
+    p.add_argument("--svt-cutoff", type=int, help=f"svt: 'too big a drop' answers before it halts {_default(SVT().cutoff)}")
+    p.add_argument("--naive-epsilon", type=float,
+                   help=f"naive: ε per query {_default(NaiveLaplace().epsilon_per_query)}")
+    p.add_argument("--floor-epsilon", type=float, help="svt / naive: ε of the interactive floor's release of the "
+                                                      f"previous model's private utility {_default(SVT().floor_epsilon)}")
+    p.add_argument("--strategy", default=_CONFIG.strategy.kind, choices=list(STRATEGIES), help=_default(_CONFIG.strategy.kind))
+    p.add_argument("--greedy-n", type=int, help=f"greedy: group size {_default(Greedy().n)}")
+    p.add_argument("--min-group", type=int, help=f"gallop / binary / halving: smallest group {_default(Gallop().min_group)}")
+    p.add_argument("--max-validations", type=int,
+                   help=f"gallop: validations per target at most {_default(Gallop().max_validations)}")
+    p.add_argument("--mcts-group", type=int, help=f"mcts: replacements per decision {_default(MCTS().group)}")
+    p.add_argument("--mcts-episodes", type=int, help=f"mcts: validations {_default(MCTS().episodes)}")
+    p.add_argument("--mcts-seed", type=int, help=f"mcts: tree search seed (not a privacy noise seed) {_default(MCTS().seed)}")
+    p.add_argument("--candidates", default=_PLAN.candidates, choices=literal_choices(PlanConfig, "candidates"),
+                   help="aligned: the base's block at the same position (default); nearest: the paper's rule")
+    p.add_argument("--aligned-only", dest="use_self", action="store_false", default=_PLAN.use_self,
+                   help="candidates are only the base's blocks at the same position: no search for close blocks "
+                        "elsewhere (it compares every block with every other and holds two block matrices in memory; "
+                        "use this for LLM-sized members)")
+    p.add_argument("--close-ratio", type=_ratio, default=_PLAN.close_ratio,
+                   help="offer another block only if nearer than this × the aligned distance ('none': no guard) "
+                        f"{_default(_PLAN.close_ratio)}")
+    p.add_argument("--order", default=_PLAN.order, choices=literal_choices(PlanConfig, "order"),
+                   help="cost: estimated loss increase of each replacement (default); saliency: the paper's")
+    p.add_argument("--cost", default=_PLAN.cost, choices=literal_choices(PlanConfig, "cost"), help=_default(_PLAN.cost))
+    p.add_argument("--saliency", default=_PLAN.saliency, choices=literal_choices(PlanConfig, "saliency"),
+                   help=_default(_PLAN.saliency))
+    p.add_argument("--aggregate", default=_PLAN.aggregate, choices=literal_choices(PlanConfig, "aggregate"),
+                   help=_default(_PLAN.aggregate))
+    p.add_argument("--metric", default=_PLAN.metric, choices=literal_choices(PlanConfig, "metric"), help=_default(_PLAN.metric))
+    p.add_argument("--top-k", type=int, default=_PLAN.top_k, help=f"nearest blocks looked at per block {_default(_PLAN.top_k)}")
+    p.add_argument("--similarity-method", dest="method", default=_PLAN.method, choices=literal_choices(PlanConfig, "method"),
+                   help=f"nearest-block search; sketch for very large families {_default(_PLAN.method)}")
+    p.add_argument("--fisher-micro-batch", type=_count_or_none, default=_PLAN.fisher_micro_batch,
+                   help=f"examples per Fisher gradient (1: per example; 'none': whole batches) {_default(_PLAN.fisher_micro_batch)}")
+    p.add_argument("--fisher-max-examples", type=_count_or_none, default=_PLAN.fisher_max_examples,
+                   help=f"examples the Fisher is estimated on ('none': all) {_default(_PLAN.fisher_max_examples)}")
+    p.add_argument("--only-tensor", dest="only_tensors", action="append", metavar="NAME",
+                   help="replace blocks of this tensor only (repeatable; default: every tensor)")
+    p.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=_CONFIG_FIELD_DEFAULTS["interactive"],
+                   help="floor from the previous model: max(U'_{i-1}, U_i − threshold) (default: on, off under --agreement)")
+    p.add_argument("--agreement", action="store_true", default=_CONFIG.agreement,
+                   help="validate on agreement with each target's own predictions instead of on labels "
+                        "(classification tasks)")
+    p.add_argument("--confirm-margin-se", type=float, default=_CONFIG.confirm_margin_se,
+                   help="--confirm accepts threshold + this many standard errors of the drop "
+                        f"{_default(_CONFIG.confirm_margin_se)}")
+    p.add_argument("--confirmation", default=_CONFIG.confirmation, choices=literal_choices(DedupConfig, "confirmation"),
+                   help="what --confirm keeps when it rejects: prefix (longest cheapest-first prefix that passes) or "
+                        f"gallop (skip rejected replacements) {_default(_CONFIG.confirmation)}")
+    p.add_argument("--fairness", choices=literal_choices(DedupConfig, "fairness"), default=_CONFIG.fairness,
+                   help="flag (default): members with a higher ε but a lower public utility than a lower-ε member are "
+                        "stored and flagged; drop: leave them out of the store; off: no verdict. Any verdict charges "
+                        "each member the training of every lower-ε member it compared with")
+    p.add_argument("--overlap", nargs=2, action="append", default=[], metavar=("ID_A", "ID_B"),
+                   help="two data set ids that share individuals (composed sequentially); repeatable")
+
+
+def _ratio(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _count_or_none(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+_STRATEGY_FLAGS = {"min_group": "min_group", "max_validations": "max_validations", "n": "greedy_n",
+                   "group": "mcts_group", "episodes": "mcts_episodes", "seed": "mcts_seed"}
+_VALIDATION_FLAGS = {"svt": {"epsilon": "svt_epsilon", "cutoff": "svt_cutoff", "floor_epsilon": "floor_epsilon"},
+                     "naive": {"epsilon_per_query": "naive_epsilon", "floor_epsilon": "floor_epsilon"}}
+
+
+def config_from_args(args: argparse.Namespace) -> DedupConfig:
+    """The DedupConfig the flags ask for: unset kind options keep their dataclass defaults."""
+    kind = STRATEGIES[args.strategy]
+    strategy = kind(**{name: getattr(args, _STRATEGY_FLAGS[name]) for name in kind().options()
+                       if getattr(args, _STRATEGY_FLAGS[name]) is not None})
+    flags = _VALIDATION_FLAGS.get(args.validation, {})
+    validation = VALIDATIONS[args.validation](**{name: getattr(args, flag) for name, flag in flags.items()
+                                                 if getattr(args, flag) is not None})
+    plan = PlanConfig(candidates=args.candidates, close_ratio=args.close_ratio, order=args.order, cost=args.cost,
+                      saliency=args.saliency, aggregate=args.aggregate, metric=args.metric, use_self=args.use_self,
+                      top_k=args.top_k, method=args.method, fisher_micro_batch=args.fisher_micro_batch,
+                      fisher_max_examples=args.fisher_max_examples,
+                      only_tensors=frozenset(args.only_tensors) if args.only_tensors else None)
+    return DedupConfig(
+        block_size=args.block_size, threshold=args.threshold, strategy=strategy, plan=plan, validation=validation,
+        interactive=args.interactive, agreement=args.agreement, confirm_margin_se=args.confirm_margin_se,
+        confirmation=args.confirmation, base=args.base, fairness=args.fairness,
+        overlaps=tuple(tuple(pair) for pair in args.overlap),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,11 +194,17 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import distributed
     from ..adapters import model_config
-    from ..dedup.plan import PlanConfig
-    from ..dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
-    from ..dedup.tasks import SCORES, private_source, source_batches
+    from ..dedup.planner import DedupData, Member, deduplicate_family
+    from ..dedup.tasks import SCORES, classification_predict, private_source, source_batches
     from ..training.members import load_privacy
 
+    config = config_from_args(args)  # bad values fail before any model is loaded
+    if config.agreement and args.task == "causal-lm":
+        raise ConfigError("--agreement compares class predictions: use it with text- or image-classification, "
+                          "or drop it for causal-lm.")
+    if args.validation != "public" and not args.private_val:
+        raise ConfigError(f"--validation {args.validation} validates on private data: pass --private-val (and "
+                          "--private-size), or use --validation public.")
     members = []
     # One process: members are loaded when needed and let go once stored (at most the base and the
     # model under validation in memory). Distributed processes hold theirs (they are placed on devices).
@@ -158,16 +245,7 @@ def run(args: argparse.Namespace) -> int:
         public_confirm=source_batches(processor, source(args.confirm), args.task, **kw) if args.confirm else None,
         private_val=private,
         public_test_dataset=args.test_dataset_id,
-    )
-    config = DedupConfig(
-        block_size=args.block_size, threshold=args.threshold, strategy=args.strategy,
-        strategy_options=strategy_options(args),
-        plan=PlanConfig(candidates=args.candidates, close_ratio=args.close_ratio, order=args.order, cost=args.cost,
-                        saliency=args.saliency, aggregate=args.aggregate, metric=args.metric,
-                        use_self=not args.aligned_only),
-        validation=args.validation, svt_epsilon=args.svt_epsilon, svt_cutoff=args.svt_cutoff,
-        naive_epsilon=args.naive_epsilon, interactive=not args.no_interactive, base=args.base,
-        fairness=args.fairness, overlaps=tuple(tuple(pair) for pair in args.overlap),
+        predict_fn=classification_predict if config.agreement else None,
     )
     if distributed.launched_distributed():
         report = distributed.deduplicate_family_distributed(members, data, config, args.out, parallel=args.parallel,

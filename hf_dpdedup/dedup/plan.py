@@ -33,6 +33,7 @@ from .cost import BlockCosts, CostMeasure
 from .live import LiveBlocks, Replacement
 from .saliency import block_saliency, saliency_order
 from .similarity import nearest_blocks, pair_distances
+from .typed import check_types, require
 
 
 @dataclass(frozen=True)
@@ -42,32 +43,39 @@ class PlanConfig:
     ``candidates``: ``"aligned"`` (same tensor and position in the base) or ``"nearest"`` (the
     paper's nearest block by ``metric``). ``use_self``: also look for close blocks elsewhere (the
     target's own or the base's at other positions), admitted only within ``close_ratio`` of the
-    aligned distance. ``order``: ``"cost"`` (by ``cost``, see :mod:`.cost`) or ``"saliency"`` (the
-    paper's, by ``saliency``/``aggregate``). ``fisher_micro_batch``/``fisher_max_examples``: how the
-    empirical Fisher is estimated (1 = per example). ``only_tensors`` restricts replacements.
+    aligned distance (``None``: no guard). ``order``: ``"cost"`` (by ``cost``, see :mod:`.cost`) or
+    ``"saliency"`` (the paper's, by ``saliency``/``aggregate``). ``top_k``: nearest blocks looked
+    at per block; ``method``: ``"exact"`` or ``"sketch"`` nearest-block search (very large
+    families). ``fisher_micro_batch``/``fisher_max_examples``: how the empirical Fisher is
+    estimated (1 = per example; ``None``: whole batches / every example). ``only_tensors``
+    restricts replacements to these tensors (any iterable of names is kept as a frozenset).
+    Bad values raise :class:`~hf_dpdedup.errors.ConfigError`.
     """
 
     candidates: Literal["aligned", "nearest"] = "aligned"
     order: Literal["cost", "saliency"] = "cost"
     cost: CostMeasure = "fisher"
-    saliency: str = "magnitude"
-    aggregate: str = "mean"
-    metric: str = "l2"
+    saliency: Literal["magnitude", "gradient", "fisher", "wanda"] = "magnitude"
+    aggregate: Literal["mean", "l1", "l2", "linf", "q3"] = "mean"
+    metric: Literal["l2", "l1", "cosine"] = "l2"
     top_k: int = 4
     use_self: bool = True
     close_ratio: float | None = 0.5
-    method: str = "exact"  # or "sketch" for very large families
+    method: Literal["exact", "sketch"] = "exact"
     fisher_micro_batch: int | None = 1
     fisher_max_examples: int | None = 512
-    only_tensors: frozenset[str] | None = None  # restrict replacements to these tensors
+    only_tensors: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.candidates not in ("aligned", "nearest"):
-            raise ValueError(f"candidates must be 'aligned' or 'nearest', got {self.candidates!r}.")
-        if self.order not in ("cost", "saliency"):
-            raise ValueError(f"order must be 'cost' or 'saliency', got {self.order!r}.")
-        if self.close_ratio is not None and not 0 <= self.close_ratio <= 1:
-            raise ValueError(f"close_ratio must be in [0, 1] or None, got {self.close_ratio!r}.")
+        if self.only_tensors is not None and not isinstance(self.only_tensors, (str, frozenset)):
+            object.__setattr__(self, "only_tensors", frozenset(self.only_tensors))
+        check_types(self)
+        require(self.close_ratio is None or 0 <= self.close_ratio <= 1,
+                f"PlanConfig.close_ratio must be in [0, 1] or None (no guard), got {self.close_ratio!r}.")
+        require(self.top_k >= 1, f"PlanConfig.top_k must be ≥ 1, got {self.top_k}.")
+        for name in ("fisher_micro_batch", "fisher_max_examples"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"PlanConfig.{name} must be ≥ 1 or None, got {value}.")
 
 
 # blocks per chunk when costs are computed: a few float64 [chunk, block_size] temporaries (≈ 64 MiB

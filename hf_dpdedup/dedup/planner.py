@@ -13,7 +13,7 @@ Semantics (DESIGN "The deduplication algorithm"):
    ``fairness="off"``: no verdict, nothing read, nothing charged;
 3. the base is the smallest-ε member unless named; it is stored as is;
 4. targets go in ascending ε order; with ``interactive`` the floor of model i is
-   ``max(U'_{i-1}, U_i − t)`` so a higher-ε model never ends below a lower-ε one;
+   ``max(U'_{i-1}, U_i − threshold)`` so a higher-ε model never ends below a lower-ε one;
 5. every target's replacements are searched against a validator (public, SVT or naive);
 6. the ledger composes each target's (ε, δ): its own training, the base's training (charged
    whenever the base's blocks were candidates: the search's choices depend on them), the
@@ -47,10 +47,23 @@ from ..privacy import (
 from ..collective import current_collective
 from ..store.family import FamilyStore, staged_family_folder
 from ..store.member import update_dedup_record
+from .config import (  # re-exported: ``from hf_dpdedup.dedup.planner import DedupConfig`` keeps working
+    MCTS,
+    SVT,
+    Binary,
+    DedupConfig,
+    Gallop,
+    Greedy,
+    Halving,
+    NaiveLaplace,
+    PlanConfig,
+    Public,
+)
 from .live import Decision, LiveBlocks, Replacement, apply_decisions
-from .plan import PlanConfig, plan_replacements
+from .plan import plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of, stored_bytes_of_tensors
 from .search import confirm, run_search
+from .typed import literal_choices
 from .validate import (
     MechanismValidator,
     PublicValidator,
@@ -117,54 +130,11 @@ class DedupData:
     public_test_split: str = "test"
 
 
-@dataclass
-class DedupConfig:
-    block_size: int = 65536
-    threshold: float = 0.015
-    strategy: str = "gallop"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    validation: str = "public"  # "public" | "svt" | "naive"
-    svt_epsilon: float = 1.0
-    svt_cutoff: int = 3
-    naive_epsilon: float = 0.1
-    floor_epsilon: float = 0.1  # charged release of U'_{i-1} when validation is private
-    interactive: bool = True
-    # Validate on agreement with the target's own predictions instead of on labels: the "drop" is the
-    # share of public validation examples whose prediction changed, which bounds the accuracy change
-    # on any data set and is a far less noisy signal than the accuracy on a small validation set.
-    agreement: bool = False
-    # The confirmation split accepts a drop of threshold + confirm_margin_se standard errors of the
-    # target's utility on it (0: the same threshold as the search).
-    confirm_margin_se: float = 0.0
-    # what the confirmation keeps when it rejects the accepted set: "prefix" (the longest cheapest-
-    # first prefix that passes) or "gallop" (walk the accepted replacements, skipping rejected ones)
-    confirmation: str = "prefix"
-
-    def __post_init__(self) -> None:
-        if self.agreement and self.interactive:
-            raise ValueError("agreement validation compares each model with itself: use interactive=False.")
-        if self.fairness not in FAIRNESS_MODES:
-            raise ValueError(f"fairness must be one of {FAIRNESS_MODES}, got {self.fairness!r}: 'flag' stores and "
-                             "flags dominated members, 'drop' leaves them out of the store, 'off' gives no verdict.")
-    base: str | None = None
-    noise_seed: int | None = None  # seeded noise: tests only, marked in every report
-    # Pairs of data set ids that share examples (the ledger joins their components: sequential composition).
-    overlaps: tuple[tuple[str, str], ...] = ()
-    fairness: str = "flag"  # "flag" | "drop" | "off" (see the module docstring)
-
-    def sampler(self) -> LaplaceSampler:
-        """A new noise source; call it once per run (two seeded samplers would draw the same noise)."""
-        if self.noise_seed is None:
-            return LaplaceSampler.secure()
-        return LaplaceSampler.seeded_for_tests(self.noise_seed)
-
-
 def signature(model: torch.nn.Module) -> tuple:
     return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items())
 
 
-FAIRNESS_MODES = ("flag", "drop", "off")
+FAIRNESS_MODES = literal_choices(DedupConfig, "fairness")
 
 
 def fairness_verdicts(members: list[Member], utility: dict[str, float], *, on: str) -> dict[str, dict[str, Any]]:
@@ -310,7 +280,7 @@ def save_outcomes(outcomes: Iterable[Outcome], out: str | Path, config: DedupCon
 
 def new_family_report(config: DedupConfig, models: Iterable[ModelReport] = ()) -> FamilyReport:
     """A family report for ``config`` (its ``config`` section records every setting of the run)."""
-    return FamilyReport(config=_config_dict(config), models=list(models))
+    return FamilyReport(config=config.to_dict(), models=list(models))
 
 
 def deduplicate_family(
@@ -336,7 +306,9 @@ def new_family_store(out: str | Path, members: list[Member], config: DedupConfig
     dtype = next(first.loaded().parameters()).dtype
     if not was_loaded:
         first.release()
-    return FamilyStore.create(out, block_size=config.block_size, dtype=dtype)
+    family = FamilyStore.create(out, block_size=config.block_size, dtype=dtype)
+    family.write_config(config.to_dict())  # dedup_config.json: DedupConfig.from_family(out) reads it back
+    return family
 
 
 def dedup_group(group: list[Member], data: DedupData, config: DedupConfig, *,
@@ -447,8 +419,8 @@ def _dedup_target(target: Member, base: Member, base_state: Mapping[str, torch.T
                                  loss_fn=data.calibration_loss)
     _check_same_plan(target.name, sequence)
     try:
-        result = run_search(config.strategy, target.model, live, sequence, validator, progress=progress,
-                            keep_undo=confirmation is not None, **config.strategy_options)
+        result = run_search(config.strategy.kind, target.model, live, sequence, validator, progress=progress,
+                            keep_undo=confirmation is not None, **config.strategy.options())
     finally:
         validator.close()  # a private mechanism's reference sum is wiped as soon as the search ends
     if confirmation is not None:  # public data: no private mechanism involved
@@ -511,10 +483,10 @@ def _start(member: Member, role: str, n_blocks: int, data: DedupData, config: De
 def _previous_floor(previous: ModelReport, data: DedupData, config: DedupConfig,
                     sampler: LaplaceSampler) -> tuple[float, list[Charge]]:
     """U'_{i-1}: on public data it is free; on private data it is released with Laplace noise."""
-    if config.validation == "public":
+    if isinstance(config.validation, Public):
         return previous.val_utility_after, []
     release = release_utility(data.private_val, previous.model, score_fn=data.score_fn,
-                              epsilon=config.floor_epsilon, sampler=sampler,
+                              epsilon=config.validation.floor_epsilon, sampler=sampler,
                               label=f"floor-after-{previous.name}")
     return min(1.0, max(0.0, release.value)), [release.charge]
 
@@ -538,33 +510,35 @@ def _confirmation_validator(target: Member, data: DedupData, config: DedupConfig
                else data.public_confirm)
     # The interactive floor is a utility on the validation data and does not transfer to another
     # split; the confirmation checks the threshold against the target's own utility on it.
-    return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=config.threshold,
+    return PublicValidator(batches, data.score_fn, reference=target.model, threshold=config.threshold,
                            margin_se=config.confirm_margin_se)
 
 
 def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None,
                sampler: LaplaceSampler):
-    t = config.threshold
-    if config.validation == "public" and config.agreement:
+    validation = config.validation
+    if isinstance(validation, Public) and config.agreement:
         batches = agreement_batches(data.public_val, target.model, data.predict_fn)
-        return PublicValidator(batches, data.score_fn, reference=target.model, allowed_drop=t)
-    if config.validation == "public":
-        return PublicValidator(data.public_val, data.score_fn, reference=target.model, allowed_drop=t, floor=floor)
+        return PublicValidator(batches, data.score_fn, reference=target.model, threshold=config.threshold)
+    if isinstance(validation, Public):
+        return PublicValidator(data.public_val, data.score_fn, reference=target.model, threshold=config.threshold,
+                               floor=floor)
     if data.private_val is None:
-        raise ValueError(f"validation={config.validation!r} needs private validation data (DedupData.private_val).")
+        raise ValueError(f"validation={validation!r} needs private validation data (DedupData.private_val).")
     # On private data, agreement is scored inside the mechanism against a frozen copy of the target
     # (the live target is edited in place); no prediction on private data ever leaves it.
     score_fn = (agreement_score(copy.deepcopy(target.model).eval(), data.predict_fn) if config.agreement
                 else data.score_fn)
-    common = dict(reference=target.model, score_fn=score_fn, allowed_drop=t, floor=floor,
-                  sampler=sampler, label=f"{config.validation}-{target.name}")
-    if config.validation == "svt":
-        return MechanismValidator(SVTSession(data.private_val, epsilon=config.svt_epsilon,
-                                             cutoff=config.svt_cutoff, **common))
-    if config.validation == "naive":
-        return MechanismValidator(NaiveLaplaceValidator(data.private_val, epsilon_per_query=config.naive_epsilon,
+    # the mechanisms (privacy/svt.py, privacy/laplace.py) call the threshold ``allowed_drop``
+    common = dict(reference=target.model, score_fn=score_fn, allowed_drop=config.threshold, floor=floor,
+                  sampler=sampler, label=f"{validation.kind}-{target.name}")
+    if isinstance(validation, SVT):
+        return MechanismValidator(SVTSession(data.private_val, epsilon=validation.epsilon,
+                                             cutoff=validation.cutoff, **common))
+    if isinstance(validation, NaiveLaplace):
+        return MechanismValidator(NaiveLaplaceValidator(data.private_val, epsilon_per_query=validation.epsilon_per_query,
                                                         **common))
-    raise ValueError(f"Unknown validation {config.validation!r}; use 'public', 'svt' or 'naive'.")
+    raise TypeError(f"Unknown validation {validation!r}: DedupConfig only admits Public, SVT and NaiveLaplace.")
 
 
 def _finish(member: Member, model_report: ModelReport, data: DedupData) -> ModelReport:
@@ -600,18 +574,3 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
     update_dedup_record(family.member_path(member.name),
                         {"compression": model_report.compression, "public_test": model_report.public_test()})
     return model_report
-
-
-def _config_dict(config: DedupConfig) -> dict[str, Any]:
-    return {
-        "block_size": config.block_size, "threshold": config.threshold, "strategy": config.strategy,
-        "strategy_options": config.strategy_options, "candidates": config.plan.candidates,
-        "order": config.plan.order, "cost": config.plan.cost, "close_ratio": config.plan.close_ratio,
-        "use_self": config.plan.use_self,
-        "saliency": config.plan.saliency,
-        "aggregate": config.plan.aggregate, "metric": config.plan.metric, "validation": config.validation,
-        "svt_epsilon": config.svt_epsilon, "svt_cutoff": config.svt_cutoff, "interactive": config.interactive,
-        "confirm_margin_se": config.confirm_margin_se, "confirmation": config.confirmation,
-        "noise": SEEDED_LABEL if config.noise_seed is not None else "secure", "fairness": config.fairness,
-        "overlaps": [list(p) for p in config.overlaps],
-    }

@@ -257,7 +257,7 @@ class FamilyReport:
                 _pct(s["family_stored_over_original"]), s["validations"],
                 s["max_validations_per_target"], _fmt(s["max_public_test_drop"]), s["fairness_holds"])
         )
-        if self.config.get("noise", "secure") != "secure" or any(m.seeded for m in self.models):
+        if self.config.get("noise_seed") is not None or any(m.seeded for m in self.models):
             lines.append(SEEDED_LABEL)
         return "\n".join(lines)
 

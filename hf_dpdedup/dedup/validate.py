@@ -121,9 +121,9 @@ def agreement_score(original: torch.nn.Module, predict_fn: Callable[[Any, Any], 
 
 
 class PublicValidator:
-    """Accept while utility ≥ max(reference − allowed_drop − margin_se · SE, floor) on public batches.
+    """Accept while utility ≥ max(reference − threshold − margin_se · SE, floor) on public batches.
 
-    ``margin_se`` widens the allowed drop by that many standard errors of the reference utility on
+    ``threshold`` is the allowed utility drop (``DedupConfig.threshold``). ``margin_se`` widens it by that many standard errors of the reference utility on
     these batches (0: the plain threshold) — the tolerance the benchmarks judge test drops with."""
 
     def __init__(
@@ -132,14 +132,14 @@ class PublicValidator:
         score_fn: ScoreFn,
         *,
         reference: torch.nn.Module,
-        allowed_drop: float,
+        threshold: float,
         floor: float | None = None,
         margin_se: float = 0.0,
     ) -> None:
         self.batches, self.score_fn = batches, score_fn
         stats = public_utility_stats(reference, batches, score_fn)
         self.reference_utility, self.reference_se = stats.mean, stats.se
-        self.minimum = self.reference_utility - allowed_drop - margin_se * stats.se
+        self.minimum = self.reference_utility - threshold - margin_se * stats.se
         if floor is not None:
             self.minimum = max(self.minimum, floor)
         self.validations = 0

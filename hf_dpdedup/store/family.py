@@ -4,6 +4,7 @@
 family/
   block_store/             block_store.json + blocks-NNNNN.safetensors
   members/<name>/          config.json, tokenizer files, dedup_constitution.json, extras.safetensors
+  dedup_config.json        the DedupConfig it was deduplicated with (written by deduplicate_family)
 ```
 This is the local twin of the Hub layout (one block-store repo plus one repo per member).
 """
@@ -11,6 +12,7 @@ This is the local twin of the Hub layout (one block-store repo plus one repo per
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import uuid
@@ -27,7 +29,7 @@ from .adapter import adapter_record, base_config, is_peft_model
 from .block_store import BlockStore
 from .codec import Codec
 from .constitution import Constitution, StoreRef
-from .format import CONSTITUTION_FILE, INDEX_FILE
+from .format import CONSTITUTION_FILE, DEDUP_CONFIG_FILE, INDEX_FILE
 from .format import LOCK_FILE
 from .io import atomic_write_json, live_dir, replace_dir
 from .member import MemberSource, check_member_name, member_name, read_constitution, write_member
@@ -126,6 +128,27 @@ class FamilyStore:
             adapter=adapter,
         )
 
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Record the deduplication config of this family (a JSON-ready dict, as
+        ``DedupConfig.to_dict()`` gives it) in ``dedup_config.json`` (atomically; replaces any)."""
+        atomic_write_json(self.root / DEDUP_CONFIG_FILE, dict(config))
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The dict :meth:`write_config` recorded (``DedupConfig.from_dict`` rebuilds the config), or
+        None for a family without one (built with ``add_model`` alone)."""
+        path = self.root / DEDUP_CONFIG_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreFormatError(f"{path} cannot be read as JSON ({exc}): delete it (the family's members "
+                                   "do not depend on it) or restore it from a copy.") from None
+        if not isinstance(data, dict):
+            raise StoreFormatError(f"{path} holds {type(data).__name__}, not a config object: delete it or "
+                                   "restore it from a copy.")
+        return data
+
     def recode(self, dest: str | os.PathLike, *, codec: Codec | str) -> "FamilyStore":
         """Copy this family to a new folder ``dest`` whose block store is coded with ``codec``.
 
@@ -149,6 +172,9 @@ class FamilyStore:
                 )
         for name in self.members():
             target._copy_member(live_dir(self.member_path(name)), name)
+        config = self.read_config()
+        if config is not None:
+            target.write_config(config)
         return target
 
     def _copy_member(self, member_dir: Path, name: str) -> None:

@@ -32,6 +32,8 @@ ADAPTER_MEMBER_FORMAT = "hf_dpdedup/2"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 INDEX_FILE = "block_store.json"
 CONSTITUTION_FILE = "dedup_constitution.json"
+#: the config a family was deduplicated with (``DedupConfig.to_dict()``), at the family root
+DEDUP_CONFIG_FILE = "dedup_config.json"
 EXTRAS_FILE = "extras.safetensors"
 SHARD_TENSOR = "blocks"
 LOCK_FILE = ".lock"
