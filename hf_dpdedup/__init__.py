@@ -29,11 +29,10 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
+    # the common path: members, data, config -> a family
     "DedupedFamily": "family",
-    "DedupConfig": "dedup.planner",
     "DedupData": "dedup.planner",
     "Member": "dedup.planner",
-    "PlanConfig": "dedup.plan",
     "PrivacyMetadata": "privacy",
     "classification_score": "dedup.tasks",
     "token_accuracy_score": "dedup.tasks",
@@ -63,8 +62,7 @@ _LAZY = {
 __all__ = ["HfDpDedupError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .dedup.plan import PlanConfig
-    from .dedup.planner import DedupConfig, DedupData, Member
+    from .dedup.planner import DedupData, Member
     from .dedup.tasks import classification_score, token_accuracy_score
     from .family import DedupedFamily
     from .modeling import DedupedModel, DedupInfo

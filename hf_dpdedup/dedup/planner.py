@@ -46,7 +46,7 @@ from ..privacy import (
 )
 from ..collective import current_collective
 from ..store.family import FamilyStore, staged_family_folder
-from ..store.member import update_dedup_record
+from ..store.constitution import Constitution
 from .config import (  # re-exported: ``from hf_dpdedup.dedup.planner import DedupConfig`` keeps working
     MCTS,
     SVT,
@@ -562,15 +562,17 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
     rows_before = family.blocks.index.total_rows
     ledger = model_report.ledger
     privacy = ledger.to_metadata() if ledger is not None else member.privacy
-    constitution = family.add_model(member.name, model, tokenizer=member.tokenizer,
-                                    files_from=member.files_from, privacy=privacy,
-                                    dedup=model_report.card_fields(member.privacy))
-    model_report.own_bytes = stored_bytes_of(family, constitution, rows_before)
     state = model.state_dict()
     model_report.original_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
-        family, constitution, rows_before, state, set(model_report.differing_tensors))
-    # Figures known only once the rows are stored go into the member's record afterwards.
-    update_dedup_record(family.member_path(member.name),
-                        {"compression": model_report.compression, "public_test": model_report.public_test()})
+
+    def record(constitution: Constitution, extras_bytes: int) -> dict[str, Any]:
+        """The member's dedup record, with the figures known once its rows are stored: written once."""
+        model_report.own_bytes = stored_bytes_of(family, constitution, rows_before, extras_bytes)
+        model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
+            family, constitution, rows_before, state, set(model_report.differing_tensors))
+        late = {"compression": model_report.compression, "public_test": model_report.public_test()}
+        return {**model_report.card_fields(member.privacy), **{k: v for k, v in late.items() if v is not None}}
+
+    family.add_model(member.name, model, tokenizer=member.tokenizer, files_from=member.files_from,
+                     privacy=privacy, dedup=record)
     return model_report

@@ -32,7 +32,7 @@ from .constitution import Constitution, StoreRef
 from .format import CONSTITUTION_FILE, DEDUP_CONFIG_FILE, INDEX_FILE
 from .format import LOCK_FILE
 from .io import atomic_write_json, live_dir, replace_dir
-from .member import MemberSource, check_member_name, member_name, read_constitution, write_member
+from .member import DedupRecordSource, MemberSource, check_member_name, member_name, read_constitution, write_member
 
 STORE_DIR = "block_store"
 MEMBERS_DIR = "members"
@@ -92,7 +92,7 @@ class FamilyStore:
         tokenizer: Any | None = None,
         files_from: str | os.PathLike | None = None,
         privacy: PrivacyMetadata | None = None,
-        dedup: dict[str, Any] | None = None,
+        dedup: DedupRecordSource = None,
     ) -> Constitution:
         """Store ``model`` (a transformers model, a peft ``PeftModel``, or a state dict with
         ``files_from`` a model folder) as member ``name``: only rows not stored yet are appended.
