@@ -3,11 +3,12 @@ through the Hugging Face Hub.
 
 Quick start::
 
-    from hf_dpdedup import FamilyStore, DedupedModel
+    from hf_dpdedup import DedupConfig, DedupData, DedupedFamily, DedupedModel, Member, PrivacyMetadata
 
-    family = FamilyStore.create("family", block_size=65536)
-    family.add_model("eps1", model_eps1, tokenizer=tokenizer)
-    model = DedupedModel.from_pretrained(family.member_path("eps1"))
+    members = [Member(f"eps{e:g}", model, PrivacyMetadata(e, 1e-5, ("my-data",))) for e, model in runs]
+    family = DedupedFamily.deduplicate(members, DedupData(score_fn, public_val=batches), DedupConfig())
+    family.save_pretrained("family")
+    model = DedupedModel.from_pretrained("family/members/eps4")
 
 Top-level names are imported lazily, so ``import hf_dpdedup.privacy`` does not pay for
 transformers.
@@ -28,6 +29,13 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _LAZY = {
+    # the common path: members, data, config -> a family
+    "DedupedFamily": "family",
+    "DedupData": "dedup.planner",
+    "Member": "dedup.planner",
+    "PrivacyMetadata": "privacy",
+    "classification_score": "dedup.tasks",
+    "token_accuracy_score": "dedup.tasks",
     "DedupedModel": "modeling",
     "DedupInfo": "modeling",
     "FORMAT": "store",
@@ -54,7 +62,11 @@ _LAZY = {
 __all__ = ["HfDpDedupError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .dedup.planner import DedupData, Member
+    from .dedup.tasks import classification_score, token_accuracy_score
+    from .family import DedupedFamily
     from .modeling import DedupedModel, DedupInfo
+    from .privacy import PrivacyMetadata
     from .hub import push_family_to_hub
     from .pipelines import pipeline
     from .dedup.config import MCTS, SVT, Binary, DedupConfig, Gallop, Greedy, Halving, NaiveLaplace, PlanConfig, Public

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import signal
 import sys
 import threading
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -41,22 +39,19 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from .adapters import is_adapter_folder, load_adapter_folder
-from .dedup.live import LiveBlocks, Replacement
+from .dedup.live import Decision
 from .dedup.planner import (
     DedupConfig,
     DedupData,
     Member,
     Outcome,
-    check_unique_names,
-    dedup_group,
     deduplicate_family,
-    group_members,
-    new_family_store,
-    store_outcome,
+    save_outcomes,
+    search_family,
 )
 from .dedup.report import FamilyReport
-from .errors import DistributedDedupError, PeerFailureError, StoreFormatError
-from .privacy.private_data import SINGLE_PROCESS, Collective, collective_scope, shard_range
+from .errors import DistributedDedupError, PeerFailureError
+from .collective import SINGLE_PROCESS, Collective, collective_scope, shard_range
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 3600.0  # a collective waits this long for a live but slow peer (dead peers fail at once on gloo)
@@ -159,7 +154,7 @@ class _Sent:
 
     name: str
     report: Any  # ModelReport without its model
-    decisions: list[tuple[int, str, int]]  # (block, "base" | "self", source block) of each kept replacement
+    decisions: list[Decision]  # (block, "base" | "self", source block) of each kept replacement
 
 
 def deduplicate_family_distributed(
@@ -176,7 +171,9 @@ def deduplicate_family_distributed(
     """:func:`~hf_dpdedup.dedup.planner.deduplicate_family` across the launched processes.
 
     Call it on every process with the same members, data and config. Returns the report on the
-    main process and ``None`` on the others. With one process it is ``deduplicate_family``.
+    main process and ``None`` on the others. With one process it is ``deduplicate_family``. The
+    family loop is the planner's (:func:`~hf_dpdedup.dedup.planner.search_family`); this module is
+    the executor that runs its groups on teams of processes (:class:`TeamExecutor`).
 
     >>> # torchrun --nproc_per_node 2 my_dedup.py  (my_dedup.py calls this on every process)
     >>> report = deduplicate_family_distributed(members, data, config, "family")  # doctest: +SKIP
@@ -184,58 +181,63 @@ def deduplicate_family_distributed(
     state = state if state is not None else init_state(cpu=cpu, timeout_s=timeout_s)
     if state.num_processes == 1:
         return deduplicate_family(members, data, config, out)
-    check_unique_names(members)
-    out = Path(out)
-    groups = group_members(members)
-    teams = team_ranks(len(groups), state.num_processes, _parallel_mode(parallel, data))
-    collective = _team_collective(teams, state.device, timeout_s)
-    rank = state.process_index
-    my_team = next(t for t, ranks in enumerate(teams) if rank in ranks)
+    executor = TeamExecutor(state, _parallel_mode(parallel, data), timeout_s)
     for m in members:
         place_member(m, state.device)
     data = data_on_device(data, state.device)
-    is_main = rank == 0
-    staging = None
     with _signals_as_errors() as run:
         try:
-            if is_main:
-                staging = _staging_folder(out)
-                family = new_family_store(staging, members, config)
-            sent: dict[int, list[_Sent]] = {}
-            sampler = config.sampler()  # one noise source per process for the whole run (only mains draw)
-            for g, group in enumerate(groups):
-                if g % len(teams) != my_team:
-                    continue
-                with collective_scope(collective):
-                    outcomes = dedup_group(group, data, config, sampler=sampler)
-                if collective.is_main:
-                    sent[g] = [_to_sent(o) for o in outcomes]
-            received = _gather_to_main(sent, timeout_s)
-            report = None
-            if is_main:
-                report = FamilyReport(config={**config.to_dict(), "processes": state.num_processes,
-                                              "teams": len(teams)})
-                by_name = {m.name: m for m in members}
-                for g in range(len(groups)):
-                    applied = g % len(teams) == my_team  # this process' own team edited its models already
-                    for item in received[g]:
-                        outcome = _rebuild(item, by_name, config.block_size, apply=not applied)
-                        report.models.append(store_outcome(family, outcome))
-                report.family_stored_bytes = family.stored_bytes()
-            _barrier("finishing", timeout_s)  # every process is alive and done: the store may appear
-            if is_main:
-                os.replace(staging, out)
-                staging = None
-            return report
+            outcomes = search_family(members, data, config, executor=executor)
+            if state.process_index != 0:
+                for _ in outcomes:  # runs this process' team and sends its results; yields nothing here
+                    pass
+                _barrier("finishing", timeout_s)
+                return None
+            extra = {"processes": state.num_processes, "teams": lambda: executor.n_teams}
+            # every process is alive and done before the store appears
+            return save_outcomes(outcomes, out, config, report_extra=extra,
+                                 before_publish=lambda: _barrier("finishing", timeout_s))
         except BaseException as exc:
-            run.failing = True  # a launcher's SIGTERM must not interrupt the cleanup below
+            run.failing = True  # a launcher's SIGTERM must not interrupt the cleanup
             # Said at once: the launcher may stop this process before the caller prints anything.
-            print(f"hf_dpdedup: process {rank} aborts the distributed dedup: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+            print(f"hf_dpdedup: process {state.process_index} aborts the distributed dedup: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             raise
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+
+
+class TeamExecutor:
+    """Runs the family loop's groups on teams of processes (round robin) and hands the outcomes to
+    the main process in the single-process order; other processes get none. A team's main process
+    sends each outcome as decisions (:class:`_Sent`); the global main re-applies the decisions of
+    other teams' groups to its own copies of the members when it stores them."""
+
+    def __init__(self, state: Any, parallel: str, timeout_s: float) -> None:
+        self.state, self.parallel, self.timeout_s = state, parallel, timeout_s
+        self.n_teams = 0
+
+    def __call__(self, groups: list[list[Member]],
+                 search: Callable[[list[Member]], Iterator[Outcome]]) -> Iterator[Outcome]:
+        teams = team_ranks(len(groups), self.state.num_processes, self.parallel)
+        self.n_teams = len(teams)
+        collective = _team_collective(teams, self.state.device, self.timeout_s)
+        rank = self.state.process_index
+        my_team = next(t for t, ranks in enumerate(teams) if rank in ranks)
+        sent: dict[int, list[_Sent]] = {}
+        for g, group in enumerate(groups):
+            if g % len(teams) != my_team:
+                continue
+            with collective_scope(collective):
+                outcomes = list(search(group))  # the whole group inside the team's scope
+            if collective.is_main:
+                sent[g] = [_to_sent(o) for o in outcomes]
+        received = _gather_to_main(sent, self.timeout_s)
+        if received is None:
+            return
+        by_name = {m.name: m for group in groups for m in group}
+        for g in range(len(groups)):
+            applied = g % len(teams) == my_team  # this process' own team edited its models already
+            for item in received[g]:
+                yield _rebuild(item, by_name, applied=applied)
 
 
 def _parallel_mode(parallel: str, data: DedupData) -> str:
@@ -254,32 +256,14 @@ def _parallel_mode(parallel: str, data: DedupData) -> str:
 def _to_sent(outcome: Outcome) -> _Sent:
     report = copy.copy(outcome.report)
     report.model = None
-    decisions = [(r.block, r.source, r.source_block) for r in outcome.accepted]
-    return _Sent(outcome.member.name, report, decisions)
+    return _Sent(outcome.member.name, report, list(outcome.decisions))
 
 
-def _rebuild(item: _Sent, by_name: dict[str, Member], block_size: int, *, apply: bool) -> Outcome:
-    """The outcome on the main process: its own copy of the member, with the team's decisions applied."""
-    member = by_name[item.name]
-    if apply and item.decisions:
-        apply_decisions(member.model, by_name[item.report.base].model, item.decisions, block_size)
-    report = copy.copy(item.report)
-    report.model = member.model
-    return Outcome(member, report)
-
-
-def apply_decisions(model: torch.nn.Module, base: torch.nn.Module, decisions: list[tuple[int, str, int]],
-                    block_size: int) -> None:
-    """Re-apply kept replacements, given as (block, source, source block), to an unedited ``model``.
-
-    Sources are never replaced themselves (the plan pins them), so reading them now reads the
-    values the search used.
-    """
-    live = LiveBlocks(model, block_size)
-    base_rows = LiveBlocks(base, block_size).rows  # views: the base is not edited
-    live.apply([Replacement(block, source, source_block,
-                            base_rows.row(source_block) if source == "base" else live.read(source_block))
-                for block, source, source_block in decisions])
+def _rebuild(item: _Sent, by_name: dict[str, Member], *, applied: bool) -> Outcome:
+    """The outcome on the main process: its own copy of the member; decisions not applied yet unless
+    its own team searched (and so edited) it."""
+    return Outcome(by_name[item.name], copy.copy(item.report), decisions=item.decisions,
+                   applied=applied or not item.decisions)
 
 
 def _gather_to_main(sent: dict[int, list[_Sent]], timeout_s: float) -> dict[int, list[_Sent]] | None:
@@ -301,13 +285,6 @@ def _barrier(what: str, timeout_s: float) -> None:
 
     with peer_failures(what, timeout_s):
         dist.barrier()
-
-
-def _staging_folder(out: Path) -> Path:
-    if out.exists() and any(out.iterdir()):
-        raise StoreFormatError(f"{out} exists and is not empty; choose a new folder for the family store.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
 
 
 class _RunState:

@@ -10,10 +10,11 @@ import torch
 
 from hf_dpdedup.dedup.live import LiveBlocks
 from hf_dpdedup.dedup.validate import public_utility
-from hf_dpdedup.distributed import apply_decisions, check_materialised, team_ranks
+from hf_dpdedup.dedup.live import apply_decisions
+from hf_dpdedup.distributed import check_materialised, team_ranks
 from hf_dpdedup.errors import DistributedDedupError
 from hf_dpdedup.privacy import LaplaceSampler, NaiveLaplaceValidator, PrivateDataset, SVTSession, release_utility
-from hf_dpdedup.privacy.private_data import collective_scope, shard_range
+from hf_dpdedup.collective import collective_scope, shard_range
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 64])

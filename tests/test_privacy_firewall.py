@@ -248,7 +248,8 @@ class RecordingCollective:
 
 
 def test_only_decisions_and_noised_releases_cross_processes_at_run_time():
-    from hf_dpdedup.privacy.private_data import NoisedValue, collective_scope, release_from_main
+    from hf_dpdedup.collective import collective_scope
+    from hf_dpdedup.privacy.private_data import NoisedValue, release_from_main
 
     _, ds = private_set(30)
     collective = RecordingCollective()

@@ -61,3 +61,20 @@ class LiveBlocks:
     def revert(self, undo: list[tuple[int, torch.Tensor]]) -> None:
         for block, values in reversed(undo):
             self._slice(block).copy_(values)
+
+
+Decision = tuple[int, str, int]  # (block, "base" | "self", source block): a replacement without its values
+
+
+def apply_decisions(model: torch.nn.Module, base: torch.nn.Module, decisions: list[Decision],
+                    block_size: int) -> None:
+    """Re-apply kept replacements, given as (block, source, source block), to an unedited ``model``.
+
+    Sources are never replaced themselves (the plan pins them), so reading them now reads the
+    values the search used: the result is bit-identical to the searched model.
+    """
+    live = LiveBlocks(model, block_size)
+    base_rows = LiveBlocks(base, block_size).rows  # views: the base is not edited
+    live.apply([Replacement(block, source, source_block,
+                            base_rows.row(source_block) if source == "base" else live.read(source_block))
+                for block, source, source_block in decisions])

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
@@ -44,9 +44,9 @@ from ..privacy import (
     account,
     release_utility,
 )
-from ..privacy.private_data import current_collective
-from ..store.family import FamilyStore
-from ..store.member import update_dedup_record
+from ..collective import current_collective
+from ..store.family import FamilyStore, staged_family_folder
+from ..store.constitution import Constitution
 from .config import (  # re-exported: ``from hf_dpdedup.dedup.planner import DedupConfig`` keeps working
     MCTS,
     SVT,
@@ -59,7 +59,7 @@ from .config import (  # re-exported: ``from hf_dpdedup.dedup.planner import Ded
     PlanConfig,
     Public,
 )
-from .live import LiveBlocks, Replacement
+from .live import Decision, LiveBlocks, Replacement, apply_decisions
 from .plan import plan_replacements
 from .report import FamilyReport, ModelReport, stored_bytes_of, stored_bytes_of_tensors
 from .search import confirm, run_search
@@ -173,34 +173,125 @@ def group_members(members: list[Member]) -> list[list[Member]]:
 
 @dataclass
 class Outcome:
-    """One member's result before storing: its report and the replacements applied to its model."""
+    """One member's result: its report and the replacements kept. ``applied``: the member's model in
+    memory carries them (a lazy member's model is let go once searched; its ``decisions`` are
+    re-applied to a fresh load when it is stored)."""
 
     member: Member
     report: ModelReport
     accepted: list[Replacement] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    applied: bool = True
+
+    def __post_init__(self) -> None:
+        if self.accepted and not self.decisions:
+            self.decisions = [(r.block, r.source, r.source_block) for r in self.accepted]
 
     @property
     def stored(self) -> bool:
         return self.report.role != "dropped"
 
+    def release(self) -> None:
+        """Let a lazy member's model go; what was decided stays (``decisions``)."""
+        if self.member.load is None:
+            return
+        self.member.release()
+        self.report.model = None
+        self.accepted = []  # their rows are views of the base's blocks
+        self.applied = not self.decisions
+
+    def materialise(self, base: torch.nn.Module | None, block_size: int) -> torch.nn.Module:
+        """The member's model with its decisions applied (loading a lazy member again if needed)."""
+        model = self.member.loaded()
+        if not self.applied:
+            if base is None:
+                raise ValueError(f"{self.member.name!r} needs its base {self.report.base!r} to be rebuilt.")
+            apply_decisions(model, base, self.decisions, block_size)
+            self.applied = True
+        self.report.model = model
+        return model
+
+
+def search_family(members: list[Member], data: DedupData, config: DedupConfig, *,
+                  executor: "GroupExecutor | None" = None) -> Iterator[Outcome]:
+    """The family loop: group the members, search every group, yield the outcomes in storing order
+    (group by group: the base, then the targets by ascending ε). Nothing is stored.
+
+    Each outcome is yielded as soon as it is final (a caller may store it and let a lazy member go
+    before the next one is loaded). ``executor`` runs the groups elsewhere (several processes:
+    :mod:`hf_dpdedup.distributed`); it yields the outcomes in the same order, on the main process
+    only.
+    """
+    check_unique_names(members)
+    groups = group_members(members)
+    sampler = config.sampler()  # one noise source for the whole run
+
+    def search(group: list[Member]) -> Iterator[Outcome]:
+        return iter_group(group, data, config, sampler=sampler)
+
+    if executor is None:
+        for group in groups:
+            yield from search(group)
+    else:
+        yield from executor(groups, search)
+
+
+GroupExecutor = Callable[[list[list[Member]], Callable[[list[Member]], Iterator[Outcome]]], Iterable[Outcome]]
+
+
+def save_outcomes(outcomes: Iterable[Outcome], out: str | Path, config: DedupConfig, *,
+                  report_extra: Mapping[str, Any] | None = None,
+                  before_publish: Callable[[], None] | None = None) -> FamilyReport:
+    """Store outcomes (in storing order) as a new family folder ``out``; return the family report.
+
+    Built in a hidden staging folder and renamed to ``out`` at the end (after ``before_publish()``):
+    a failure leaves no family behind. Outcomes may come from a running search (stored as they come:
+    one target in memory) or from a finished one (a lazy member is loaded again and its decisions
+    re-applied to it: bit-identical to what was searched). ``report_extra`` adds entries to the
+    report's ``config`` section (a callable value is called once every outcome is stored).
+    """
+    report = new_family_report(config)
+    with staged_family_folder(out, before_publish=before_publish) as staging:
+        family: FamilyStore | None = None
+        base: Outcome | None = None  # the current group's base: its targets' decisions are applied against it
+        for outcome in outcomes:
+            if family is None:
+                family = new_family_store(staging, [outcome.member], config)
+            if outcome.report.base is None:  # a group's base (targets name theirs)
+                if base is not None:
+                    base.release()  # the previous group is done
+                base = outcome
+            if outcome.stored:
+                on = base.member.loaded() if base is not None and outcome is not base else None
+                outcome.materialise(on, config.block_size)
+                report.models.append(store_outcome(family, outcome))
+            else:
+                report.models.append(outcome.report)
+            if outcome is not base:
+                outcome.release()
+        if family is None:
+            raise ValueError("No member to store: pass at least one member.")
+        if base is not None:
+            base.release()
+        report.family_stored_bytes = family.stored_bytes()
+        report.config.update({k: v() if callable(v) else v for k, v in (report_extra or {}).items()})
+    return report
+
+
+def new_family_report(config: DedupConfig, models: Iterable[ModelReport] = ()) -> FamilyReport:
+    """A family report for ``config`` (its ``config`` section records every setting of the run)."""
+    return FamilyReport(config=config.to_dict(), models=list(models))
+
 
 def deduplicate_family(
     members: list[Member], data: DedupData, config: DedupConfig, out: str | Path
 ) -> FamilyReport:
-    """Deduplicate ``members`` into a new family store at ``out``; return the report."""
-    check_unique_names(members)
-    family = new_family_store(out, members, config)
-    report = FamilyReport(config=config.to_dict())
-    sampler = config.sampler()  # one noise source for the whole run
-    for group in group_members(members):
-        # stored as soon as searched: a lazy member's model is let go before the next one is loaded
-        for outcome in iter_group(group, data, config, sampler=sampler):
-            report.models.append(store_outcome(family, outcome))
-            if outcome.member.load is not None:
-                outcome.report.model = None
-            outcome.member.release()
-    report.family_stored_bytes = family.stored_bytes()
-    return report
+    """Deduplicate ``members`` into a new family store at ``out``; return the report.
+
+    One pass: each member is stored as soon as it is searched (see :class:`Member` for lazy members
+    and memory). :class:`hf_dpdedup.DedupedFamily` is the object form (search now, save later).
+    """
+    return save_outcomes(search_family(members, data, config), out, config)
 
 
 def check_unique_names(members: list[Member]) -> None:
@@ -211,8 +302,10 @@ def check_unique_names(members: list[Member]) -> None:
 
 def new_family_store(out: str | Path, members: list[Member], config: DedupConfig) -> FamilyStore:
     first = members[0]
+    was_loaded = first.model is not None
     dtype = next(first.loaded().parameters()).dtype
-    first.release()
+    if not was_loaded:
+        first.release()
     family = FamilyStore.create(out, block_size=config.block_size, dtype=dtype)
     family.write_config(config.to_dict())  # dedup_config.json: DedupConfig.from_family(out) reads it back
     return family
@@ -469,15 +562,17 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
     rows_before = family.blocks.index.total_rows
     ledger = model_report.ledger
     privacy = ledger.to_metadata() if ledger is not None else member.privacy
-    constitution = family.add_model(member.name, model, tokenizer=member.tokenizer,
-                                    files_from=member.files_from, privacy=privacy,
-                                    dedup=model_report.card_fields(member.privacy))
-    model_report.own_bytes = stored_bytes_of(family, constitution, rows_before)
     state = model.state_dict()
     model_report.original_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
-        family, constitution, rows_before, state, set(model_report.differing_tensors))
-    # Figures known only once the rows are stored go into the member's record afterwards.
-    update_dedup_record(family.member_path(member.name),
-                        {"compression": model_report.compression, "public_test": model_report.public_test()})
+
+    def record(constitution: Constitution, extras_bytes: int) -> dict[str, Any]:
+        """The member's dedup record, with the figures known once its rows are stored: written once."""
+        model_report.own_bytes = stored_bytes_of(family, constitution, rows_before, extras_bytes)
+        model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
+            family, constitution, rows_before, state, set(model_report.differing_tensors))
+        late = {"compression": model_report.compression, "public_test": model_report.public_test()}
+        return {**model_report.card_fields(member.privacy), **{k: v for k, v in late.items() if v is not None}}
+
+    family.add_model(member.name, model, tokenizer=member.tokenizer, files_from=member.files_from,
+                     privacy=privacy, dedup=record)
     return model_report

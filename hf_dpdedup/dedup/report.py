@@ -21,12 +21,15 @@ from ..store.family import FamilyStore
 from ..store.format import EXTRAS_FILE
 
 
-def stored_bytes_of(family: FamilyStore, constitution: Constitution, rows_before: int) -> int:
-    """Bytes a member added: its new rows (first stored by it) plus its extras file."""
+def stored_bytes_of(family: FamilyStore, constitution: Constitution, rows_before: int,
+                    extras_bytes: int | None = None) -> int:
+    """Bytes a member added: its new rows (first stored by it) plus its extras file (its size as
+    given, else read from the member folder)."""
     row_bytes = family.blocks.block_size * family.blocks.dtype.itemsize
     new_rows = {r for r in constitution.all_rows if r >= rows_before}
-    extras = (family.member_path(constitution.name) / EXTRAS_FILE).stat().st_size
-    return len(new_rows) * row_bytes + extras
+    if extras_bytes is None:
+        extras_bytes = (family.member_path(constitution.name) / EXTRAS_FILE).stat().st_size
+    return len(new_rows) * row_bytes + extras_bytes
 
 
 def stored_bytes_of_tensors(family: FamilyStore, constitution: Constitution, rows_before: int,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from ..privacy import NaiveLaplaceValidator, PrivateDataset, SVTSession
-from ..privacy.private_data import current_collective, shard_range
+from ..collective import current_collective, shard_range
 
 ScoreFn = Callable[[Any, Any], Any]
 

@@ -56,6 +56,7 @@ from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
 from .retry import retry_call, status_of
 
 logger = logging.getLogger(__name__)
+FAMILY_INDEX_FILE = "family.json"  # in the block store repo: the members pushed and their repo ids
 
 Source = bytes | Path
 
@@ -169,6 +170,9 @@ def push_family_to_hub(
     store_files: dict[str, Source] = {INDEX_FILE: family.blocks.path / INDEX_FILE}
     store_files.update({s.file: family.blocks.path / s.file for s in index.shards})
     store_files["README.md"] = str(store_card(index, repo_id=store_repo)).encode()
+    # what DedupedFamily.from_pretrained("<namespace>/<family_name>") lists and loads
+    store_files[FAMILY_INDEX_FILE] = (json.dumps({"store_id": index.store_id, "members": repo_ids}, indent=2,
+                                                 sort_keys=True) + "\n").encode()
     hashes = {s.file: s.sha256 for s in index.shards}
     with push_errors(store_repo, pushed=[]):
         retry_call(lambda: ensure_repo(api, store_repo, private=private), what=f"creating {store_repo}")

@@ -36,11 +36,11 @@ import secrets
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Iterator, NoReturn, Protocol, TypeVar
+from typing import Any, Iterator, NoReturn, TypeVar
 
 import numpy as np
 
+from ..collective import Collective, current_collective, shard_range
 from ..errors import PrivacyAccountingError, PrivacyBudgetError, PrivacyError, PrivateDataAccessError
 from ._checks import check_epsilon
 from .charge import Charge, sum_rounded_up
@@ -51,51 +51,7 @@ ScoreFn = Callable[[Any, Any], Any]
 T = TypeVar("T")
 
 
-# --- distribution seam -----------------------------------------------------------------------------
-class Collective(Protocol):
-    """The processes that evaluate one model together (see ``hf_dpdedup.distributed``)."""
-
-    rank: int  # this process' position among them
-    size: int  # how many they are
-
-    @property
-    def is_main(self) -> bool: ...
-
-    def sum(self, values: list[int] | list[float]) -> list:
-        """Element-wise sum over the processes (exact for integers; floats: one non-zero addend each)."""
-
-    def from_main(self, compute: Callable[[], T]) -> T:
-        """``compute()`` on the main process only; every process returns its result."""
-
-
-class _SingleProcess:
-    rank, size, is_main = 0, 1, True
-
-    def sum(self, values):
-        return list(values)
-
-    def from_main(self, compute):
-        return compute()
-
-
-SINGLE_PROCESS: Collective = _SingleProcess()
-_ACTIVE: ContextVar[Collective] = ContextVar("hf_dpdedup_collective", default=SINGLE_PROCESS)
-
-
-def current_collective() -> Collective:
-    return _ACTIVE.get()
-
-
-@contextmanager
-def collective_scope(collective: Collective):
-    """Make the mechanisms and public evaluations in this block run across ``collective``."""
-    token = _ACTIVE.set(collective)
-    try:
-        yield collective
-    finally:
-        _ACTIVE.reset(token)
-
-
+# --- distribution seam: the team a mechanism runs on (hf_dpdedup.collective) -----------------------
 class NoisedValue(float):
     """A float released by a noise mechanism (the only non-boolean a mechanism may send to other processes)."""
 
@@ -120,14 +76,6 @@ def _check_release(value: T) -> T:
         f"A private mechanism tried to send a {type(value).__name__} to the other processes; only a boolean "
         "decision or a NoisedValue (the output of a noise mechanism) may leave the main process."
     )
-
-
-def shard_range(n_items: int, rank: int, size: int) -> range:
-    """Contiguous shard ``rank`` of ``size`` over ``range(n_items)``; the first ``n_items % size``
-    shards get one more item. The shards partition the range exactly (no padding, no repeats)."""
-    per, extra = divmod(n_items, size)
-    start = rank * per + min(rank, extra)
-    return range(start, start + per + (1 if rank < extra else 0))
 
 
 class _Grant:

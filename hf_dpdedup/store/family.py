@@ -15,9 +15,11 @@ import copy
 import json
 import os
 import shutil
+import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -30,7 +32,7 @@ from .constitution import Constitution, StoreRef
 from .format import CONSTITUTION_FILE, DEDUP_CONFIG_FILE, INDEX_FILE
 from .format import LOCK_FILE
 from .io import atomic_write_json, live_dir, replace_dir
-from .member import MemberSource, check_member_name, member_name, read_constitution, write_member
+from .member import DedupRecordSource, MemberSource, check_member_name, member_name, read_constitution, write_member
 
 STORE_DIR = "block_store"
 MEMBERS_DIR = "members"
@@ -90,7 +92,7 @@ class FamilyStore:
         tokenizer: Any | None = None,
         files_from: str | os.PathLike | None = None,
         privacy: PrivacyMetadata | None = None,
-        dedup: dict[str, Any] | None = None,
+        dedup: DedupRecordSource = None,
     ) -> Constitution:
         """Store ``model`` (a transformers model, a peft ``PeftModel``, or a state dict with
         ``files_from`` a model folder) as member ``name``: only rows not stored yet are appended.
@@ -197,3 +199,25 @@ class FamilyStore:
             if f.is_file()
         )
         return self.blocks.stored_bytes() + members
+
+
+@contextmanager
+def staged_family_folder(out: str | os.PathLike, *,
+                         before_publish: Callable[[], None] | None = None) -> Iterator[Path]:
+    """A hidden staging folder next to ``out`` to build a whole family in; renamed to ``out`` when
+    the block succeeds (after ``before_publish()``, e.g. a barrier of every process), removed when
+    it fails. ``out`` must be new or an empty folder: a family is never half-written or overwritten.
+    Members name their block store by a relative path, so the rename keeps them loadable."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreFormatError(f"{out} exists and is not empty; choose a new folder for the family store.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        yield staging
+        if before_publish is not None:
+            before_publish()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

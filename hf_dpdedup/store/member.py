@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -64,6 +64,10 @@ def check_member_name(name: str) -> str:
     return name
 
 
+# a member's dedup record, or how to make it from its constitution and its extras file's size
+DedupRecordSource = Mapping[str, Any] | Callable[[Constitution, int], dict[str, Any]] | None
+
+
 @dataclass(frozen=True)
 class MemberSource:
     """What a member is made of besides its weights."""
@@ -82,11 +86,15 @@ def write_member(
     *,
     architecture: str | None = None,
     privacy: dict[str, Any] | None = None,
-    dedup: dict[str, Any] | None = None,
+    dedup: DedupRecordSource = None,
     adapter: AdapterRecord | None = None,
 ) -> Constitution:
     """Add a model's blocks to ``store`` and write its member folder at ``member_dir`` (with
-    ``adapter``: an adapter member, whose ``state_dict`` is the whole ``PeftModel``'s)."""
+    ``adapter``: an adapter member, whose ``state_dict`` is the whole ``PeftModel``'s).
+
+    ``dedup`` is the member's dedup record, or a function that makes it from the finished
+    constitution and the size of its extras file (figures such as its own stored bytes are known
+    only then): either way the constitution is written once, complete."""
     check_member_name(name)
     check_source(source)  # before any row is appended: a failed add leaves the store as it was
     layout = plan_layout(state_dict, store.block_size)
@@ -116,10 +124,12 @@ def write_member(
             aliases=dict(layout.aliases),
             architecture=architecture,
             privacy=privacy,
-            dedup=dedup,
+            dedup=None if callable(dedup) else dedup,
             extras_xxh3=fast_digest(raw),
             adapter=adapter,
         )
+        if callable(dedup):
+            constitution = replace(constitution, dedup=dedup(constitution, len(raw)))
         atomic_write_json(tmp / CONSTITUTION_FILE, constitution.to_dict())
 
     replace_dir(build, member_dir, lock=member_dir.parent / LOCK_FILE)
