@@ -22,16 +22,8 @@ PACKAGE = "hf_dpdedup"
 
 # Exceptions allowed for now, each with why. An entry that no longer offends fails
 # test_allow_lists_hold_only_live_exceptions, so the lists only shrink.
-FUNCTION_IMPORT_ALLOWED = {
-    # Being rewritten in parallel by issue 16's typed-configs part (the dedup CLI on DedupConfig):
-    # its run() still imports the engine there. Remove once that work lands.
-    "cli/dedup.py",
-}
-PRIVATE_IMPORT_ALLOWED = {
-    # Being rewritten in parallel by issue 16's family-API part (multi-process coordination):
-    # distributed.py still imports planner._config_dict. Remove once that work lands.
-    "distributed.py": {"_config_dict"},
-}
+FUNCTION_IMPORT_ALLOWED: set[str] = set()
+PRIVATE_IMPORT_ALLOWED: dict[str, set[str]] = {}
 
 
 def _modules() -> list[Path]:

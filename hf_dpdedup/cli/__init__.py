@@ -1,8 +1,10 @@
 """The ``hf-dpdedup`` command line.
 
 Each sub-command lives in its own module of this package and exposes ``register(subparsers)``,
-which adds its parser and sets ``func`` to the function that runs it. Add a command by adding a
-module and naming it in ``_COMMANDS``.
+which adds its parser (with ``help=COMMANDS[name][1]``) and sets ``func`` to the function that runs
+it. Add a command by adding a module and naming it in :data:`COMMANDS`. Only the command being run
+is imported (the engine, transformers and opacus take seconds to import): ``hf-dpdedup --help``
+lists the commands from the table alone.
 """
 
 from __future__ import annotations
@@ -16,11 +18,25 @@ import sys
 from .. import __version__
 from ..errors import HfDpDedupError
 
-# module name inside hf_dpdedup.cli, in the order `--help` lists them
-_COMMANDS = ("inspect", "demo", "train_family", "dedup", "push", "serve_bench")
+# command -> (its module inside hf_dpdedup.cli, its one-line help), in the order `--help` lists them
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect", "summarize a family folder, block store or member folder"),
+    "demo": ("demo", "DP-train a ViT family on built-in digits, deduplicate, push, load, run a pipeline "
+                     "(offline by default, ~3 minutes on 2 cores)"),
+    "train-family": ("train_family", "DP fine-tune a base model on private data at several ε (Opacus)"),
+    "dedup": ("dedup", "deduplicate a family of DP fine-tuned models into a store"),
+    "push": ("push", "push a family to the Hugging Face Hub"),
+    "serve-bench": ("serve_bench", "time the serving pool against loading full models (LRU)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the command it names is imported (``None``: every command)."""
     parser = argparse.ArgumentParser(
         prog="hf-dpdedup",
         description="Deduplicate families of differentially private fine-tuned models.",
@@ -30,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what happens (-v: info, -vv: debug); progress bars honour "
                         "HF_HUB_DISABLE_PROGRESS_BARS=1")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMANDS:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+    wanted = _command(argv) if argv is not None else None
+    for name, (module, help_text) in COMMANDS.items():
+        if argv is None or name == wanted:
+            importlib.import_module(f"{__name__}.{module}").register(sub)
+        else:
+            sub.add_parser(name, help=help_text)  # listed; its options load when it is the one run
     return parser
 
 
@@ -47,7 +67,8 @@ def version_string() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     if args.verbose:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("hf_dpdedup").setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)

@@ -20,6 +20,14 @@ import functools
 import re
 from pathlib import Path
 
+import transformers
+
+from . import COMMANDS
+from .. import distributed
+from ..adapters import model_config
+from ..dedup.planner import DedupData, Member, deduplicate_family
+from ..dedup.tasks import SCORES, classification_predict, private_source, source_batches
+from ..training.members import load_privacy
 from ..dedup.config import MCTS, STRATEGIES, SVT, VALIDATIONS, DedupConfig, Gallop, Greedy, NaiveLaplace, PlanConfig
 from ..dedup.typed import literal_choices
 from ..errors import ConfigError, PrivacyBudgetError, TrainingConfigError
@@ -27,7 +35,7 @@ from .data_flags import add_data_flags, data_source
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dedup", help="deduplicate a family of DP fine-tuned models into a store")
+    p = sub.add_parser("dedup", help=COMMANDS["dedup"][1])
     p.add_argument("models", nargs="+", help="member folders (transformers or peft adapter folders, each with privacy.json)")
     p.add_argument("--out", required=True, help="new family store folder")
     p.add_argument("--task", default="text-classification",
@@ -190,14 +198,6 @@ def config_from_args(args: argparse.Namespace) -> DedupConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers
-
-    from .. import distributed
-    from ..adapters import model_config
-    from ..dedup.planner import DedupData, Member, deduplicate_family
-    from ..dedup.tasks import SCORES, classification_predict, private_source, source_batches
-    from ..training.members import load_privacy
-
     config = config_from_args(args)  # bad values fail before any model is loaded
     if config.agreement and args.task == "causal-lm":
         raise ConfigError("--agreement compares class predictions: use it with text- or image-classification, "

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
+from . import COMMANDS
 from ..demo import run_demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="DP-train a ViT family on built-in digits, deduplicate, push, load, "
-                       "run a pipeline (offline by default, ~3 minutes on 2 cores)")
+    p = sub.add_parser("demo", help=COMMANDS["demo"][1])
     p.add_argument("--out", default="demo_out", help="folder for the demo's family (default: demo_out)")
     p.add_argument("--hub-endpoint", default="local",
                    help="Hub to push to and load from: 'local' (default) starts a Hub-compatible server on "

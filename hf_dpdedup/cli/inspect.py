@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
+from . import COMMANDS
 from ..store.check import problems
 from ..store.summary import summarize
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="summarize a family folder, block store or member folder")
+    p = sub.add_parser("inspect", help=COMMANDS["inspect"][1])
     p.add_argument("path", help="family folder, block store folder or member folder")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from . import COMMANDS
 from ..hub.push import push_family_to_hub
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "push",
-        help="push a family to the Hugging Face Hub",
+        "push", help=COMMANDS["push"][1],
         description="Push the block store to NAMESPACE/<family-name>-blocks, then each member to "
         "NAMESPACE/<family-name>-<member>, pinned to the store's commit. Member repos load with "
         "hf_dpdedup and with plain transformers (trust_remote_code=True). Re-running an unchanged push "

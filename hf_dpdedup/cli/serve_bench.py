@@ -21,12 +21,13 @@ from pathlib import Path
 
 from transformers.utils.logging import disable_progress_bar
 
+from . import COMMANDS
 from ..serving import ServingPool
 from ..serving.bench import TransformersLRU, compare, query_inputs, query_order, read_sentences, save_plain_folders
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-bench", help="time the serving pool against loading full models (LRU)")
+    p = sub.add_parser("serve-bench", help=COMMANDS["serve-bench"][1])
     p.add_argument("store", type=Path, help="family folder (block_store/ + members/)")
     p.add_argument("--queries", type=int, default=100, help="queries in the stream (default 100)")
     p.add_argument("--pattern", choices=("round-robin", "random"), default="round-robin")

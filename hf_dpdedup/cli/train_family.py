@@ -23,6 +23,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
+from . import COMMANDS
 from ..data import DataSource, available_splits
 from ..errors import TrainingConfigError
 from ..training import DPConfig, check_family_request, load_text_data, split_private, train_text_family
@@ -32,8 +33,7 @@ from .data_flags import add_data_flags, data_source
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train-family",
-        help="DP fine-tune a base model on private data at several ε (Opacus)",
+        "train-family", help=COMMANDS["train-family"][1],
         description="Fine-tune one base model on one private data set once per ε with DP-SGD "
         "(Opacus) and save every member as a transformers folder with privacy.json "
         "(with --lora: a DP-trained peft adapter, saved as an adapter folder or merged).",
