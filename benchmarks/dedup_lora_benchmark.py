@@ -14,8 +14,9 @@ weights are shared exactly and whose ``lora_A``/``lora_B`` are deduplicated.
 
 Thresholds are in utility points of next-token accuracy; the members are 0.45-1.04 points above
 the base on validation, so the usual 1.5 points would let every member fall back to the ε = 1 one.
-Peer for bytes: ZipNN on every member's weight tensors, each member alone (merged), or the base plus
-ZipNN on every adapter file (adapters).
+Bytes are weights only (shards, index, constitutions, extras; not the tokenizer and config files
+every member folder copies): raw = the members' safetensors files (merged) or the base's plus every
+adapter file (adapters); peer = ZipNN on those same tensors, each file alone.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ sys.path.insert(0, str(HERE / "families"))
 
 from common import write_results  # noqa: E402
 from gpt2_sst2_lm import encode, load_splits  # noqa: E402
-from lossless_benchmark import zipnn_bytes  # noqa: E402
+from lossless_benchmark import weight_bytes, zipnn_bytes  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
+from hf_dpdedup.store import FamilyStore  # noqa: E402
 from hf_dpdedup.dedup.tasks import token_accuracy_score  # noqa: E402
 from hf_dpdedup.distributed import load_member_model  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
@@ -101,6 +103,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 report = deduplicate_family(family, data, DedupConfig(block_size=BLOCK, threshold=threshold),
                                             Path(tmp) / "store")
+                stored = weight_bytes(FamilyStore.open(Path(tmp) / "store"))  # weights only, as raw and peer
             seconds = time.perf_counter() - started
             key = f"{form}_t{threshold:g}"
             targets = report.targets
@@ -108,9 +111,10 @@ def main() -> None:
             own_dp = sum(t.own_bytes_differing for t in targets) / sum(t.original_bytes_differing for t in targets)
             figures.update({
                 f"{key}_seconds": seconds, f"{key}_family_stored_bytes": report.family_stored_bytes,
+                f"{key}_weight_bytes": stored,
                 f"{key}_targets_own_over_original_all": own, f"{key}_targets_own_over_original_dp_changed": own_dp,
-                f"{key}_stored_over_members_raw": report.family_stored_bytes / figures[f"{form}_members_raw_bytes"],
-                f"{key}_stored_over_zipnn_peer": report.family_stored_bytes / figures[f"{form}_zipnn_peer_bytes"],
+                f"{key}_weights_over_members_raw": stored / figures[f"{form}_members_raw_bytes"],
+                f"{key}_weights_over_zipnn_peer": stored / figures[f"{form}_zipnn_peer_bytes"],
             })
             for m in report.models:
                 figures[f"{key}_{m.name}_val_before"] = m.val_utility_before
@@ -122,7 +126,7 @@ def main() -> None:
                     figures[f"{key}_{m.name}_epsilon_ledger"] = m.ledger.epsilon
                 rows.append((form, threshold, m))
             print(f"{form} t={threshold:g}: {seconds:.0f} s, targets own/original all {own:.3f}, DP-changed "
-                  f"{own_dp:.3f}, family stored {report.family_stored_bytes:,} B", flush=True)
+                  f"{own_dp:.3f}, weights stored {stored:,} B", flush=True)
     write_results("dedup_lora", figures)
     print("\n| form | t (points) | member | role | ε ledger | blocks from base / searched | own / original "
           "(DP-changed) | val before → after | test before → after |")
@@ -134,7 +138,7 @@ def main() -> None:
         print(f"| {form} | {threshold * 100:g} | {m.name} | {m.role} | {eps} | {searched} | {own} | "
               f"{m.val_utility_before:.4f} → {m.val_utility_after:.4f} | "
               f"{m.test_utility_before:.4f} → {m.test_utility_after:.4f} |")
-    print(json.dumps({k: v for k, v in figures.items() if "stored" in k or "peer" in k or "raw" in k}, indent=1))
+    print(json.dumps({k: v for k, v in figures.items() if "bytes" in k or "peer" in k or "raw" in k}, indent=1))
 
 
 if __name__ == "__main__":
