@@ -34,9 +34,15 @@ def data_dir(tmp_path):
 
 
 def test_registered_in_the_command_list():
-    from hf_dpdedup.cli import _COMMANDS
+    from hf_dpdedup.cli import COMMANDS, build_parser
 
-    assert "train_family" in _COMMANDS
+    assert COMMANDS["train-family"][0] == "train_family"
+    # listed without importing it, parsed once it is the command
+    assert "train-family" in build_parser([]).format_help()
+    args = build_parser(["train-family", "--base", "b", "--data", "d", "--epsilons", "1", "--delta", "1e-5",
+                         "--out", "o"]).parse_args(["train-family", "--base", "b", "--data", "d", "--epsilons", "1",
+                                                    "--delta", "1e-5", "--out", "o"])
+    assert args.epsilons == [1.0] and callable(args.func)
 
 
 def test_trains_a_family_and_prints_the_table(tmp_path, data_dir, capsys):
