@@ -256,9 +256,9 @@ def test_member_record_feeds_the_model_card(tmp_path):
                      public_test_dataset="toy/public-test")
     deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
     record = read_constitution(tmp_path / "s" / "members" / "eps8").dedup
-    assert 0 < record["compression"] < 1
-    assert record["public_test"]["dataset"] == "toy/public-test"
-    assert record["public_test"]["after"] == pytest.approx(record["public_test_accuracy"]["after"])
+    assert 0 < record.compression < 1
+    assert record.public_test.dataset == "toy/public-test"
+    assert record.public_test.after == pytest.approx(record.public_test_accuracy.after)
     card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
                        store_repo="ns/fam-blocks", store_commit="a" * 40)
     assert card.data.eval_results[0].dataset_type == "toy/public-test"
