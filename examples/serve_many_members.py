@@ -30,7 +30,7 @@ with tempfile.TemporaryDirectory() as tmp:
     print(f"pool opened in {time.perf_counter() - t0:.2f}s: blocks {memory['block_bytes'] / 2**20:.1f} MiB, "
           f"budget {memory['budget_bytes'] / 2**20:.1f} MiB (2 models of {pool.full_model_bytes / 2**20:.1f} MiB)")
     # ε after deduplication (a member that borrows blocks is charged for them)
-    member_of = {pool.plan(name).constitution.privacy["epsilon"]: name for name in pool.members}
+    member_of = {pool.plan(name).constitution.privacy.epsilon: name for name in pool.members}
     tokenizer = AutoTokenizer.from_pretrained(pool.plan(pool.members[0]).path)
 
     def answer(text: str, max_epsilon: float) -> list[float]:

@@ -33,8 +33,10 @@ from .adapters import empty_peft_model, match_adapter_dtypes
 from .blocks import parse_dtype
 from .errors import LoadArgumentError, StoreFormatError
 from .hub.download import HubOptions, download_member, fetch_store, is_repo_id
+from .privacy.metadata import PrivacyMetadata
 from .privacy.noise import SEEDED_LABEL
 from .store.constitution import Constitution
+from .store.records import DedupRecord
 from .store.io import live_dir
 from .store.member import load_member_state_dict, open_member_store, read_consistently
 from .skeleton import architecture_class, build_model, empty_model, read_config
@@ -49,8 +51,8 @@ class DedupInfo:
     member_path: str
     store_id: str
     store_path: str
-    privacy: dict[str, Any] | None
-    dedup: dict[str, Any] | None
+    privacy: PrivacyMetadata | None  # what the member as shipped costs (after deduplication)
+    dedup: DedupRecord | None  # what deduplication did to it (base, ledger, original_privacy, ...)
     repo_id: str | None = None  # the member's Hub repo, when loaded from the Hub
     store_repo_id: str | None = None
     store_revision: str | None = None  # the pinned block store commit
@@ -61,7 +63,7 @@ class DedupInfo:
     @property
     def base(self) -> str | None:
         """The member whose blocks this one borrows (the deduplication base), if recorded."""
-        return None if self.dedup is None else self.dedup.get("base")
+        return None if self.dedup is None else self.dedup.base
 
     @property
     def store(self) -> str:
@@ -70,19 +72,20 @@ class DedupInfo:
 
     @property
     def epsilon(self) -> float | None:
-        return None if self.privacy is None else self.privacy.get("epsilon")
+        return None if self.privacy is None else self.privacy.epsilon
 
     @property
     def delta(self) -> float | None:
-        return None if self.privacy is None else self.privacy.get("delta")
+        return None if self.privacy is None else self.privacy.delta
 
     @property
     def seeded(self) -> bool:
         """True when this member's training or deduplication noise came from a known seed: its ε is then
         **not a privacy guarantee** (tests and reproductions only); ``noise`` says so in words."""
-        dedup = self.dedup or {}
-        original = dedup.get("original_privacy") or {}
-        return bool((self.privacy or {}).get("seeded") or original.get("seeded") or dedup.get("seeded"))
+        dedup = self.dedup
+        original = dedup.original_privacy if dedup is not None else None
+        return bool((self.privacy is not None and self.privacy.seeded) or (original is not None and original.seeded)
+                    or (dedup is not None and dedup.seeded))
 
     @property
     def noise(self) -> str:

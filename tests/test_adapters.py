@@ -193,7 +193,7 @@ def test_adapter_family_deduplicates_and_is_charged_as_full_models_are(adapter_r
     for member in members:
         loaded = DedupedModel.from_pretrained(family.member_path(member.name))
         assert isinstance(loaded, peft.PeftModel) and same_state(loaded, member.model)
-        assert loaded.dedup_info.dedup["original_privacy"]["epsilon"] == member.privacy.epsilon
+        assert loaded.dedup_info.dedup.original_privacy.epsilon == member.privacy.epsilon
 
 
 def test_the_base_rows_are_stored_once(adapter_run):

@@ -14,6 +14,7 @@ from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.errors import ConfigError
 from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
+from hf_dpdedup.store.records import LooseTight
 
 from conftest import tiny_model
 
@@ -104,8 +105,8 @@ def test_constitution_carries_the_privacy_after_dedup(public_run):
     _, _, _, _, tmp_path = public_run
     loaded = DedupedModel.from_pretrained(tmp_path / "store" / "members" / "eps2")
     assert loaded.dedup_info.epsilon == pytest.approx(3.0)
-    assert loaded.dedup_info.dedup["base"] == "eps1"
-    assert loaded.dedup_info.dedup["original_privacy"]["epsilon"] == 2.0
+    assert loaded.dedup_info.dedup.base == "eps1"
+    assert loaded.dedup_info.dedup.original_privacy.epsilon == 2.0
 
 
 @pytest.mark.parametrize("validation", ["svt", "naive"])
@@ -182,7 +183,7 @@ def test_a_flagged_member_is_stored_loadable_and_flagged_in_report_and_card(tmp_
     assert by_name["eps2"].fairness["flagged"] and not by_name["eps8"].fairness["flagged"]
     assert "FLAGGED" in report.table()
     loaded = DedupedModel.from_pretrained(tmp_path / "s" / "members" / "eps2")
-    assert loaded.dedup_info.dedup["fairness"]["flagged"]
+    assert loaded.dedup_info.dedup.fairness.flagged
     card = member_card(read_constitution(tmp_path / "s" / "members" / "eps2"), repo_id="ns/eps2",
                        store_repo="ns/fam-blocks", store_commit="a" * 40)
     assert card_metadata(card)["fairness"]["flagged"] and "flagged" in card.text.lower()
@@ -240,10 +241,10 @@ def test_tight_and_loose_are_at_the_same_delta_and_the_training_delta_figure_is_
         assert ledger.epsilon_tight is not None
         assert ledger.delta_tight == ledger.delta_loose > 1e-5  # both at the summed δ
         assert ledger.epsilon_tight <= ledger.epsilon_loose  # at one δ the min of the two is valid
-        record = m.card_fields(next(x.privacy for x in members if x.name == m.name))
-        assert record["delta_after"] == {"loose": ledger.delta_loose, "tight": ledger.delta_tight}
-        own = record["tight_at_training_delta"]  # only this one is comparable with ε before (same δ)
-        assert own["delta"] == pytest.approx(1e-5) and own["epsilon"] > m.epsilon_before
+        record = m.dedup_record(next(x.privacy for x in members if x.name == m.name))
+        assert record.delta_after == LooseTight(ledger.delta_loose, ledger.delta_tight)
+        own = record.tight_at_training_delta  # only this one is comparable with ε before (same δ)
+        assert own.delta == pytest.approx(1e-5) and own.epsilon > m.epsilon_before
 
 
 def test_member_record_feeds_the_model_card(tmp_path):
@@ -255,9 +256,9 @@ def test_member_record_feeds_the_model_card(tmp_path):
                      public_test_dataset="toy/public-test")
     deduplicate_family(members, data, DedupConfig(block_size=BLOCK, threshold=0.03), tmp_path / "s")
     record = read_constitution(tmp_path / "s" / "members" / "eps8").dedup
-    assert 0 < record["compression"] < 1
-    assert record["public_test"]["dataset"] == "toy/public-test"
-    assert record["public_test"]["after"] == pytest.approx(record["public_test_accuracy"]["after"])
+    assert 0 < record.compression < 1
+    assert record.public_test.dataset == "toy/public-test"
+    assert record.public_test.after == pytest.approx(record.public_test_accuracy.after)
     card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
                        store_repo="ns/fam-blocks", store_commit="a" * 40)
     assert card.data.eval_results[0].dataset_type == "toy/public-test"
@@ -336,7 +337,7 @@ def test_seeded_training_is_marked_through_ledger_record_dedup_info_and_card(tmp
     assert target.ledger.seeded and target.seeded and target.to_dict()["noise"] != "secure"
     assert "not a privacy guarantee" in report.table()
     loaded = DedupedModel.from_pretrained(tmp_path / "s" / "members" / "eps8")
-    assert loaded.dedup_info.seeded and loaded.dedup_info.privacy["seeded"]  # its own training was secure
+    assert loaded.dedup_info.seeded and loaded.dedup_info.privacy.seeded  # its own training was secure
     card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
                        store_repo="ns/b", store_commit="a" * 40)
     assert card_metadata(card)["privacy"]["seeded"] and "not a privacy guarantee" in card.text

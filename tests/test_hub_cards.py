@@ -9,12 +9,14 @@ from card_support import card_metadata
 from hf_dpdedup.hub.cards import member_card, store_card
 from hf_dpdedup.store.constitution import Constitution, StoreRef, TensorEntry
 from hf_dpdedup.store.format import StoreIndex
+from hf_dpdedup.store.records import DedupRecord, privacy_from_dict
 
 SHA = "a" * 40
 PRIVACY = {"epsilon": 4.0, "delta": 1e-5, "datasets": ["acme/private-reviews"], "accountant": "rdp", "history": []}
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# hand-written records in the older forms the reader accepts (scalar δ, blocks with "own", no version)
 DEDUP = {
     "base": "eps1",
-    "base_model": "sentence-transformers/all-MiniLM-L6-v2",
     "epsilon_after": {"loose": 5.5, "tight": 4.6},
     "delta_after": 2e-5,
     "svt_epsilon": 0.5,
@@ -35,14 +37,14 @@ def constitution(dedup=None, privacy=PRIVACY) -> Constitution:
         tensors=(TensorEntry("w", (4, 16384), "float32", (0, 1, 2, 3)),),
         extras_sha256="0" * 64,
         architecture="BertForSequenceClassification",
-        privacy=privacy,
-        dedup=dedup,
+        privacy=privacy_from_dict(privacy) if privacy is not None else None,
+        dedup=DedupRecord.from_dict(dedup) if dedup is not None else None,
     )
 
 
-def card(dedup=DEDUP, **kwargs) -> ModelCard:
+def card(dedup=DEDUP, base_model=BASE_MODEL, **kwargs) -> ModelCard:
     return member_card(constitution(dedup, **kwargs), repo_id="acme/minilm-eps4", store_repo="acme/minilm-blocks",
-                       store_commit=SHA)
+                       store_commit=SHA, base_model=base_model)
 
 
 def test_metadata_has_the_hub_keys_and_the_privacy_block():
@@ -85,7 +87,7 @@ def test_no_private_figures_reach_model_index():
 
 
 def test_exact_dedup_only_card_says_the_budget_is_unchanged():
-    c = card(None)
+    c = card(None, base_model=None)
     block = c.data.to_dict()["hf_dpdedup"]
     assert "after_dedup" not in block["privacy"] and "dedup" not in block
     assert "base_model" not in c.data.to_dict()

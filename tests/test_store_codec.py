@@ -19,6 +19,7 @@ from hf_dpdedup.store.codec import decode_rows, encode_rows
 from hf_dpdedup.store.decoded_cache import CACHE_ENV
 from hf_dpdedup.store.format import CODED_FORMAT, FORMAT, INDEX_FILE, check_format
 from hf_dpdedup.store.io import forget_verified
+from hf_dpdedup.store.records import DedupRecord
 
 from conftest import example_inputs, tiny_model
 from hub_support import family_models, hub, logits, make_family  # noqa: F401
@@ -192,13 +193,13 @@ def test_recode_keeps_rows_and_members(tmp_path, dtype):
     base = tiny_model("bert").to(dtype).eval()
     target = perturbed(base, tensors=3, seed=1)
     raw = FamilyStore.create(tmp_path / "raw", block_size=128, dtype=dtype)
-    raw.add_model("base", base, dedup={"base": "base"})
+    raw.add_model("base", base, dedup=DedupRecord(base="base"))
     raw.add_model("target", target)
     coded = raw.recode(tmp_path / "coded", codec="zipnn")
     assert coded.members() == ["base", "target"]
     assert coded.blocks.codec is Codec.ZIPNN and coded.blocks.store_id != raw.blocks.store_id
     assert coded.blocks.index.row_hashes == raw.blocks.index.row_hashes
-    assert coded.constitution("base").dedup == {"base": "base"}
+    assert coded.constitution("base").dedup == DedupRecord(base="base")
     assert sum(s.bytes for s in coded.blocks.index.shards) < sum(s.bytes for s in raw.blocks.index.shards)
     assert_bit_exact(base, DedupedModel.from_pretrained(coded.member_path("base")))
     assert_bit_exact(target, DedupedModel.from_pretrained(coded.member_path("target")))

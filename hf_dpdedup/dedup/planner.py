@@ -47,6 +47,7 @@ from ..privacy import (
 from ..collective import current_collective
 from ..store.family import FamilyStore, staged_family_folder
 from ..store.constitution import Constitution
+from ..store.records import DedupRecord
 from .config import (  # re-exported: ``from hf_dpdedup.dedup.planner import DedupConfig`` keeps working
     MCTS,
     SVT,
@@ -565,13 +566,12 @@ def store_outcome(family: FamilyStore, outcome: Outcome) -> ModelReport:
     state = model.state_dict()
     model_report.original_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
-    def record(constitution: Constitution, extras_bytes: int) -> dict[str, Any]:
+    def record(constitution: Constitution, extras_bytes: int) -> DedupRecord:
         """The member's dedup record, with the figures known once its rows are stored: written once."""
         model_report.own_bytes = stored_bytes_of(family, constitution, rows_before, extras_bytes)
         model_report.own_bytes_differing, model_report.original_bytes_differing = stored_bytes_of_tensors(
             family, constitution, rows_before, state, set(model_report.differing_tensors))
-        late = {"compression": model_report.compression, "public_test": model_report.public_test()}
-        return {**model_report.card_fields(member.privacy), **{k: v for k, v in late.items() if v is not None}}
+        return model_report.dedup_record(member.privacy)
 
     family.add_model(member.name, model, tokenizer=member.tokenizer, files_from=member.files_from,
                      privacy=privacy, dedup=record)

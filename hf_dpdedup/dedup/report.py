@@ -19,6 +19,16 @@ from ..privacy.charge import sum_rounded_up
 from ..store.constitution import Constitution
 from ..store.family import FamilyStore
 from ..store.format import EXTRAS_FILE
+from ..store.records import (
+    AtDelta,
+    BeforeAfter,
+    BlocksRecord,
+    DedupRecord,
+    Fairness,
+    LooseTight,
+    PrivateValidation,
+    PublicTest,
+)
 
 
 def stored_bytes_of(family: FamilyStore, constitution: Constitution, rows_before: int,
@@ -135,40 +145,42 @@ class ModelReport:
     def delta_after(self) -> float:
         return self.ledger.delta if self.ledger is not None else self.delta_before
 
-    def public_test(self) -> dict[str, Any] | None:
+    def public_test(self) -> PublicTest | None:
         """The public test result for a model card's ``model-index`` (needs the data set's Hub id)."""
         if not self.public_test_name or self.test_utility_after is None:
             return None
-        return {"dataset": self.public_test_name, "split": self.public_test_split, "metric": "accuracy",
-                "before": self.test_utility_before, "after": self.test_utility_after}
+        return PublicTest(dataset=self.public_test_name, split=self.public_test_split, metric="accuracy",
+                          before=self.test_utility_before, after=self.test_utility_after)
 
-    def card_fields(self, original: PrivacyMetadata) -> dict[str, Any]:
-        """What goes into the constitution's ``dedup`` block (and from there into the model card)."""
-        own = self.ledger_at_own_delta
-        return {
-            "role": self.role,
-            "base": self.base,
-            "original_privacy": original.to_dict(),
-            "ledger": self.ledger.to_dict() if self.ledger is not None else None,
-            "epsilon_after": {
-                "loose": self.ledger.epsilon_loose if self.ledger is not None else original.epsilon,
-                "tight": self.ledger.epsilon_tight if self.ledger is not None else None,
-            },
-            "delta_after": {
-                "loose": self.ledger.delta_loose if self.ledger is not None else original.delta,
-                "tight": self.ledger.delta_tight if self.ledger is not None else None,
-            },
-            "tight_at_training_delta": None if own is None or own.epsilon_tight is None
-            else {"epsilon": own.epsilon_tight, "delta": own.delta_tight},
-            "svt_epsilon": self.svt_epsilon,
-            "private_validation": self.private_validation,
-            "fairness": self.fairness,
-            "seeded": self.seeded,
-            "noise": SEEDED_LABEL if self.seeded else "secure",
-            "blocks": {"total": self.n_blocks, "from_base": self.from_base, "from_self": self.from_self},
-            "validations": self.validations,
-            "public_test_accuracy": {"before": self.test_utility_before, "after": self.test_utility_after},
-        }
+    def dedup_record(self, original: PrivacyMetadata) -> DedupRecord:
+        """The constitution's ``dedup`` record (and from there the model card's): ``original`` is the
+        budget the member was trained with. ``compression`` is known once its rows are stored."""
+        own, ledger = self.ledger_at_own_delta, self.ledger
+        return DedupRecord(
+            role=self.role,
+            base=self.base,
+            original_privacy=original,
+            ledger=ledger.to_dict() if ledger is not None else None,
+            epsilon_after=LooseTight(ledger.epsilon_loose, ledger.epsilon_tight) if ledger is not None
+            else LooseTight(original.epsilon, None),
+            delta_after=LooseTight(ledger.delta_loose, ledger.delta_tight) if ledger is not None
+            else LooseTight(original.delta, None),
+            tight_at_training_delta=None if own is None or own.epsilon_tight is None
+            else AtDelta(own.epsilon_tight, own.delta_tight),
+            svt_epsilon=self.svt_epsilon,
+            private_validation={k: PrivateValidation(v["epsilon"], v["mechanisms"])
+                                for k, v in self.private_validation.items()},
+            fairness=Fairness(self.fairness["flagged"], tuple(self.fairness["dominated_by"]),
+                              tuple(self.fairness["compared_with"]), self.fairness["on"])
+            if self.fairness is not None else None,
+            seeded=self.seeded,
+            noise=SEEDED_LABEL if self.seeded else "secure",
+            blocks=BlocksRecord(self.n_blocks, self.from_base, self.from_self),
+            validations=self.validations,
+            public_test_accuracy=BeforeAfter(self.test_utility_before, self.test_utility_after),
+            compression=self.compression,
+            public_test=self.public_test(),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

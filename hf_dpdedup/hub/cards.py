@@ -31,27 +31,15 @@ base_model, base_model_class}``.
 
 The prose (``model_cards/dp_member_card.md``) explains the budget to a reader who is not a DP expert.
 
-Keys read from the constitution's ``dedup`` record (all optional; the card renders what is there, so
-the deduplication engine fills them as it computes them):
-
-- ``base``: name of the member whose blocks this one borrows (the deduplication base);
-- ``original_privacy``: the ``PrivacyMetadata`` dict the model was trained with (the constitution's
-  own ``privacy`` is then the cost after deduplication, which ``model.dedup_info`` reports);
-- ``base_model``: Hub id of the pretrained model the family was fine-tuned from;
-- ``epsilon_after``: ``{"loose": ε, "tight": ε | None}`` and ``delta_after``: δ (or ``{"loose", "tight"}``);
-  alternatively ``ledger``: a ``LedgerReport.to_dict()``, from which both are read;
-- ``svt_epsilon``: ε spent by the Sparse Vector Technique on private validation data;
-- ``private_validation``: per private data set id, Σ ε of every non-training charge (SVT, Laplace
-  floor releases, naive queries) — what the card reports as spent on private validation;
-- ``tight_at_training_delta``: ``{"epsilon", "delta"}``, the RDP figure at the δ the model was trained
-  with (a guarantee at that δ, shown on its own row, never compared with figures at another δ);
-- ``fairness``: the fairness verdict ``{"flagged", "dominated_by", "compared_with", "on"}``;
-- ``seeded`` / ``noise``: set when some noise (training or deduplication) came from a known seed;
-- ``compression``: stored blocks of this member ÷ its original blocks (a fraction);
-- ``blocks``: ``{"total", "from_base", "from_self", "own"}`` block counts; ``validations``: int;
-- ``public_test``: ``{"dataset": hub id, "dataset_name", "config", "split", "metric", "before",
-  "after"}`` measured on a *public* test set (only these reach ``model-index``);
-  the shorter ``public_test_accuracy: {"before", "after"}`` is shown in the prose only.
+What the card says comes from the constitution's typed records (:mod:`hf_dpdedup.store.records`):
+its ``privacy`` (the cost as shipped) and its ``dedup`` record (:class:`~hf_dpdedup.store.records.DedupRecord`):
+``original_privacy`` (the budget as trained), ``epsilon_after`` / ``delta_after`` (loose and tight,
+else read from ``ledger``, a ``LedgerReport.to_dict()``), ``tight_at_training_delta``, ``svt_epsilon``
+and ``private_validation`` (what deduplication spent querying private data), ``fairness``,
+``seeded`` / ``noise``, ``base``, ``compression``, ``blocks``, ``validations``, and ``public_test``
+(a *public* test set with a Hub id: the only figures that reach ``model-index``; the shorter
+``public_test_accuracy`` is shown in the prose only). The card renders what is there. The base
+model's Hub id is ``member_card(base_model=...)`` (``push`` reads it from the member's config).
 """
 
 from __future__ import annotations
@@ -62,9 +50,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..privacy import SEEDED_LABEL
+from ..privacy import SEEDED_LABEL, PrivacyMetadata
+from ..privacy.metadata import encode_float
 from ..store.constitution import Constitution
 from ..store.format import FORMAT, StoreIndex
+from ..store.records import BeforeAfter, DedupRecord
 
 # Shipped inside the package (so installed wheels have it); ``model_cards/`` links to it.
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -106,10 +96,9 @@ def member_card(
     template_path: str | Path | None = None,
 ) -> ModelCard:
     """The model card of a pushed member (deterministic: the same inputs give the same bytes)."""
-    dedup = constitution.dedup or {}
+    dedup = constitution.dedup or DedupRecord()
     privacy = _original_privacy(constitution)
     adapter = constitution.adapter
-    base_model = base_model or dedup.get("base_model")
     task = pipeline_tag(constitution.architecture)
     block = _card_block(constitution, store_repo, store_commit, family)
     results = _eval_results(dedup, task)
@@ -182,36 +171,39 @@ def store_card(index: StoreIndex, *, repo_id: str, members: list[str] | None = N
 
 
 # --- the namespaced block --------------------------------------------------------------------------
-def _original_privacy(constitution: Constitution) -> dict:
+def _original_privacy(constitution: Constitution) -> PrivacyMetadata | None:
     """The budget the model was trained with. A deduplicated member's constitution ``privacy`` is its
-    cost *after* deduplication (what it ships with); the trained one is ``dedup["original_privacy"]``."""
-    return (constitution.dedup or {}).get("original_privacy") or constitution.privacy or {}
+    cost *after* deduplication (what it ships with); the trained one is ``dedup.original_privacy``."""
+    dedup = constitution.dedup
+    return (dedup.original_privacy if dedup is not None else None) or constitution.privacy
 
 
 def _card_block(constitution: Constitution, store_repo: str, store_commit: str, family: dict | None) -> dict:
-    dedup = constitution.dedup or {}
+    dedup = constitution.dedup or DedupRecord()
     privacy = _original_privacy(constitution)
-    private_validation = dedup.get("private_validation") or None
+    private_validation = {k: v.to_dict() for k, v in dedup.private_validation.items()} or None
     seeded = is_seeded(constitution)
-    datasets = sorted({*(privacy.get("datasets") or []), *((constitution.privacy or {}).get("datasets") or []),
-                       *(private_validation or {})})
-    tight_own = dedup.get("tight_at_training_delta")
+    datasets = sorted({*(privacy.datasets if privacy else ()),
+                       *(constitution.privacy.datasets if constitution.privacy else ()), *(private_validation or {})})
+    tight_own = dedup.tight_at_training_delta
     block: dict[str, Any] = {
         "format": FORMAT,
         "member": constitution.name,
         "privacy": _drop_none({
-            "original": _drop_none({"epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"),
-                                    "accountant": privacy.get("accountant")}) or None,
+            "original": _drop_none({"epsilon": encode_float(privacy.epsilon), "delta": privacy.delta,
+                                    "accountant": privacy.accountant}) if privacy else None,
             "after_dedup": _after_dedup(dedup),
-            "tight_at_training_delta": tight_own or None,
-            "svt_epsilon": dedup.get("svt_epsilon"),
+            "tight_at_training_delta": tight_own.to_dict() if tight_own else None,
+            "svt_epsilon": dedup.svt_epsilon,
             "private_validation": private_validation,
             "datasets": datasets or None,
             "seeded": True if seeded else None,
             "noise": SEEDED_LABEL if seeded else None,
         }),
-        "fairness": dedup.get("fairness") or None,
-        "dedup": _drop_none({k: dedup.get(k) for k in ("base", "compression", "blocks", "validations")}) or None,
+        "fairness": dedup.fairness.to_dict() if dedup.fairness else None,
+        "dedup": _drop_none({"base": dedup.base, "compression": dedup.compression,
+                             "blocks": dedup.blocks.to_dict() if dedup.blocks else None,
+                             "validations": dedup.validations}) or None,
         "block_store": {"repo_id": store_repo, "revision": store_commit,
                         "store_id": constitution.block_store.store_id,
                         "block_size": constitution.block_size, "dtype": constitution.dtype},
@@ -225,34 +217,33 @@ def _card_block(constitution: Constitution, store_repo: str, store_commit: str, 
 
 def is_seeded(constitution: Constitution) -> bool:
     """True when the training or the deduplication noise of this member came from a known seed."""
-    dedup = constitution.dedup or {}
-    ledger = dedup.get("ledger") or {}
-    return bool(_original_privacy(constitution).get("seeded") or (constitution.privacy or {}).get("seeded")
-                or dedup.get("seeded") or dedup.get("noise", "secure") != "secure"
-                or ledger.get("noise", "secure") != "secure")
+    dedup = constitution.dedup or DedupRecord()
+    ledger = dedup.ledger or {}
+    original = _original_privacy(constitution)
+    return bool((original and original.seeded) or (constitution.privacy and constitution.privacy.seeded)
+                or dedup.seeded or dedup.noise != "secure" or ledger.get("noise", "secure") != "secure")
 
 
-def _after_dedup(dedup: dict) -> dict | None:
-    ledger = dedup.get("ledger") or {}
-    after = dedup.get("epsilon_after")
-    after = {"loose": after} if isinstance(after, (int, float, str)) else dict(after or {})
-    delta = dedup.get("delta_after")
-    deltas = dict(delta) if isinstance(delta, dict) else {"loose": delta, "tight": delta}
+def _after_dedup(dedup: DedupRecord) -> dict | None:
+    """The budget after deduplication, loose and tight, each at its δ (from the record, else its ledger)."""
+    ledger = dedup.ledger or {}
+    after, deltas = dedup.epsilon_after, dedup.delta_after
     figures = {}
     for kind in ("loose", "tight"):
         from_ledger = ledger.get(kind) or {}
-        eps = _first(after.get(kind), from_ledger.get("epsilon"))
+        eps = _first(getattr(after, kind) if after else None, from_ledger.get("epsilon"))
         if eps is not None:
-            figures[kind] = _drop_none({"epsilon": eps, "delta": _first(deltas.get(kind), from_ledger.get("delta"))})
+            delta = _first(getattr(deltas, kind) if deltas else None, from_ledger.get("delta"))
+            figures[kind] = _drop_none({"epsilon": "inf" if eps == math.inf else eps, "delta": delta})
     if not figures:
         return None
-    return {**figures, "accountant": dedup.get("accountant") or "hf_dpdedup-ledger"}
+    return {**figures, "accountant": "hf_dpdedup-ledger"}
 
 
-def _datasets(privacy: dict, dedup: dict) -> list[str]:
+def _datasets(privacy: PrivacyMetadata | None, dedup: DedupRecord) -> list[str]:
     """The training data sets, then every data set a validation charge was made against."""
-    ids = list(privacy.get("datasets") or [])
-    for charge in (dedup.get("ledger") or {}).get("charges") or []:
+    ids = list(privacy.datasets if privacy else ())
+    for charge in (dedup.ledger or {}).get("charges") or []:
         ids.extend(charge.get("datasets") or [])
     return list(dict.fromkeys(str(d) for d in ids))
 
@@ -271,18 +262,18 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _eval_results(dedup: dict, task: str | None) -> list[EvalResult] | None:
-    test = dedup.get("public_test")
-    if not (task and isinstance(test, dict) and test.get("dataset") and test.get("after") is not None):
+def _eval_results(dedup: DedupRecord, task: str | None) -> list[EvalResult] | None:
+    test = dedup.public_test
+    if not (task and test is not None and test.dataset):
         return None
     return [EvalResult(
         task_type=task,
-        dataset_type=test["dataset"],
-        dataset_name=test.get("dataset_name") or test["dataset"],
-        dataset_config=test.get("config"),
-        dataset_split=test.get("split") or "test",
-        metric_type=test.get("metric") or "accuracy",
-        metric_value=float(test["after"]),
+        dataset_type=test.dataset,
+        dataset_name=test.dataset_name or test.dataset,
+        dataset_config=test.config,
+        dataset_split=test.split,
+        metric_type=test.metric,
+        metric_value=float(test.after),
     )]
 
 
@@ -322,15 +313,15 @@ def _summary(constitution: Constitution, base_model: str | None) -> str:
     )
 
 
-def _privacy_prose(privacy: dict, dedup: dict, *, seeded: bool = False) -> str:
+def _privacy_prose(privacy: PrivacyMetadata | None, dedup: DedupRecord, *, seeded: bool = False) -> str:
     if not privacy:
         return "No privacy metadata was recorded for this model: treat it as **not** privacy-protected."
     warning = (f"**{SEEDED_LABEL}.** Some of the noise behind this model (its DP-SGD training or the "
                "deduplication's private checks) was drawn from a known seed: anyone with the seed can "
                "reproduce it, so the ε figures below describe the mechanism, not a protection. Do not "
                "ship it.\n\n") if seeded else ""
-    eps, delta = privacy.get("epsilon"), privacy.get("delta")
-    datasets = ", ".join(f"`{d}`" for d in privacy.get("datasets") or []) or "its training data"
+    eps, delta = privacy.epsilon, privacy.delta
+    datasets = ", ".join(f"`{d}`" for d in privacy.datasets) or "its training data"
     text = (
         f"This model was trained with differential privacy on {datasets}, with budget ε = {_fmt(eps)} and "
         f"δ = {_fmt(delta)}. In plain words: adding or removing any single training example changes the "
@@ -340,8 +331,7 @@ def _privacy_prose(privacy: dict, dedup: dict, *, seeded: bool = False) -> str:
     )
     after = _after_dedup(dedup)
     if after:
-        private_checks = bool(dedup.get("svt_epsilon")) or any(
-            v.get("epsilon") for v in (dedup.get("private_validation") or {}).values())
+        private_checks = bool(dedup.svt_epsilon) or any(v.epsilon for v in dedup.private_validation.values())
         text += (
             "\n\nDeduplication replaced some of its weight blocks with blocks of another model trained on the "
             "same data" + (", and checked accuracy on private validation data through noisy, charged "
@@ -416,36 +406,35 @@ def _privacy_notes(privacy: dict, fairness: dict | None = None) -> str:
     return " ".join(notes)
 
 
-def _dedup_prose(constitution: Constitution, dedup: dict, family: dict | None) -> str:
+def _dedup_prose(constitution: Constitution, dedup: DedupRecord, family: dict | None) -> str:
     total = sum(len(t.rows) for t in constitution.tensors)
-    blocks = dedup.get("blocks") or {}
+    blocks = dedup.blocks
     parts = [f"The model's weights are {total} blocks of {constitution.block_size} values."]
-    if blocks.get("from_base") is not None and dedup.get("base"):
-        parts.append(f"{blocks['from_base']} of them were replaced by the most similar blocks of member "
-                     f"`{dedup['base']}` (the family's deduplication base)"
-                     + (f" and {blocks['from_self']} by other blocks of this model" if blocks.get("from_self") else "")
+    if blocks is not None and dedup.base:
+        parts.append(f"{blocks.from_base} of them were replaced by the most similar blocks of member "
+                     f"`{dedup.base}` (the family's deduplication base)"
+                     + (f" and {blocks.from_self} by other blocks of this model" if blocks.from_self else "")
                      + ", while accuracy stayed within the family's threshold.")
-    elif dedup.get("base"):
-        parts.append(f"Blocks were borrowed from member `{dedup['base']}` (the deduplication base).")
-    if dedup.get("compression") is not None:
-        parts.append(f"This model needs {100 * float(dedup['compression']):.1f} % of its original blocks of its own.")
+    elif dedup.base:
+        parts.append(f"Blocks were borrowed from member `{dedup.base}` (the deduplication base).")
+    if dedup.compression is not None:
+        parts.append(f"This model needs {100 * float(dedup.compression):.1f} % of its original blocks of its own.")
     if family and family.get("stored_fraction") is not None:
         parts.append(f"The whole family of {family.get('members', '?')} models is stored in "
                      f"{100 * float(family['stored_fraction']):.1f} % of the bytes of its separate copies.")
-    if not dedup:
+    if constitution.dedup is None:
         parts.append("Blocks byte-identical to blocks of other members are stored once (exact deduplication).")
     return " ".join(parts)
 
 
-def _results_prose(dedup: dict) -> str:
-    test = dedup.get("public_test") or {}
-    acc = dedup.get("public_test_accuracy") or {}
-    before = test.get("before", acc.get("before"))
-    after = test.get("after", acc.get("after"))
+def _results_prose(dedup: DedupRecord) -> str:
+    test, acc = dedup.public_test, dedup.public_test_accuracy or BeforeAfter()
+    before = test.before if test is not None else acc.before
+    after = test.after if test is not None else acc.after
     if after is None:
         return ""
-    where = f" on the public test set `{test['dataset']}`" if test.get("dataset") else " on a public test set"
-    metric = test.get("metric") or "accuracy"
+    where = f" on the public test set `{test.dataset}`" if test is not None else " on a public test set"
+    metric = test.metric if test is not None else "accuracy"
     text = f"{metric.capitalize()}{where}: {_fmt(after)} after deduplication"
     return text + (f" ({_fmt(before)} before)." if before is not None else ".") + (
         " Figures on private data are never published unnoised."

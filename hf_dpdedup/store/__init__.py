@@ -6,5 +6,6 @@ from .codec import Codec
 from .constitution import AdapterRecord, Constitution, StoreRef, TensorEntry
 from .family import FamilyStore
 from .format import FORMAT
+from .records import DedupRecord
 
-__all__ = ["FORMAT", "AdapterRecord", "BlockStore", "Codec", "Constitution", "FamilyStore", "StoreRef", "TensorEntry"]
+__all__ = ["FORMAT", "AdapterRecord", "BlockStore", "Codec", "Constitution", "DedupRecord", "FamilyStore", "StoreRef", "TensorEntry"]

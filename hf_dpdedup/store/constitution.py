@@ -4,7 +4,8 @@ It names the block store (its id, and where to find it: a relative path for loca
 Hub repo id with a *pinned* commit sha), the block size and dtype, and for every block tensor its
 shape and the list of store rows that hold its blocks, in order. Extras (small tensors) live in the
 member's ``extras.safetensors`` whose sha256 is recorded here; ``aliases`` restores tied weights.
-``privacy`` and ``dedup`` carry the model's privacy metadata and the deduplication record.
+``privacy`` and ``dedup`` carry the model's privacy metadata and the deduplication record: typed,
+versioned records (:mod:`.records`).
 
 A member that is a peft adapter on a base model (a ``PeftModel``) has an ``adapter`` record
 (:class:`AdapterRecord`): the adapter config exactly as peft writes ``adapter_config.json``, the
@@ -23,13 +24,10 @@ from typing import Any
 
 from ..blocks import BLOCK_DTYPES, check_block_size
 from ..errors import BlockLayoutError, ConstitutionError
-from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, check_format, unknown_keys
+from ..privacy.metadata import PrivacyMetadata
+from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, RESAVE, check_format, unknown_keys
+from .records import DedupRecord, privacy_from_dict, privacy_to_dict
 
-#: what to do about a damaged constitution
-RESAVE = (
-    "the member is damaged: download it again from the Hub, or re-run add_model for it "
-    "(FamilyStore.add_model) from the original model"
-)
 _KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "tensors",
          "extras", "aliases", "privacy", "dedup", "adapter")
 _ADAPTER_KEYS = ("library", "peft_type", "task_type", "peft_class", "adapter_name", "base_model",
@@ -140,8 +138,10 @@ class Constitution:
     extras: tuple[str, ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
     architecture: str | None = None
-    privacy: dict[str, Any] | None = None
-    dedup: dict[str, Any] | None = None
+    #: what the member as stored costs (after deduplication), see :mod:`.records`
+    privacy: PrivacyMetadata | None = None
+    #: what deduplication did to it
+    dedup: DedupRecord | None = None
     #: fast digest of extras.safetensors, checked at load (absent in members written before it)
     extras_xxh3: str | None = None
     #: set when the member is a peft adapter on a base model (see the module docstring)
@@ -169,8 +169,8 @@ class Constitution:
                 "tensors": list(self.extras),
             },
             "aliases": dict(self.aliases),
-            "privacy": self.privacy,
-            "dedup": self.dedup,
+            "privacy": privacy_to_dict(self.privacy) if self.privacy is not None else None,
+            "dedup": self.dedup.to_dict() if self.dedup is not None else None,
             **({"adapter": self.adapter.to_dict()} if self.adapter is not None else {}),
             **self.extra,
         }
@@ -210,9 +210,6 @@ class Constitution:
         for key in ("name", "architecture"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ConstitutionError(f"{what}: {key!r} must be a string; {RESAVE}.")
-        for key in ("privacy", "dedup"):
-            if data.get(key) is not None and not isinstance(data[key], dict):
-                raise ConstitutionError(f"{what}: {key!r} must be an object; {RESAVE}.")
         return cls(
             name=data.get("name") or "",
             block_store=StoreRef.from_dict(data.get("block_store")),
@@ -223,8 +220,8 @@ class Constitution:
             extras=tuple(extra_names),
             aliases=dict(aliases),
             architecture=data.get("architecture"),
-            privacy=data.get("privacy"),
-            dedup=data.get("dedup"),
+            privacy=privacy_from_dict(data["privacy"]) if data.get("privacy") is not None else None,
+            dedup=DedupRecord.from_dict(data["dedup"]) if data.get("dedup") is not None else None,
             extras_xxh3=xxh3,
             adapter=adapter,
             extra=unknown_keys(data, _KEYS),

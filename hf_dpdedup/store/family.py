@@ -123,7 +123,7 @@ class FamilyStore:
             state_dict,
             source,
             architecture=architecture,
-            privacy=privacy.to_dict() if privacy is not None else None,
+            privacy=privacy,
             dedup=dedup,
             adapter=adapter,
         )

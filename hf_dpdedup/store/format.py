@@ -39,6 +39,11 @@ SHARD_TENSOR = "blocks"
 LOCK_FILE = ".lock"
 
 
+#: what to do about a damaged constitution
+RESAVE = (
+    "the member is damaged: download it again from the Hub, or re-run add_model for it "
+    "(FamilyStore.add_model) from the original model"
+)
 #: what to do about a damaged index (block_store.json)
 RESTORE_INDEX = (
     "the index is damaged: restore block_store.json from the Hub or a backup of the family "

@@ -27,8 +27,10 @@ from ..blocks import BlockLayout, BlockRows, plan_layout, tensor_from_rows
 from ..errors import ConstitutionError, HfDpDedupError, MemberChangedError, StoreFormatError, StoreMismatchError
 from .block_store import BlockStore
 from .adapter import adapter_config_bytes
-from .constitution import RESAVE, AdapterRecord, Constitution, StoreRef, TensorEntry
-from .format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, EXTRAS_FILE, LOCK_FILE
+from .constitution import AdapterRecord, Constitution, StoreRef, TensorEntry
+from .format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, EXTRAS_FILE, LOCK_FILE, RESAVE
+from ..privacy.metadata import PrivacyMetadata
+from .records import DedupRecord
 from .io import (
     atomic_write_json,
     check_buffer,
@@ -65,7 +67,7 @@ def check_member_name(name: str) -> str:
 
 
 # a member's dedup record, or how to make it from its constitution and its extras file's size
-DedupRecordSource = Mapping[str, Any] | Callable[[Constitution, int], dict[str, Any]] | None
+DedupRecordSource = DedupRecord | Callable[[Constitution, int], DedupRecord] | None
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def write_member(
     source: MemberSource,
     *,
     architecture: str | None = None,
-    privacy: dict[str, Any] | None = None,
+    privacy: PrivacyMetadata | None = None,
     dedup: DedupRecordSource = None,
     adapter: AdapterRecord | None = None,
 ) -> Constitution:
@@ -96,6 +98,7 @@ def write_member(
     constitution and the size of its extras file (figures such as its own stored bytes are known
     only then): either way the constitution is written once, complete."""
     check_member_name(name)
+    check_records(privacy, dedup)
     check_source(source)  # before any row is appended: a failed add leaves the store as it was
     layout = plan_layout(state_dict, store.block_size)
     # views of the tensors' blocks: the store copies one shard's new rows at a time, never the model
@@ -130,6 +133,7 @@ def write_member(
         )
         if callable(dedup):
             constitution = replace(constitution, dedup=dedup(constitution, len(raw)))
+            check_records(privacy, constitution.dedup)
         atomic_write_json(tmp / CONSTITUTION_FILE, constitution.to_dict())
 
     replace_dir(build, member_dir, lock=member_dir.parent / LOCK_FILE)
@@ -174,9 +178,19 @@ def _write_side_files(tmp: Path, source: MemberSource) -> None:
         )
 
 
+def check_records(privacy: Any, dedup: Any) -> None:
+    """The typed records a constitution takes (a plain dict is refused before anything is written)."""
+    if privacy is not None and not isinstance(privacy, PrivacyMetadata):
+        raise TypeError(f"privacy must be a hf_dpdedup.PrivacyMetadata (PrivacyMetadata.from_dict reads a dict), "
+                        f"got {type(privacy).__name__}.")
+    if dedup is not None and not callable(dedup) and not isinstance(dedup, DedupRecord):
+        raise TypeError("dedup must be a hf_dpdedup.store.records.DedupRecord (DedupRecord.from_dict reads a dict) "
+                        f"or a function that makes one, got {type(dedup).__name__}.")
+
+
 def update_dedup_record(member_dir: Path, updates: dict[str, Any]) -> Constitution:
-    """Merge ``updates`` (``None`` values dropped) into a member's ``dedup`` record, atomically
-    (the member folder is swapped like any other member write)."""
+    """Merge ``updates`` (``None`` values dropped; JSON fields of :class:`DedupRecord`) into a
+    member's ``dedup`` record, atomically (the member folder is swapped like any other member write)."""
     out: Constitution | None = None
 
     def build(tmp: Path) -> None:
@@ -185,9 +199,8 @@ def update_dedup_record(member_dir: Path, updates: dict[str, Any]) -> Constituti
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
         constitution = read_constitution(tmp)
-        record = {**(constitution.dedup or {}), **{k: v for k, v in updates.items() if v is not None}}
         data = constitution.to_dict()
-        data["dedup"] = record
+        data["dedup"] = {**(data["dedup"] or {}), **{k: v for k, v in updates.items() if v is not None}}
         atomic_write_json(tmp / CONSTITUTION_FILE, data)
         out = Constitution.from_dict(data)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..blocks import parse_dtype
 from ..errors import StoreFormatError
+from ..privacy.metadata import encode_float
 from .block_store import BlockStore
 from .constitution import Constitution
 from .family import FamilyStore
@@ -51,8 +52,8 @@ def member_summary(member_dir: Path, constitution: Constitution, row_users: Coun
         "distinct_rows": len(distinct),
         "block_tensor_bytes": block_elements * itemsize,
         "member_file_bytes": sum(files.values()),
-        "epsilon": (constitution.privacy or {}).get("epsilon"),
-        "delta": (constitution.privacy or {}).get("delta"),
+        "epsilon": encode_float(constitution.privacy.epsilon) if constitution.privacy is not None else None,
+        "delta": constitution.privacy.delta if constitution.privacy is not None else None,
     }
     if row_users is not None:
         summary["unique_rows"] = sum(1 for r in distinct if row_users[r] == 1)
