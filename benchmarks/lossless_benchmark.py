@@ -371,7 +371,7 @@ def main() -> None:
 
 def recorded_base(family: FamilyStore) -> str | None:
     """The base the members' dedup records name (the engine records it), if any."""
-    named = [(family.constitution(n).dedup or {}).get("base") for n in family.members()]
+    named = [c.dedup.base if (c := family.constitution(n)).dedup is not None else None for n in family.members()]
     named = [n for n in named if n in family.members()]
     return max(set(named), key=named.count) if named else None
 
