@@ -40,7 +40,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS_DIR, write_results  # noqa: E402
+from common import write_results  # noqa: E402
 from hf_dpdedup.dedup.tasks import token_accuracy_score  # noqa: E402
 
 SIZES = {  # TinyLlama-1.1B's shape, and the same width at 8 layers ("smoke": a quick check of the script)
