@@ -186,7 +186,10 @@ class BlockStore:
         if not reused:
             return
         stored = np.asarray([ids[i] for i in reused], dtype=np.int64)
-        matrices = self.read_shards(self.shards_for_rows(stored))
+        # No whole-shard digest here: it would read (and keep mapped) every byte of every shard that
+        # holds a reused row — another model's worth at LLM scale. The rows are compared byte for
+        # byte below, which is what this check is for; loads verify the shards themselves.
+        matrices = self.read_shards(self.shards_for_rows(stored), verify=False)
         starts = np.array(sorted(matrices), dtype=np.int64)
         shard_of = starts[np.searchsorted(starts, stored, side="right") - 1]
         rows = as_block_rows(matrix)
