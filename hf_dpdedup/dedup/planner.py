@@ -256,8 +256,6 @@ def save_outcomes(outcomes: Iterable[Outcome], out: str | Path, config: DedupCon
         family: FamilyStore | None = None
         base: Outcome | None = None  # the current group's base: its targets' decisions are applied against it
         for outcome in outcomes:
-            if family is None:
-                family = new_family_store(staging, [outcome.member], config)
             if outcome.report.base is None:  # a group's base (targets name theirs)
                 if base is not None:
                     base.release()  # the previous group is done
@@ -265,9 +263,9 @@ def save_outcomes(outcomes: Iterable[Outcome], out: str | Path, config: DedupCon
             if outcome.stored:
                 on = base.member.loaded() if base is not None and outcome is not base else None
                 outcome.materialise(on, config.block_size)
-                report.models.append(store_outcome(family, outcome))
-            else:
-                report.models.append(outcome.report)
+            if family is None:  # after materialising: the store's dtype costs no extra load of the member
+                family = new_family_store(staging, [outcome.member], config)
+            report.models.append(store_outcome(family, outcome))  # a dropped one: its report only
             if outcome is not base:
                 outcome.release()
         if family is None:
