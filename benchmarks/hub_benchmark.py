@@ -11,7 +11,7 @@ Figures (``benchmarks/results/hub.json``):
 - ``dedup_warm_load_s`` / ``hf_warm_load_s``: median time to load one member with
   ``DedupedModel.from_pretrained(repo_id)`` vs. ``AutoModelForSequenceClassification.from_pretrained``
   of the same model pushed as a plain repo, both from a warm cache (online: the branch is resolved),
-  and the ``_offline`` variants (``local_files_only=True``: no request at all); ``*_ratio`` = dedup / hf.
+  for ``eps4`` (scattered rows) and, under ``*_contiguous*`` keys, ``eps1`` (contiguous), and the ``_offline`` variants (``local_files_only=True``: no request at all); ``*_ratio`` = dedup / hf.
   ``remote_code_warm_load_s``: the member loaded with plain transformers,
   ``AutoModelForSequenceClassification.from_pretrained(member, trust_remote_code=True)`` (the repo's
   ``modeling_hf_dpdedup.py``, which uses hf_dpdedup when installed), ``remote_code_ratio`` = that / hf;
@@ -56,9 +56,8 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
 )
 
-from common import median_seconds, write_results  # noqa: E402
+from common import median_seconds, minilm_folder, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402
-from hf_dpdedup.demo import minilm_folder  # noqa: E402
 from hf_dpdedup.testing import HubServer  # noqa: E402
 from hf_dpdedup.privacy import PrivacyMetadata  # noqa: E402
 from hf_dpdedup.store.io import forget_verified  # noqa: E402
@@ -123,23 +122,26 @@ def main() -> None:
         family_bytes, plain_bytes = folder_bytes(family_cache), folder_bytes(plain_cache)
         stored = family.stored_bytes()
 
-        # load time from the warm caches, same run, interleaved repeats
-        name = "eps4"
+        # load time from the warm caches, same run, interleaved repeats: eps1 is stored contiguously
+        # (the first member: views of its shards), eps4 shares most rows with it (scattered rows,
+        # mapped from two shard files); "" keys are eps4's, as in earlier runs
         figures = {}
-        for mode, kwargs in (("", {}), ("_offline", {"local_files_only": True})):
-            dedup_s = median_seconds(lambda: DedupedModel.from_pretrained(
-                f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats)
-            hf_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
-                f"bench/plain-{name}", cache_dir=plain_cache, token=TOKEN, **kwargs), args.repeats)
-            fresh_s = median_seconds(lambda: DedupedModel.from_pretrained(
-                f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats,
-                setup=forget_verified)
-            figures.update({f"dedup_warm_load{mode}_s": dedup_s, f"hf_warm_load{mode}_s": hf_s,
-                            f"warm_load{mode}_ratio": dedup_s / hf_s,
-                            f"dedup_warm_load{mode}_fresh_process_s": fresh_s,
-                            f"warm_load{mode}_fresh_process_ratio": fresh_s / hf_s})
+        for label, name in (("_contiguous", "eps1"), ("", "eps4")):
+            for mode, kwargs in (("", {}), ("_offline", {"local_files_only": True})):
+                key = f"{mode}{label}"
+                dedup_s = median_seconds(lambda: DedupedModel.from_pretrained(
+                    f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats)
+                hf_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
+                    f"bench/plain-{name}", cache_dir=plain_cache, token=TOKEN, **kwargs), args.repeats)
+                fresh_s = median_seconds(lambda: DedupedModel.from_pretrained(
+                    f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats,
+                    setup=forget_verified)
+                figures.update({f"dedup_warm_load{key}_s": dedup_s, f"hf_warm_load{key}_s": hf_s,
+                                f"warm_load{key}_ratio": dedup_s / hf_s,
+                                f"dedup_warm_load{key}_fresh_process_s": fresh_s,
+                                f"warm_load{key}_fresh_process_ratio": fresh_s / hf_s})
         remote_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
-            f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, trust_remote_code=True), args.repeats)
+            "bench/minilm-eps4", cache_dir=family_cache, token=TOKEN, trust_remote_code=True), args.repeats)
         figures.update({"remote_code_warm_load_s": remote_s, "remote_code_ratio": remote_s / figures["hf_warm_load_s"]})
     figures.update({
         "family_members": len(members),

