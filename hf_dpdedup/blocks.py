@@ -214,13 +214,19 @@ class BlockRows:
         row[:count] = flat[start : start + count]
         return row
 
-    def take(self, indices) -> torch.Tensor:
-        """A ``[len(indices), block_size]`` copy of the rows ``indices``."""
+    def take(self, indices, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``[len(indices), block_size]`` copy of the rows ``indices`` (into ``out`` when given:
+        a buffer of that shape reused across calls, any dtype the values convert to)."""
         indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-        out = torch.zeros(len(indices), self.block_size, dtype=self.dtype)
+        if out is None:
+            out = torch.zeros(len(indices), self.block_size, dtype=self.dtype)
+        elif tuple(out.shape) != (len(indices), self.block_size):
+            raise ValueError(f"out must be [{len(indices)}, {self.block_size}], got {list(out.shape)}.")
         for k, i in enumerate(indices):
             flat, start, count = self._pieces[i]
             out[k, :count] = flat[start : start + count]
+            if count < self.block_size:
+                out[k, count:] = 0
         return out
 
     def matrix(self) -> torch.Tensor:

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from hf_dpdedup import DedupedModel
-from hf_dpdedup.dedup.cost import replacement_costs
+from hf_dpdedup.blocks import BlockRows
+from hf_dpdedup.dedup.cost import BlockCosts, replacement_costs
 from hf_dpdedup.dedup.live import LiveBlocks
 from hf_dpdedup.dedup.plan import PlanConfig, plan_replacements
+from hf_dpdedup.dedup.saliency import gradient_moments, input_rms, scale_by_input_rms
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
 from hf_dpdedup.dedup.search import confirm, run_search
 from hf_dpdedup.dedup.tasks import classification_score
@@ -336,3 +338,38 @@ def test_the_confirmation_margin_widens_the_allowed_drop_by_standard_errors():
     wide = PublicValidator([None], score, reference=reference, threshold=0.1, margin_se=1.0)
     assert (plain.minimum, wide.minimum) == (pytest.approx(0.65), pytest.approx(0.4))
     assert not plain.accepts(worse) and wide.accepts(worse)
+
+
+@pytest.mark.parametrize("block", [BLOCK, 12, 5])  # 12, 5: blocks that start and end inside weight rows
+@pytest.mark.parametrize("cost", ["delta", "wanda", "fisher", "taylor"])
+def test_chunked_costs_equal_the_formulas_on_whole_tensors_bit_for_bit(cost, block):
+    """BlockCosts reads factors a block at a time into reused buffers (the Wanda factor straight from
+    the RMS vectors); the result must be the textbook formula on whole weight-shaped tensors."""
+    base, target = MLP(0), MLP(1)
+    live, base_matrix = LiveBlocks(target, block), LiveBlocks(base, block).matrix()
+    deltas = base_matrix.double() - live.matrix().double()
+    kw = dict(calibration=calibration(), loss_fn=mse_loss)
+    prepared = BlockCosts.prepare(target, live.layout, measure=cost, **kw)
+    blocks = list(range(live.n_blocks))
+    chunks = [blocks[:5], blocks[5:6], blocks[6:]]  # uneven: buffers of one size serve smaller chunks
+    got = torch.cat([prepared.costs(c, deltas[c]) for c in chunks])
+    if cost == "delta":
+        expected = deltas.square().sum(1)
+    else:
+        named = target.state_dict(keep_vars=True)
+        if cost == "wanda":
+            rms = input_rms(target, {s.name: named[s.name] for s in live.layout.tensors}, calibration(), mse_loss)
+            full = {s.name: scale_by_input_rms(torch.ones(s.shape), rms.get(s.name)) for s in live.layout.tensors}
+        else:
+            mean, fisher = gradient_moments(target, live.layout, calibration(), loss_fn=mse_loss, micro_batch=1,
+                                            max_examples=512)
+            full = fisher
+        factor = BlockRows.of(full, live.layout).matrix().double()
+        if cost == "wanda":
+            expected = (deltas * factor).square().sum(1)
+        else:
+            expected = 0.5 * (factor * deltas.square()).sum(1)
+            if cost == "taylor":
+                expected = (BlockRows.of(mean, live.layout).matrix().double() * deltas).sum(1) + expected
+    assert torch.equal(got, expected)
+    assert torch.equal(prepared.costs(blocks[:3], deltas[:3]), expected[:3])  # a reused buffer leaks nothing

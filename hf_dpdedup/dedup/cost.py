@@ -17,13 +17,14 @@ Costs are per block and additive, the diagonal approximation every one of these 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 
 from ..blocks import BlockLayout
 from ..errors import CalibrationRequiredError
-from .saliency import LossFn, gradient_moments, input_rms, scale_by_input_rms
+from .saliency import LossFn, gradient_moments, input_rms
 
 CostMeasure = Literal["taylor", "fisher", "wanda", "delta"]
 COSTS: tuple[str, ...] = ("taylor", "fisher", "wanda", "delta")
@@ -41,7 +42,8 @@ class BlockCosts:
     def __init__(self, layout: BlockLayout, measure: CostMeasure,
                  factors: dict[str, Callable[[str], torch.Tensor]]) -> None:
         self.layout, self.measure = layout, measure
-        self._factors = {key: _TensorRows(layout, fn) for key, fn in factors.items()}
+        self._factors: dict[str, _TensorRows | _ScaleRows] = {key: _TensorRows(layout, fn) for key, fn in factors.items()}
+        self._buffers: dict[str, torch.Tensor] = {}  # work buffers reused across chunks of one size
 
     @classmethod
     def prepare(
@@ -68,9 +70,9 @@ class BlockCosts:
         if measure == "wanda":
             named = model.state_dict(keep_vars=True)
             rms = input_rms(model, {s.name: named[s.name] for s in layout.tensors}, list(calibration), loss_fn)
-            shapes = {s.name: s.shape for s in layout.tensors}
-            return cls(layout, measure,
-                       {"scale": lambda name: scale_by_input_rms(torch.ones(shapes[name]), rms.get(name))})
+            costs = cls(layout, measure, {})
+            costs._factors["scale"] = _ScaleRows(layout, rms)
+            return costs
         mean, fisher = gradient_moments(model, layout, calibration, loss_fn=loss_fn, micro_batch=micro_batch,
                                         max_examples=max_examples)
         factors = {"fisher": fisher.__getitem__}
@@ -82,14 +84,30 @@ class BlockCosts:
         """Estimated loss increase (float64) of adding ``deltas[i]`` to block ``blocks[i]``
         (``deltas``: ``[len(blocks), block_size]``, candidate − current, zero in a last block's padding)."""
         d = deltas.to(torch.float64)
+        # The same operations as (f · d)².sum(1), ½ (F · d²).sum(1), (g · d).sum(1) on fresh tensors,
+        # written into buffers kept for the next chunk (fresh ones per chunk fragment the heap).
+        work = self._buffer("work", d.shape, torch.float64)
         if self.measure == "delta":
-            return d.square().sum(1)
+            return torch.square(d, out=work).sum(1)
         if self.measure == "wanda":
-            return (d * self._factors["scale"].take(blocks).to(torch.float64)).square().sum(1)
-        second = 0.5 * (self._factors["fisher"].take(blocks).to(torch.float64) * d.square()).sum(1)
+            return torch.mul(d, self._factor("scale", blocks), out=work).square_().sum(1)
+        second = 0.5 * torch.square(d, out=work).mul_(self._factor("fisher", blocks)).sum(1)
         if self.measure == "fisher":
             return second
-        return (self._factors["mean"].take(blocks).to(torch.float64) * d).sum(1) + second
+        return torch.mul(self._factor("mean", blocks), d, out=work).sum(1) + second
+
+    def _buffer(self, key: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:]:
+            buffer = self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return buffer[: shape[0]]
+
+    def _factor(self, key: str, blocks: Sequence[int]) -> torch.Tensor:
+        """The per-weight factor ``key`` of ``blocks`` (float32 values, zero in padding) as float64,
+        in kept buffers (so no operation mixes dtypes: that would make a temporary)."""
+        shape = torch.Size((len(blocks), self.layout.block_size))
+        values = self._factors[key].take(blocks, out=self._buffer(key, shape, torch.float32))
+        return self._buffer(key + "64", shape, torch.float64).copy_(values)
 
 
 class _TensorRows:
@@ -102,16 +120,59 @@ class _TensorRows:
         self._name: str | None = None
         self._flat = torch.empty(0)
 
-    def take(self, blocks: Sequence[int]) -> torch.Tensor:
+    def take(self, blocks: Sequence[int], out: torch.Tensor) -> torch.Tensor:
         bs = self.layout.block_size
-        out = torch.zeros(len(blocks), bs, dtype=torch.float32)
         for k, block in enumerate(blocks):
             name, j = self.owner[block]
             if name != self._name:
                 self._name, self._flat = name, self.values(name).detach().reshape(-1).to(torch.float32)
             part = self._flat[j * bs : (j + 1) * bs]
             out[k, : part.numel()] = part
+            out[k, part.numel():] = 0
         return out
+
+
+class _ScaleRows:
+    """Block rows (float32) of the Wanda factor — each weight's input-feature RMS (1 where a tensor
+    has none) — computed per block from the RMS vectors: no weight-sized tensor is ever made."""
+
+    def __init__(self, layout: BlockLayout, rms: dict[str, tuple[torch.Tensor, int]]) -> None:
+        self.layout, self.rms = layout, rms
+        self.owner = layout.block_owner()
+        self.specs = {s.name: s for s in layout.tensors}
+
+    def take(self, blocks: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+        bs = self.layout.block_size
+        for k, block in enumerate(blocks):
+            name, j = self.owner[block]
+            numel = math.prod(self.specs[name].shape)
+            count = min(bs, numel - j * bs)
+            out[k, count:] = 0
+            if name not in self.rms:
+                out[k, :count] = 1.0
+                continue
+            scale, dim = self.rms[name]
+            _fill_broadcast(out[k, :count], scale, dim, j * bs, self.specs[name].shape[-1])
+        return out
+
+
+def _fill_broadcast(row: torch.Tensor, scale: torch.Tensor, dim: int, offset: int, columns: int) -> None:
+    """``row[i]`` = the factor at flat index ``offset + i`` of a ``[rows, columns]`` weight:
+    ``scale[column]`` (``dim`` 1, nn.Linear) or ``scale[row]`` (``dim`` 0, Conv1D). Written as a
+    partial first row, whole rows (broadcast views) and a partial last row: no index tensors."""
+    count, i = row.numel(), 0
+    r, c = divmod(offset, columns)
+    if c:
+        n = min(columns - c, count)
+        row[:n] = scale[c : c + n] if dim == 1 else scale[r]
+        i, r = i + n, r + 1
+    full = (count - i) // columns
+    if full:
+        whole = row[i : i + full * columns].view(full, columns)
+        whole.copy_(scale[None, :].expand(full, columns) if dim == 1 else scale[r : r + full, None].expand(full, columns))
+        i, r = i + full * columns, r + full
+    if i < count:
+        row[i:] = scale[: count - i] if dim == 1 else scale[r]
 
 
 def replacement_costs(
