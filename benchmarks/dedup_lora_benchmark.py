@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE / "families"))
 
 from common import write_results  # noqa: E402
 from gpt2_sst2_lm import encode, load_splits  # noqa: E402
-from lossless_benchmark import weight_bytes, zipnn_bytes  # noqa: E402
+from lossless_benchmark import Member as FileMember, weight_bytes, zipnn_bytes, zipnn_family  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
@@ -71,6 +71,16 @@ def peer_bytes(form: str, folders: list[Path], base: Path) -> int:
     return sum(sum(zipnn_bytes(t) for t in load_file(f).values()) for f in files)
 
 
+def peer_xor_bytes(form: str, folders: list[Path], base: Path) -> int:
+    """ZipNN with XOR: the first member's file (the smallest ε: the dedup base) alone, every other
+    member's file XOR it tensor by tensor; for adapters the base model's file alone plus the adapter
+    files coded that way."""
+    name = "adapter_model.safetensors" if form == "adapter" else "model.safetensors"
+    files = [FileMember(f.name, load_file(f / name), None) for f in folders]
+    base_bytes = sum(zipnn_bytes(t) for t in load_file(base / "model.safetensors").values()) if form == "adapter" else 0
+    return base_bytes + zipnn_family(files)[1]
+
+
 def raw_bytes(form: str, folders: list[Path], base: Path) -> int:
     name = "adapter_model.safetensors" if form == "adapter" else "model.safetensors"
     return ((base / "model.safetensors").stat().st_size if form == "adapter" else 0) + \
@@ -97,6 +107,7 @@ def main() -> None:
         folders = [m.files_from for m in members(args.family / form)]
         figures[f"{form}_members_raw_bytes"] = raw_bytes(form, folders, args.base)
         figures[f"{form}_zipnn_peer_bytes"] = peer_bytes(form, folders, args.base)
+        figures[f"{form}_zipnn_xor_peer_bytes"] = peer_xor_bytes(form, folders, args.base)
         for threshold in args.thresholds:
             family = members(args.family / form)
             started = time.perf_counter()
@@ -104,6 +115,7 @@ def main() -> None:
                 report = deduplicate_family(family, data, DedupConfig(block_size=BLOCK, threshold=threshold),
                                             Path(tmp) / "store")
                 stored = weight_bytes(FamilyStore.open(Path(tmp) / "store"))  # weights only, as raw and peer
+                coded = weight_bytes(FamilyStore.open(Path(tmp) / "store").recode(Path(tmp) / "coded", codec="zipnn"))
             seconds = time.perf_counter() - started
             key = f"{form}_t{threshold:g}"
             targets = report.targets
@@ -115,6 +127,9 @@ def main() -> None:
                 f"{key}_targets_own_over_original_all": own, f"{key}_targets_own_over_original_dp_changed": own_dp,
                 f"{key}_weights_over_members_raw": stored / figures[f"{form}_members_raw_bytes"],
                 f"{key}_weights_over_zipnn_peer": stored / figures[f"{form}_zipnn_peer_bytes"],
+                f"{key}_coded_weight_bytes": coded,
+                f"{key}_coded_weights_over_zipnn_xor_peer": coded / figures[f"{form}_zipnn_xor_peer_bytes"],
+                f"{key}_weights_over_zipnn_xor_peer": stored / figures[f"{form}_zipnn_xor_peer_bytes"],
             })
             for m in report.models:
                 figures[f"{key}_{m.name}_val_before"] = m.val_utility_before
@@ -126,7 +141,8 @@ def main() -> None:
                     figures[f"{key}_{m.name}_epsilon_ledger"] = m.ledger.epsilon
                 rows.append((form, threshold, m))
             print(f"{form} t={threshold:g}: {seconds:.0f} s, targets own/original all {own:.3f}, DP-changed "
-                  f"{own_dp:.3f}, weights stored {stored:,} B", flush=True)
+                  f"{own_dp:.3f}, weights stored {stored:,} B, coded {coded:,} B (ZipNN XOR peer "
+                  f"{figures[f'{form}_zipnn_xor_peer_bytes']:,} B)", flush=True)
     write_results("dedup_lora", figures)
     print("\n| form | t (points) | member | role | ε ledger | blocks from base / searched | own / original "
           "(DP-changed) | val before → after | test before → after |")

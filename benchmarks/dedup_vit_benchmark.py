@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's package, not whichever one is installed
 
 from common import RESULTS_DIR, write_results  # noqa: E402
+from lossless_benchmark import Member as FileMember, plain_bytes, weight_bytes, zipnn_family  # noqa: E402
+from hf_dpdedup import FamilyStore  # noqa: E402
 from hf_dpdedup.dedup.live import LiveBlocks  # noqa: E402
 from hf_dpdedup.dedup.config import MCTS, SVT, Binary, DedupConfig, Greedy, Halving, NaiveLaplace, PlanConfig  # noqa: E402
 from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # noqa: E402
@@ -112,7 +114,10 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = deduplicate_family(members, data, config, Path(tmp) / "store")
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        # the lossy step's store, then the same store coded with ZipNN (lossless on top)
+        raw_weights = weight_bytes(FamilyStore.open(Path(tmp) / "store"))
+        coded_weights = weight_bytes(FamilyStore.open(Path(tmp) / "store").recode(Path(tmp) / "coded", codec="zipnn"))
     rows = own_rows(report, config.block_size, changed)
     row_bytes = config.block_size * 4
     print(f"\n== {label} ({seconds:.0f} s)")
@@ -144,7 +149,10 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
                            "svt_epsilon": m.svt_epsilon}.items():
             out[f"{m.name}.{key}"] = value
     summary = report.summary()
+    originals = sum(plain_bytes(m.files_from) for m in members)
     out.update({
+        "family_weights_over_original": raw_weights / originals,
+        "family_coded_weights_over_original": coded_weights / originals,
         "targets_compression": t_own / t_orig,
         "targets_compression_dp_changed": t_own_dp / t_orig_dp,
         "family_stored_over_original": summary["family_stored_over_original"],
@@ -155,6 +163,8 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
     print(f"targets' C.R. {out['targets_compression']:.1%} (DP-changed tensors {out['targets_compression_dp_changed']:.1%}); "
           f"family stored/original {out['family_stored_over_original']:.1%}; max test drop {100 * max(drops):.2f} pts; "
           f"max validations/target {out['max_validations_per_target']}; meets the issue's targets: {bool(out['meets_targets'])}")
+    print(f"family weights: store {out['family_weights_over_original']:.1%}, store + ZipNN "
+          f"{out['family_coded_weights_over_original']:.1%} of the original files")
     return out
 
 
@@ -181,6 +191,13 @@ def main() -> None:
             t.numel() * t.element_size() for t in m.model.state_dict().values())
         if u.mean < 0.5:
             raise SystemExit(f"{m.name} did not learn (public test accuracy {u.mean:.1%}): rebuild the family.")
+    # the lossless peer, measured once on the original files: ZipNN alone, and XOR against the base
+    originals = sum(plain_bytes(m.files_from) for m in members)
+    base_first = sorted(members, key=lambda m: m.privacy.epsilon)
+    alone, xored = zipnn_family([FileMember(m.name, m.model.state_dict(), m.files_from) for m in base_first])
+    figures.update({"zipnn_alone_over_original": alone / originals, "zipnn_xor_over_original": xored / originals})
+    print(f"ZipNN on the original files: alone {alone / originals:.1%}, XOR against {base_first[0].name} "
+          f"{xored / originals:.1%} of {originals:,} bytes")
     x, y = splits["private_val"]
 
     pretrain = batches(splits["pretrain"])
