@@ -14,7 +14,7 @@ from transformers import BertForSequenceClassification
 
 from hf_dpdedup.blocks import BlockRows, plan_layout, to_block_matrix
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
-from hf_dpdedup.dedup.tasks import classification_score
+from hf_dpdedup.dedup.tasks import classification_predict, classification_score
 from hf_dpdedup.privacy import PrivateDataset
 from hf_dpdedup.store.block_store import BlockStore, row_hashes
 
@@ -35,6 +35,7 @@ class LoadCounter:
         self.alive: list[weakref.ref] = []
         self.most_alive = 0
         self.loads = 0
+        self.ids: set[int] = set()
 
     def loader(self, folder):
         def load():
@@ -42,6 +43,7 @@ class LoadCounter:
             self.alive = [r for r in self.alive if r() is not None]
             model = BertForSequenceClassification.from_pretrained(folder).eval()
             self.alive.append(weakref.ref(model))
+            self.ids.add(id(model))
             self.loads += 1
             self.most_alive = max(self.most_alive, len(self.alive))
             return model
@@ -53,7 +55,7 @@ def _store_digest(path):
     return [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
 
 
-@pytest.mark.parametrize("validation", ["public", "svt"])
+@pytest.mark.parametrize("validation", ["public", "svt", "svt-agreement"])
 def test_lazy_members_give_the_same_family_with_two_models_in_memory_at_most(tmp_path, validation):
     eager, batches = make_family()
     extra, _ = make_family()  # a fourth member: more targets than the two models allowed in memory
@@ -66,22 +68,34 @@ def test_lazy_members_give_the_same_family_with_two_models_in_memory_at_most(tmp
     eager.append(extra)
     folders = _folders(eager, tmp_path / "models")
 
+    predicted_with: set[int] = set()  # every model predict_fn saw: only members, never a frozen copy
+
+    def predict(model, batch):
+        predicted_with.add(id(model))
+        return classification_predict(model, batch)
+
     def data():
         private = None
-        if validation == "svt":
+        if validation.startswith("svt"):
             cols = {"input_ids": torch.cat([b["input_ids"] for b in batches[3:]]),
                     "labels": torch.cat([b["labels"] for b in batches[3:]])}
             private = PrivateDataset(cols, dataset_id="toy-train", public_size=300, batch_size=100)
-        return DedupData(classification_score, public_val=batches[:3], public_test=batches[3:], private_val=private)
+        return DedupData(classification_score, public_val=batches[:3], public_test=batches[3:], private_val=private,
+                         predict_fn=predict)
 
-    config = DedupConfig(block_size=BLOCK, threshold=0.03, validation=validation, noise_seed=5)
+    agreement = validation == "svt-agreement"
+    config = DedupConfig(block_size=BLOCK, threshold=0.03, validation="svt" if agreement else validation,
+                         noise_seed=5, agreement=agreement)
     reloaded = [Member(f.name, BertForSequenceClassification.from_pretrained(f).eval(), m.privacy, files_from=f)
                 for f, m in zip(folders, eager)]
     held = deduplicate_family(reloaded, data(), config, tmp_path / "held")
 
     counter = LoadCounter()
     lazy = [Member.from_folder(f, m.privacy, counter.loader(f)) for f, m in zip(folders, eager)]
+    predicted_with.clear()
     streamed = deduplicate_family(lazy, data(), config, tmp_path / "streamed")
+    if agreement:  # the mechanism held the targets' predictions: no model but the loaded ones predicted
+        assert predicted_with and predicted_with <= {id(r()) for r in counter.alive if r() is not None} | counter.ids
 
     assert counter.most_alive <= 2  # the base and the model under validation, never more
     assert all(m.model is None for m in lazy)  # every lazy member was let go once stored

@@ -23,7 +23,6 @@ Semantics (DESIGN "The deduplication algorithm"):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -69,7 +68,6 @@ from .validate import (
     MechanismValidator,
     PublicValidator,
     agreement_batches,
-    agreement_score,
     public_utility,
     public_utility_stats,
 )
@@ -524,12 +522,14 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, floor: floa
                                floor=floor)
     if data.private_val is None:
         raise ValueError(f"validation={validation!r} needs private validation data (DedupData.private_val).")
-    # On private data, agreement is scored inside the mechanism against a frozen copy of the target
-    # (the live target is edited in place); no prediction on private data ever leaves it.
-    score_fn = (agreement_score(copy.deepcopy(target.model).eval(), data.predict_fn) if config.agreement
-                else data.score_fn)
+    # On private data, agreement is scored inside the mechanism: it keeps the unedited target's
+    # predictions in the firewall's vault when it opens (the live target is then edited in place; no
+    # frozen copy of it is made), and no prediction on private data ever leaves it.
+    if config.agreement and data.predict_fn is None:
+        raise ValueError("agreement validation needs DedupData.predict_fn (per-example predictions).")
+    scoring = dict(predict_fn=data.predict_fn) if config.agreement else dict(score_fn=data.score_fn)
     # the mechanisms (privacy/svt.py, privacy/laplace.py) call the threshold ``allowed_drop``
-    common = dict(reference=target.model, score_fn=score_fn, allowed_drop=config.threshold, floor=floor,
+    common = dict(reference=target.model, **scoring, allowed_drop=config.threshold, floor=floor,
                   sampler=sampler, label=f"{validation.kind}-{target.name}")
     if isinstance(validation, SVT):
         return MechanismValidator(SVTSession(data.private_val, epsilon=validation.epsilon,

@@ -105,21 +105,6 @@ def agreement_batches(batches: list[Any], reference: torch.nn.Module, predict_fn
         reference.train(was_training)
 
 
-def agreement_score(original: torch.nn.Module, predict_fn: Callable[[Any, Any], Any] | None) -> ScoreFn:
-    """Per-example score: 1 where a candidate predicts what ``original`` (a frozen copy) predicts.
-
-    For private data this runs inside the charged mechanisms like any score function: the query
-    ``1 − agreement`` still has sensitivity ≤ 2/|D| (a mean of per-example scores in [0, 1]).
-    """
-    if predict_fn is None:
-        raise ValueError("agreement validation needs DedupData.predict_fn (per-example predictions).")
-
-    def score(model: Any, batch: Any) -> torch.Tensor:
-        return (torch.as_tensor(predict_fn(model, batch)) == torch.as_tensor(predict_fn(original, batch))).float()
-
-    return score
-
-
 class PublicValidator:
     """Accept while utility ≥ max(reference − threshold − margin_se · SE, floor) on public batches.
 

@@ -27,6 +27,7 @@ from .noise import SEEDED_LABEL, LaplaceSampler
 from .private_data import (
     SCORE_GRID,
     NoisedValue,
+    PredictFn,
     PrivateDataset,
     ScoreFn,
     current_collective,
@@ -107,16 +108,17 @@ class NaiveLaplaceValidator:
         dataset: PrivateDataset,
         *,
         reference: Any,
-        score_fn: ScoreFn,
+        score_fn: ScoreFn | None = None,
         epsilon_per_query: float,
         allowed_drop: float,
         floor: float | None = None,
         sampler: LaplaceSampler | None = None,
         label: str | None = None,
+        predict_fn: PredictFn | None = None,
     ) -> None:
         self._eps = check_epsilon(epsilon_per_query, name="epsilon_per_query")
         self._q = DropQuery(self, dataset, kind="naive", score_fn=score_fn, allowed_drop=allowed_drop, floor=floor,
-                            sampler=sampler, label=label)
+                            sampler=sampler, label=label, predict_fn=predict_fn)
         self._sampler, self._dataset, self._collective = self._q.sampler, dataset, self._q.collective
         self._threshold, self._label = self._q.threshold, self._q.source_id
         self.charges: list[Charge] = []

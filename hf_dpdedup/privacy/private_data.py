@@ -13,6 +13,10 @@ on the instance, so no attribute of the package's objects exposes them, but code
 private names can still reach them. The guarantee is "no code path of this package reads private
 data without charging it", not protection against hostile code in the same process.
 
+Agreement: a mechanism opened with ``predict_fn(model, batch)`` (one prediction per example)
+instead of a score keeps the reference model's predictions in the vault when it opens, and scores a
+candidate 1 where it predicts the same; the reference may be edited in place afterwards.
+
 Scores: ``score_fn(model, batch)`` returns one score per example. Inside the mechanism the scores
 are made safe — NaN → 0, clipped to [0, 1] — and quantised to integers ``floor(s · SCORE_GRID)``,
 so every private sum is an exact integer with known sensitivity and the noise can be exact.
@@ -48,6 +52,7 @@ from .charge import Charge, sum_rounded_up
 SCORE_GRID = 2**16  # per-example scores become integers in [0, SCORE_GRID]
 
 ScoreFn = Callable[[Any, Any], Any]
+PredictFn = Callable[[Any, Any], Any]  # (model, batch) -> one prediction per example (agreement validation)
 T = TypeVar("T")
 
 
@@ -89,7 +94,7 @@ class _Grant:
 
 
 class _Vault:
-    __slots__ = ("examples", "grants", "held")
+    __slots__ = ("examples", "grants", "held", "predictions")
 
     def __init__(self, examples: Any) -> None:
         self.examples = examples
@@ -97,6 +102,9 @@ class _Vault:
         # Exact private figures a mechanism keeps between queries (its reference sum), by mechanism:
         # never an attribute of the mechanism, wiped when it closes (or is garbage-collected).
         self.held: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+        # An agreement mechanism's reference predictions, by mechanism and then by batch start (this
+        # process' shard only): kept here for the same reasons, wiped with the reference sum.
+        self.predictions: "weakref.WeakKeyDictionary[Any, dict[int, Any]]" = weakref.WeakKeyDictionary()
 
 
 _VAULT: "weakref.WeakKeyDictionary[PrivateDataset, _Vault]" = weakref.WeakKeyDictionary()
@@ -282,12 +290,19 @@ def held_private(dataset: PrivateDataset, mechanism: Any) -> int:
 
 def wipe_private(dataset: PrivateDataset, mechanism: Any) -> None:
     _VAULT[dataset].held.pop(mechanism, None)
+    _VAULT[dataset].predictions.pop(mechanism, None)
+
+
+def holds_private(dataset: PrivateDataset, mechanism: Any) -> bool:
+    """Whether the vault still keeps anything of ``mechanism`` (a reference sum or predictions)."""
+    vault = _VAULT[dataset]
+    return mechanism in vault.held or mechanism in vault.predictions
 
 
 def quantized_scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> np.ndarray:
     """Per-example scores of ``model`` on the data, as integers in [0, SCORE_GRID]. Grant required."""
     n_batches = -(-dataset._size // dataset._batch_size)
-    return _scores(dataset, grant, model, score_fn, range(n_batches))
+    return _scores(dataset, grant, model, _per_batch(score_fn), range(n_batches))
 
 
 def quantized_total(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn) -> int:
@@ -296,13 +311,68 @@ def quantized_total(dataset: PrivateDataset, grant: _Grant | None, model: Any, s
     Each process scores its contiguous shard of batches (batches are cut exactly as in one
     process, so every score is computed on the same batch) and the integer partial sums are added.
     """
+    return _total(dataset, grant, model, _per_batch(score_fn))
+
+
+def hold_predictions(dataset: PrivateDataset, grant: _Grant | None, mechanism: Any, reference: Any,
+                     predict_fn: PredictFn) -> int:
+    """Keep ``reference``'s per-example predictions (this process' shard) in the vault for
+    ``mechanism``'s agreement queries (:func:`agreement_total`), and return the reference's own
+    agreement total (every example agrees with itself: ``SCORE_GRID`` each, over the collective).
+
+    The reference may then be edited in place: agreement needs no frozen copy of the model (one
+    model's memory at LLM scale) and no second forward pass per query."""
+    held: dict[int, Any] = {}
+
+    def record(model: Any, start: int, batch: Any) -> Any:
+        held[start] = _as_predictions(predict_fn(model, batch))
+        return np.ones(held[start].shape[0])
+
+    total = _total(dataset, grant, reference, record)
+    _VAULT[dataset].predictions[mechanism] = held
+    return total
+
+
+def agreement_total(dataset: PrivateDataset, grant: _Grant | None, mechanism: Any, model: Any,
+                    predict_fn: PredictFn) -> int:
+    """Σ over the data of 1 where ``model`` predicts what ``mechanism``'s held reference predicted,
+    quantised like any score (a mean of per-example scores in [0, 1]: sensitivity as for utility)."""
+    try:
+        held = _VAULT[dataset].predictions[mechanism]
+    except KeyError:
+        raise PrivacyError(
+            f"The mechanism on {dataset.dataset_id!r} holds no reference predictions (it is closed, or it "
+            "was opened without a predict_fn). Open a new (charged) mechanism to ask further queries."
+        ) from None
+
+    def agree(candidate: Any, start: int, batch: Any) -> Any:
+        same = _as_predictions(predict_fn(candidate, batch)) == held[start]
+        return same.all(axis=1).astype(np.float64)  # an example agrees when all its predictions do
+
+    return _total(dataset, grant, model, agree)
+
+
+def _as_predictions(values: Any) -> np.ndarray:
+    """One row per example (a label, or a sequence of them), owned by the vault (a copy)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    values = np.asarray(values)
+    return values.reshape(values.shape[0] if values.ndim else 1, -1).copy()
+
+
+def _per_batch(score_fn: ScoreFn) -> Callable[[Any, int, Any], Any]:
+    return lambda model, start, batch: score_fn(model, batch)
+
+
+def _total(dataset: PrivateDataset, grant: _Grant | None, model: Any, score: Callable[[Any, int, Any], Any]) -> int:
     collective = current_collective()
     n_batches = -(-dataset._size // dataset._batch_size)
-    local = int(_scores(dataset, grant, model, score_fn, shard_range(n_batches, collective.rank, collective.size)).sum())
+    local = int(_scores(dataset, grant, model, score, shard_range(n_batches, collective.rank, collective.size)).sum())
     return int(collective.sum([local])[0])
 
 
-def _scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn: ScoreFn, batches: range) -> np.ndarray:
+def _scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score: Callable[[Any, int, Any], Any],
+            batches: range) -> np.ndarray:
     vault = _VAULT[dataset]
     if grant is None or grant.revoked or grant not in vault.grants:
         dataset._refuse("a read without a valid grant")
@@ -315,7 +385,7 @@ def _scores(dataset: PrivateDataset, grant: _Grant | None, model: Any, score_fn:
         with _inference(model):
             for start, batch in _batches(vault.examples, size, batch_size, dataset._collate, batches):
                 stop = min(start + batch_size, size)
-                out[start - first : stop - first] = _quantize(score_fn(model, batch), stop - start)
+                out[start - first : stop - first] = _quantize(score(model, start, batch), stop - start)
     except PrivacyError:
         raise
     except Exception as exc:  # noqa: BLE001 - the message may quote private data: keep only the type

@@ -36,10 +36,13 @@ from .charge import Charge
 from .noise import SEEDED_LABEL, LaplaceSampler
 from .private_data import (
     SCORE_GRID,
+    PredictFn,
     PrivateDataset,
     ScoreFn,
+    agreement_total,
     current_collective,
     held_private,
+    hold_predictions,
     hold_private,
     mechanism_id,
     open_grant,
@@ -121,11 +124,18 @@ class DropQuery:
     """The query SVT and the naive Laplace validator (:mod:`.laplace`) both answer, and their shared
     set-up: ``q = U(M) − U(M')`` (with a public ``floor``: ``max(q, T + floor − U(M'))``) in exact grid
     units, the allowed drop ``T``, the sampler (secure unless one is given), the collective and the
-    mechanism's source id. ``owner`` (the validator) holds the private reference sum U(M)."""
+    mechanism's source id. ``owner`` (the validator) holds the private reference sum U(M).
+    With ``predict_fn`` instead of ``score_fn`` the utility is agreement with the reference: the
+    vault keeps the reference's predictions (U(M) = 1 per example) and a candidate scores 1 where it
+    predicts the same — no frozen copy of the reference is needed."""
 
-    def __init__(self, owner: Any, dataset: PrivateDataset, *, kind: str, score_fn: ScoreFn, allowed_drop: float,
-                 floor: float | None, sampler: LaplaceSampler | None, label: str | None) -> None:
-        self.owner, self.dataset, self.score_fn = owner, dataset, score_fn
+    def __init__(self, owner: Any, dataset: PrivateDataset, *, kind: str, score_fn: ScoreFn | None, allowed_drop: float,
+                 floor: float | None, sampler: LaplaceSampler | None, label: str | None,
+                 predict_fn: PredictFn | None = None) -> None:
+        if (score_fn is None) == (predict_fn is None):
+            raise ValueError("Give a private mechanism exactly one of score_fn (utility) and predict_fn "
+                             "(agreement with the reference's predictions).")
+        self.owner, self.dataset, self.score_fn, self.predict_fn = owner, dataset, score_fn, predict_fn
         self.sampler = sampler if sampler is not None else LaplaceSampler.secure()
         units = Fraction(dataset.public_size * SCORE_GRID)
         self.threshold = Fraction(check_unit_interval(allowed_drop, name="allowed_drop")) * units
@@ -134,12 +144,20 @@ class DropQuery:
         self.source_id = self.collective.from_main(lambda: mechanism_id(kind, dataset, label))
 
     def hold_reference(self, grant: Any, reference: Any) -> None:
-        """Read U(M) of ``reference`` under ``grant`` and keep it inside the firewall."""
-        hold_private(self.dataset, self.owner, quantized_total(self.dataset, grant, reference, self.score_fn))
+        """Read U(M) of ``reference`` under ``grant`` and keep it inside the firewall (under
+        agreement: its predictions, and U(M) = 1 per example)."""
+        if self.predict_fn is not None:
+            total = hold_predictions(self.dataset, grant, self.owner, reference, self.predict_fn)
+        else:
+            total = quantized_total(self.dataset, grant, reference, self.score_fn)
+        hold_private(self.dataset, self.owner, total)
 
     def query(self, grant: Any, candidate: Any) -> Fraction:
         """The exact (private) query of ``candidate`` under ``grant``, in grid units."""
-        total = quantized_total(self.dataset, grant, candidate, self.score_fn)
+        if self.predict_fn is not None:
+            total = agreement_total(self.dataset, grant, self.owner, candidate, self.predict_fn)
+        else:
+            total = quantized_total(self.dataset, grant, candidate, self.score_fn)
         query = Fraction(held_private(self.dataset, self.owner) - total)
         if self.floor is not None:
             query = max(query, self.threshold + self.floor - total)
@@ -169,17 +187,18 @@ class SVTSession:
         dataset: PrivateDataset,
         *,
         reference: Any,
-        score_fn: ScoreFn,
+        score_fn: ScoreFn | None = None,
         epsilon: float,
         cutoff: int,
         allowed_drop: float,
         floor: float | None = None,
         sampler: LaplaceSampler | None = None,
         label: str | None = None,
+        predict_fn: PredictFn | None = None,
     ) -> None:
         self.parameters = svt_parameters(epsilon=epsilon, cutoff=cutoff, size=dataset.public_size)
         self._q = DropQuery(self, dataset, kind="svt", score_fn=score_fn, allowed_drop=allowed_drop, floor=floor,
-                            sampler=sampler, label=label)
+                            sampler=sampler, label=label, predict_fn=predict_fn)
         self._sampler, self._dataset, self._collective = self._q.sampler, dataset, self._q.collective
         self._threshold = self._q.threshold
         self.charge = Charge(self._q.source_id, (dataset.dataset_id,), self.parameters.epsilon, 0.0, "svt",
