@@ -30,6 +30,23 @@ def median_seconds(fn: Callable[[], object], repeats: int, setup: Callable[[], o
     return statistics.median(times)
 
 
+def paired(load, reference, repeats: int, setup=None) -> tuple[float, float, float]:
+    """Median seconds of ``load`` and of ``reference`` timed in alternation, and the median of the
+    per-pair ratios: on a shared, noisy machine each pair sees about the same load."""
+    times, refs, ratios = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference()
+        refs.append(time.perf_counter() - start)
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        load()
+        times.append(time.perf_counter() - start)
+        ratios.append(times[-1] / refs[-1])
+    return statistics.median(times), statistics.median(refs), statistics.median(ratios)
+
+
 def write_results(name: str, figures: dict[str, float]) -> Path:
     """Write flat ``name → number`` JSON to ``benchmarks/results/<name>.json`` and print it."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ Figures (``benchmarks/results/hub.json``):
   ``*_fresh_process_s`` clears the in-process verification cache before each load, as a newly
   started process sees it: shards are then trusted through the markers ``hf_dpdedup.hub.download.
   verify_cached`` keeps beside the huggingface_hub cache (hashed once per downloaded blob);
+- ``new_process*_ratio``: a whole new Python process (imports included) loading the member offline
+  from the warm cache ÷ one loading the plain repo with transformers (``*_contiguous``: ``eps1``);
 - ``family_download_bytes`` vs. ``plain_download_bytes``: what loading all 5 members costs in a fresh
   cache, as a family (shared shards once) and as 5 plain repos; ``download_ratio`` = family / plain.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +59,7 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
 )
 
-from common import median_seconds, minilm_folder, write_results  # noqa: E402
+from common import median_seconds, minilm_folder, paired, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402
 from hf_dpdedup.testing import HubServer  # noqa: E402
 from hf_dpdedup.privacy import PrivacyMetadata  # noqa: E402
@@ -68,6 +71,13 @@ TOKEN = "bench-token"
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def new_process(code: str):
+    """A fresh interpreter running ``code`` offline (2 threads), as a callable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return lambda: subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
 
 
 def make_member(base: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
@@ -102,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--block-size", type=int, default=65536)
+    parser.add_argument("--process-repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp, HubServer(tokens={TOKEN: ("bench", "write")}, port=PORT) as server:
@@ -129,17 +140,28 @@ def main() -> None:
         for label, name in (("_contiguous", "eps1"), ("", "eps4")):
             for mode, kwargs in (("", {}), ("_offline", {"local_files_only": True})):
                 key = f"{mode}{label}"
-                dedup_s = median_seconds(lambda: DedupedModel.from_pretrained(
-                    f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats)
-                hf_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
-                    f"bench/plain-{name}", cache_dir=plain_cache, token=TOKEN, **kwargs), args.repeats)
-                fresh_s = median_seconds(lambda: DedupedModel.from_pretrained(
-                    f"bench/minilm-{name}", cache_dir=family_cache, token=TOKEN, **kwargs), args.repeats,
-                    setup=forget_verified)
+                load = lambda n=name, kw=kwargs: DedupedModel.from_pretrained(  # noqa: E731
+                    f"bench/minilm-{n}", cache_dir=family_cache, token=TOKEN, **kw)
+                reference = lambda n=name, kw=kwargs: AutoModelForSequenceClassification.from_pretrained(  # noqa: E731
+                    f"bench/plain-{n}", cache_dir=plain_cache, token=TOKEN, **kw)
+                # each ratio: the median of per-pair ratios (ours and transformers' timed back to back)
+                dedup_s, hf_s, ratio = paired(load, reference, args.repeats)
+                fresh_s, _, fresh_ratio = paired(load, reference, args.repeats, setup=forget_verified)
                 figures.update({f"dedup_warm_load{key}_s": dedup_s, f"hf_warm_load{key}_s": hf_s,
-                                f"warm_load{key}_ratio": dedup_s / hf_s,
+                                f"warm_load{key}_ratio": ratio,
                                 f"dedup_warm_load{key}_fresh_process_s": fresh_s,
-                                f"warm_load{key}_fresh_process_ratio": fresh_s / hf_s})
+                                f"warm_load{key}_fresh_process_ratio": fresh_ratio})
+        # a whole new process (imports included), offline from the warm caches, against transformers'
+        for label, name in (("_contiguous", "eps1"), ("", "eps4")):
+            t_dedup, t_hf, ratio = paired(
+                new_process(f"from hf_dpdedup import DedupedModel; DedupedModel.from_pretrained("
+                            f"'bench/minilm-{name}', cache_dir={str(family_cache)!r}, local_files_only=True)"),
+                new_process(f"from transformers import AutoModelForSequenceClassification; "
+                            f"AutoModelForSequenceClassification.from_pretrained('bench/plain-{name}', "
+                            f"cache_dir={str(plain_cache)!r}, local_files_only=True)"),
+                args.process_repeats)
+            figures.update({f"dedup_new_process{label}_s": t_dedup, f"hf_new_process{label}_s": t_hf,
+                            f"new_process{label}_ratio": ratio})
         remote_s = median_seconds(lambda: AutoModelForSequenceClassification.from_pretrained(
             "bench/minilm-eps4", cache_dir=family_cache, token=TOKEN, trust_remote_code=True), args.repeats)
         figures.update({"remote_code_warm_load_s": remote_s, "remote_code_ratio": remote_s / figures["hf_warm_load_s"]})

@@ -25,16 +25,14 @@ import json
 import os
 import subprocess
 import sys
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModel
 
-from common import median_seconds, minilm_folder, write_results
+from common import median_seconds, minilm_folder, paired, write_results
 from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.store.io import forget_verified
 from hf_dpdedup.store.member import _gather, read_constitution
@@ -79,23 +77,6 @@ def load_member(member: Path, *, copy_rows: bool = False) -> torch.nn.Module:
         return DedupedModel.from_pretrained(member)
     finally:
         del os.environ[SWITCH]
-
-
-def paired(load, reference, repeats: int, setup=None) -> tuple[float, float, float]:
-    """Median seconds of ``load`` and of ``reference`` timed in alternation, and the median of the
-    per-pair ratios: on a shared, noisy machine each pair sees about the same load."""
-    times, refs, ratios = [], [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        reference()
-        refs.append(time.perf_counter() - start)
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        load()
-        times.append(time.perf_counter() - start)
-        ratios.append(times[-1] / refs[-1])
-    return statistics.median(times), statistics.median(refs), statistics.median(ratios)
 
 
 NEW_PROCESS = {
