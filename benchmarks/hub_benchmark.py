@@ -11,7 +11,9 @@ Figures (``benchmarks/results/hub.json``):
 - ``dedup_warm_load_s`` / ``hf_warm_load_s``: median time to load one member with
   ``DedupedModel.from_pretrained(repo_id)`` vs. ``AutoModelForSequenceClassification.from_pretrained``
   of the same model pushed as a plain repo, both from a warm cache (online: the branch is resolved),
-  for ``eps4`` (scattered rows) and, under ``*_contiguous*`` keys, ``eps1`` (contiguous), and the ``_offline`` variants (``local_files_only=True``: no request at all); ``*_ratio`` = dedup / hf.
+  for ``eps4`` (scattered rows) and, under ``*_contiguous*`` keys, ``eps1`` (contiguous), and the
+  ``_offline`` variants (``local_files_only=True``: no request at all); ``*_ratio``: the median of
+  per-pair ratios dedup / hf, each pair timed back to back.
   ``remote_code_warm_load_s``: the member loaded with plain transformers,
   ``AutoModelForSequenceClassification.from_pretrained(member, trust_remote_code=True)`` (the repo's
   ``modeling_hf_dpdedup.py``, which uses hf_dpdedup when installed), ``remote_code_ratio`` = that / hf;
