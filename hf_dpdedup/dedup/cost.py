@@ -40,9 +40,9 @@ class BlockCosts:
     """
 
     def __init__(self, layout: BlockLayout, measure: CostMeasure,
-                 factors: dict[str, Callable[[str], torch.Tensor]]) -> None:
+                 factors: dict[str, _TensorRows | _ScaleRows]) -> None:
         self.layout, self.measure = layout, measure
-        self._factors: dict[str, _TensorRows | _ScaleRows] = {key: _TensorRows(layout, fn) for key, fn in factors.items()}
+        self._factors = factors  # block rows of each per-weight factor the measure needs
         self._buffers: dict[str, torch.Tensor] = {}  # work buffers reused across chunks of one size
 
     @classmethod
@@ -70,14 +70,12 @@ class BlockCosts:
         if measure == "wanda":
             named = model.state_dict(keep_vars=True)
             rms = input_rms(model, {s.name: named[s.name] for s in layout.tensors}, list(calibration), loss_fn)
-            costs = cls(layout, measure, {})
-            costs._factors["scale"] = _ScaleRows(layout, rms)
-            return costs
+            return cls(layout, measure, {"scale": _ScaleRows(layout, rms)})
         mean, fisher = gradient_moments(model, layout, calibration, loss_fn=loss_fn, micro_batch=micro_batch,
                                         max_examples=max_examples)
-        factors = {"fisher": fisher.__getitem__}
+        factors = {"fisher": _TensorRows(layout, fisher.__getitem__)}
         if measure == "taylor":
-            factors["mean"] = mean.__getitem__
+            factors["mean"] = _TensorRows(layout, mean.__getitem__)
         return cls(layout, measure, factors)
 
     def costs(self, blocks: Sequence[int], deltas: torch.Tensor) -> torch.Tensor:

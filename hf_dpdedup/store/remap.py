@@ -109,8 +109,19 @@ class RowMapper:
         self.block_size = block_size
         self.dtype = dtype
         self.row_bytes = block_size * dtype.itemsize
-        wanted = bool(files) and available() and os.environ.get(SWITCH, "1") != "0"
-        self.budget = max(0, (_map_limit() - _maps_in_use()) // 4) if wanted else 0
+        self.wanted = bool(files) and available() and os.environ.get(SWITCH, "1") != "0"
+        self._budget: int | None = None  # read on the first gather: a load of views never needs it
+
+    @property
+    def budget(self) -> int:
+        """Mappings this load may still make."""
+        if self._budget is None:
+            self._budget = max(0, (_map_limit() - _maps_in_use()) // 4) if self.wanted else 0
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self._budget = value
 
     def gather(self, runs: Sequence[Run], n_rows: int) -> torch.Tensor | None:
         """A ``[n_rows, block_size]`` tensor of the runs' rows in order, or ``None``."""
