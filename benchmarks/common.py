@@ -1,9 +1,13 @@
-"""Helpers shared by the benchmarks: timing medians, the results files, the MiniLM they load."""
+"""Helpers shared by the benchmarks: timing (medians, paired ratios, new processes), the results
+files, the MiniLM they load."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +49,13 @@ def paired(load, reference, repeats: int, setup=None) -> tuple[float, float, flo
         times.append(time.perf_counter() - start)
         ratios.append(times[-1] / refs[-1])
     return statistics.median(times), statistics.median(refs), statistics.median(ratios)
+
+
+def new_process(code: str, **env: str) -> Callable[[], object]:
+    """A fresh interpreter running ``code`` (2 threads, this checkout's package first), as a callable;
+    ``env`` adds variables (e.g. ``HF_HUB_OFFLINE="1"``)."""
+    full = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env}
+    return lambda: subprocess.run([sys.executable, "-c", code], check=True, env=full, capture_output=True)
 
 
 def write_results(name: str, figures: dict[str, float]) -> Path:

@@ -36,11 +36,10 @@ sys.path.insert(0, str(HERE / "families"))
 
 from common import write_results  # noqa: E402
 from gpt2_sst2_lm import encode, load_splits  # noqa: E402
-from lossless_benchmark import Member as FileMember, weight_bytes, zipnn_bytes, zipnn_family  # noqa: E402
+from lossless_benchmark import Member as FileMember, raw_and_coded_weight_bytes, zipnn_bytes, zipnn_family  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
-from hf_dpdedup.store import FamilyStore  # noqa: E402
 from hf_dpdedup.dedup.tasks import token_accuracy_score  # noqa: E402
 from hf_dpdedup.distributed import load_member_model  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
@@ -114,8 +113,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 report = deduplicate_family(family, data, DedupConfig(block_size=BLOCK, threshold=threshold),
                                             Path(tmp) / "store")
-                stored = weight_bytes(FamilyStore.open(Path(tmp) / "store"))  # weights only, as raw and peer
-                coded = weight_bytes(FamilyStore.open(Path(tmp) / "store").recode(Path(tmp) / "coded", codec="zipnn"))
+                # weights only, as raw and peer
+                stored, coded = raw_and_coded_weight_bytes(Path(tmp) / "store", Path(tmp) / "coded")
             seconds = time.perf_counter() - started
             key = f"{form}_t{threshold:g}"
             targets = report.targets

@@ -51,8 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's package, not whichever one is installed
 
 from common import RESULTS_DIR, write_results  # noqa: E402
-from lossless_benchmark import Member as FileMember, plain_bytes, weight_bytes, zipnn_family  # noqa: E402
-from hf_dpdedup import FamilyStore  # noqa: E402
+from lossless_benchmark import Member as FileMember, plain_bytes, raw_and_coded_weight_bytes, zipnn_family  # noqa: E402
 from hf_dpdedup.dedup.live import LiveBlocks  # noqa: E402
 from hf_dpdedup.dedup.config import MCTS, SVT, Binary, DedupConfig, Greedy, Halving, NaiveLaplace, PlanConfig  # noqa: E402
 from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # noqa: E402
@@ -116,8 +115,7 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
         report = deduplicate_family(members, data, config, Path(tmp) / "store")
         seconds = time.perf_counter() - started
         # the lossy step's store, then the same store coded with ZipNN (lossless on top)
-        raw_weights = weight_bytes(FamilyStore.open(Path(tmp) / "store"))
-        coded_weights = weight_bytes(FamilyStore.open(Path(tmp) / "store").recode(Path(tmp) / "coded", codec="zipnn"))
+        raw_weights, coded_weights = raw_and_coded_weight_bytes(Path(tmp) / "store", Path(tmp) / "coded")
     rows = own_rows(report, config.block_size, changed)
     row_bytes = config.block_size * 4
     print(f"\n== {label} ({seconds:.0f} s)")

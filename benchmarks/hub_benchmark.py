@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -61,7 +60,7 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
 )
 
-from common import median_seconds, minilm_folder, paired, write_results  # noqa: E402
+from common import median_seconds, minilm_folder, new_process, paired, write_results  # noqa: E402
 from hf_dpdedup import DedupedModel, FamilyStore, push_family_to_hub  # noqa: E402
 from hf_dpdedup.testing import HubServer  # noqa: E402
 from hf_dpdedup.privacy import PrivacyMetadata  # noqa: E402
@@ -73,13 +72,6 @@ TOKEN = "bench-token"
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def new_process(code: str):
-    """A fresh interpreter running ``code`` offline (2 threads), as a callable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return lambda: subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
 
 
 def make_member(base: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
@@ -157,10 +149,10 @@ def main() -> None:
         for label, name in (("_contiguous", "eps1"), ("", "eps4")):
             t_dedup, t_hf, ratio = paired(
                 new_process(f"from hf_dpdedup import DedupedModel; DedupedModel.from_pretrained("
-                            f"'bench/minilm-{name}', cache_dir={str(family_cache)!r}, local_files_only=True)"),
+                            f"'bench/minilm-{name}', cache_dir={str(family_cache)!r}, local_files_only=True)", HF_HUB_OFFLINE="1"),
                 new_process(f"from transformers import AutoModelForSequenceClassification; "
                             f"AutoModelForSequenceClassification.from_pretrained('bench/plain-{name}', "
-                            f"cache_dir={str(plain_cache)!r}, local_files_only=True)"),
+                            f"cache_dir={str(plain_cache)!r}, local_files_only=True)", HF_HUB_OFFLINE="1"),
                 args.process_repeats)
             figures.update({f"dedup_new_process{label}_s": t_dedup, f"hf_new_process{label}_s": t_hf,
                             f"new_process{label}_ratio": ratio})

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from common import median_seconds, minilm_folder, paired, write_results
+from common import median_seconds, minilm_folder, new_process, paired, write_results
 from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.store.io import forget_verified
 from hf_dpdedup.store.member import _gather, read_constitution
@@ -85,11 +83,9 @@ NEW_PROCESS = {
 }
 
 
-def new_process(kind: str, path: Path):
-    """A fresh interpreter that imports and loads (2 threads, like the rest), as a callable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    code = NEW_PROCESS[kind].format(path=str(path))
-    return lambda: subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+def load_process(kind: str, path: Path):
+    """A fresh interpreter that imports and loads ``path`` with ``kind``'s loader, as a callable."""
+    return new_process(NEW_PROCESS[kind].format(path=str(path)))
 
 
 def main() -> None:
@@ -122,9 +118,9 @@ def main() -> None:
             figures[f"load_ratio_{label}_first_load"] = ratio_first
             figures[f"load_ratio_{label}_steady"] = ratio_steady
 
-        hf_process = new_process("hf", folder)
+        hf_process = load_process("hf", folder)
         for label, member in members:
-            t_process, t_hf_process, ratio = paired(new_process("dedup", member), hf_process, args.process_repeats)
+            t_process, t_hf_process, ratio = paired(load_process("dedup", member), hf_process, args.process_repeats)
             figures[f"dedup_new_process_{label}_s"] = t_process
             figures[f"hf_new_process_{label}_pair_s"] = t_hf_process
             figures[f"new_process_ratio_{label}"] = ratio

@@ -251,6 +251,13 @@ def weight_bytes(family: FamilyStore) -> int:
     return family.blocks.stored_bytes() + members
 
 
+def raw_and_coded_weight_bytes(store: Path, work: Path) -> tuple[int, int]:
+    """:func:`weight_bytes` of the family at ``store``, and of the same family recoded with ZipNN
+    into ``work`` (lossless coding on top of whatever the store holds)."""
+    family = FamilyStore.open(store)
+    return weight_bytes(family), weight_bytes(family.recode(work, codec="zipnn"))
+
+
 def clear_decoded_cache() -> None:
     shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
     forget_verified()
