@@ -169,6 +169,24 @@ def build_base(base_dir: Path):
     return model, tokenizer, splits, packed, pre
 
 
+def load_base(base_dir: Path):
+    """``(model, tokenizer, splits, packed splits)``: the saved public base, built first if missing.
+
+    An existing base is reused rather than pre-trained again, so that the families built on it
+    (this one, ``gpt2_sst2_lora.py``) start from the very same weights.
+    """
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    if not (base_dir / "config.json").exists():
+        model, tokenizer, splits, packed, _ = build_base(base_dir)
+        return model, tokenizer, splits, packed
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    model = GPT2LMHeadModel.from_pretrained(base_dir)
+    splits = load_splits()
+    packed = {k: encode(tokenizer, v) for k, v in splits.items()}
+    return model, tokenizer, splits, packed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "gpt2-sst2-lm")
@@ -177,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model, tokenizer, splits, packed, pre = build_base(args.out / "base")
+    model, tokenizer, splits, packed = load_base(args.out / "base")
+    pre = utility(model, packed["public_test"])
     trained = freeze_embeddings(model)
     rows = train_members(
         model=model, module=model, train_set=TensorDataset(packed["private_train"]), forward=forward,

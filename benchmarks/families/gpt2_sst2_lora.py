@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 from hf_dpdedup.training import DPConfig, load_privacy, train_dp, train_members
 from hf_dpdedup.training.lora import LoraMemberSaver, LoraSpec, trainable_names, wrap_lora
 from gpt2_sst2_lm import (  # sibling build script: same base, data, loss and utility
-    DELTA, N_PRIVATE_TRAIN, SEED, SequenceCrossEntropy, build_base, encode, forward, load_splits, utility,
+    DELTA, N_PRIVATE_TRAIN, SEED, SequenceCrossEntropy, forward, load_base, utility,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -61,26 +61,13 @@ GRID = [
 LORA, CONFIG = GRID[9]
 
 
-def load_base(base_dir: Path):
-    """``(model, tokenizer, packed splits)``: the saved public base, built first if missing."""
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    if not (base_dir / "config.json").exists():
-        model, tokenizer, _, packed, _ = build_base(base_dir)
-        return model, tokenizer, packed
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
-    model = GPT2LMHeadModel.from_pretrained(base_dir)
-    packed = {k: encode(tokenizer, v) for k, v in load_splits().items()}
-    return model, tokenizer, packed
-
-
 def tune(base_dir: Path, points: list[int] | None = None) -> list[dict]:
     """Grid points (all, or those indexed by ``points``) at ε = 8: public validation utility only."""
     rows = []
     for i, (spec, config) in enumerate(GRID):
         if points is not None and i not in points:
             continue
-        model, _, packed = load_base(base_dir)
+        model, _, _, packed = load_base(base_dir)
         peft_model = wrap_lora(model, spec, task_type="CAUSAL_LM", seed=SEED, base_name=str(base_dir))
         result = train_dp(peft_model, TensorDataset(packed["private_train"]), forward=forward,
                           criterion=SequenceCrossEntropy(), config=config, dataset_ids=(DATASET_ID,))
@@ -106,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         print(json.dumps(tune(args.base, args.points), indent=2))
         return 0
-    model, tokenizer, packed = load_base(args.base)
+    model, tokenizer, _, packed = load_base(args.base)
     base_val, base_test = utility(model, packed["public_val"]), utility(model, packed["public_test"])
     peft_model = wrap_lora(model, LORA, task_type="CAUSAL_LM", seed=SEED, base_name=str(args.base))
     rows = train_members(
