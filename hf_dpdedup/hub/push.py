@@ -50,6 +50,7 @@ from ..store.constitution import Constitution, StoreRef
 from ..store.family import FamilyStore
 from ..store.format import ADAPTER_CONFIG_FILE, CONSTITUTION_FILE, EXTRAS_FILE, INDEX_FILE
 from ..store.member import check_member_name
+from ..store.io import json_text
 from .cards import is_seeded, member_card, store_card
 from .download import TRANSPORT_ERRORS, is_repo_id
 from .remote import REMOTE_CODE_FILE, config_with_auto_map, remote_code
@@ -248,7 +249,7 @@ def member_files(
     files: dict[str, Source] = {
         f.name: f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")
     }
-    files[CONSTITUTION_FILE] = (json.dumps(constitution.to_dict(), indent=2) + "\n").encode()
+    files[CONSTITUTION_FILE] = (json_text(constitution.to_dict()) + "\n").encode()
     # An adapter member's repo has no adapter_config.json: with one, transformers (and peft) would take the
     # repo for a plain peft adapter, load the base and fail on the missing adapter_model.safetensors,
     # instead of reaching the remote code; the adapter config is in the constitution's adapter record.

@@ -89,8 +89,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def json_text(obj: Any, indent: int = 2) -> str:
+    """JSON with objects and lists of objects indented, and every list of scalars on one line.
+
+    Indexes and constitutions are mostly long lists of row ids and row hashes; ``json.dumps(...,
+    indent=2)`` puts each on its own indented line, which made them 2-3 times their content (the
+    metadata of a small family outweighed its deduplicated rows). Any JSON reader reads both.
+    """
+    def encode(value: Any, level: int) -> str:
+        inner, outer = " " * (indent * (level + 1)), " " * (indent * level)
+        if isinstance(value, dict):
+            if not value:
+                return "{}"
+            items = (f"{inner}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {encode(v, level + 1)}"
+                     for k, v in value.items())
+            return "{\n" + ",\n".join(items) + "\n" + outer + "}"
+        if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+            return "[\n" + ",\n".join(inner + encode(v, level + 1) for v in value) + "\n" + outer + "]"
+        return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+    return encode(obj, 0)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json_text(obj) + "\n").encode())
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:

@@ -1,0 +1,36 @@
+"""The store's JSON text: the same data as ``json.dumps``, with lists of scalars kept on one line."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_dpdedup.store.family import FamilyStore
+from hf_dpdedup.store.io import json_text
+
+from conftest import tiny_model
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                           max_size=4), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_json_text_reads_back_as_json_dumps(value) -> None:
+    assert json.loads(json_text(value)) == json.loads(json.dumps(value))
+
+
+def test_row_lists_take_one_line_each(tmp_path) -> None:
+    """A member's row ids and the index's row hashes are one line each, not one line per entry."""
+    family = FamilyStore.create(tmp_path / "fam", block_size=256)
+    family.add_model("base", tiny_model("bert"))
+    index = (family.blocks.path / "block_store.json").read_text()
+    hashes = json.loads(index)["row_hashes"]
+    assert len(hashes) > 10
+    assert f'  "row_hashes": {json.dumps(hashes, separators=(",", ":"))}' in index.splitlines()[-2:]
+    constitution = (family.member_path("base") / "dedup_constitution.json").read_text()
+    for tensor in json.loads(constitution)["tensors"]:
+        assert f'"rows": {json.dumps(tensor["rows"], separators=(",", ":"))}' in constitution
