@@ -1,6 +1,14 @@
-"""Dedup of the DP-LoRA ``gpt2-sst2-lora`` family: merged members and adapter members side by side.
+"""Dedup of the GPT-2 LM families: DP-LoRA members merged and as adapters, and full DP fine-tunes.
 
     python benchmarks/dedup_lora_benchmark.py [--family benchmarks/families/gpt2-sst2-lora] [--thresholds 0.005 0.0025]
+    python benchmarks/dedup_lora_benchmark.py --family benchmarks/families/gpt2-sst2-lm --confirm --old
+
+A family folder with ``merged/`` and ``adapter/`` is a DP-LoRA family (both forms are run); any
+other family folder holds full fine-tunes (``eps-<ε>/`` beside ``base/``: form ``full``, every
+transformer block tensor DP-trained, see ``gpt2_sst2_lm.py``). ``--confirm`` searches on the first
+half of the ``dev`` sentences and confirms on the second; ``--old`` adds the paper's engine
+(nearest block over base ∪ own, magnitude saliency order, no confirmation) beside the default.
+Results: ``results/dedup_lora.json`` for the LoRA family, ``results/dedup_<family>.json`` otherwise.
 
 The family (``benchmarks/families/gpt2_sst2_lora.py``): one public GPT-2 base, DP-LoRA members at
 ε 1, 2, 4, 8, each saved as a peft adapter folder and merged. The same engine and configuration on
@@ -39,12 +47,20 @@ from gpt2_sst2_lm import encode, load_splits  # noqa: E402
 from lossless_benchmark import Member as FileMember, raw_and_coded_weight_bytes, zipnn_bytes, zipnn_family  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from hf_dpdedup.dedup.config import PlanConfig  # noqa: E402
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import token_accuracy_score  # noqa: E402
 from hf_dpdedup.distributed import load_member_model  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
 
 BLOCK = 256
+OLD = PlanConfig(candidates="nearest", order="saliency", saliency="magnitude", close_ratio=None)
+
+
+def forms(family: Path) -> dict[str, Path]:
+    """Each saved form's member folder: a DP-LoRA family keeps ``merged/`` and ``adapter/``; a family
+    of full fine-tunes keeps its members at the top (form ``full``)."""
+    return {f: family / f for f in ("merged", "adapter") if (family / f).is_dir()} or {"full": family}
 
 
 def batches(tokenizer, texts: list[str], size: int = 256) -> list[dict[str, torch.Tensor]]:
@@ -92,31 +108,41 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=HERE / "families" / "gpt2-sst2-lm" / "base")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.005, 0.0025])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--confirm", action="store_true", help="search on half of dev, confirm on the other half")
+    parser.add_argument("--old", action="store_true", help="also run the paper's engine (no confirmation)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.base)
     splits = load_splits()
-    data = DedupData(token_accuracy_score, public_val=batches(tokenizer, splits["public_val"]),
-                     public_test=batches(tokenizer, splits["public_test"]), calibration_loss=lm_loss)
+    val, test = splits["public_val"], batches(tokenizer, splits["public_test"])
+    half = len(val) // 2
+    data = DedupData(token_accuracy_score, public_val=batches(tokenizer, val), public_test=test,
+                     calibration_loss=lm_loss)
+    confirmed = DedupData(token_accuracy_score, public_val=batches(tokenizer, val[:half]), public_test=test,
+                          public_confirm=batches(tokenizer, val[half:]), calibration_loss=lm_loss)
+    runs = {"": (confirmed if args.confirm else data, {})}
+    if args.old:
+        runs["old_"] = (data, {"plan": OLD})
     figures: dict[str, float] = {}
     rows = []
-    for form in ("merged", "adapter"):
-        folders = [m.files_from for m in members(args.family / form)]
+    for form, form_dir in forms(args.family).items():
+        folders = [m.files_from for m in members(form_dir)]
         figures[f"{form}_members_raw_bytes"] = raw_bytes(form, folders, args.base)
         figures[f"{form}_zipnn_peer_bytes"] = peer_bytes(form, folders, args.base)
         figures[f"{form}_zipnn_xor_peer_bytes"] = peer_xor_bytes(form, folders, args.base)
-        for threshold in args.thresholds:
-            family = members(args.family / form)
+        for (run, (run_data, options)), threshold in ((r, t) for r in runs.items() for t in args.thresholds):
+            family = members(form_dir)
             started = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                report = deduplicate_family(family, data, DedupConfig(block_size=BLOCK, threshold=threshold),
+                report = deduplicate_family(family, run_data,
+                                            DedupConfig(block_size=BLOCK, threshold=threshold, **options),
                                             Path(tmp) / "store")
                 # weights only, as raw and peer
                 stored, coded = raw_and_coded_weight_bytes(Path(tmp) / "store", Path(tmp) / "coded")
             seconds = time.perf_counter() - started
-            key = f"{form}_t{threshold:g}"
+            key = f"{run}{form}_t{threshold:g}"
             targets = report.targets
             own = sum(t.own_bytes for t in targets) / sum(t.original_bytes for t in targets)
             own_dp = sum(t.own_bytes_differing for t in targets) / sum(t.original_bytes_differing for t in targets)
@@ -137,22 +163,27 @@ def main() -> None:
                 figures[f"{key}_{m.name}_test_after"] = m.test_utility_after
                 if m.role == "target":
                     figures[f"{key}_{m.name}_own_dp_changed"] = m.own_bytes_differing / m.original_bytes_differing
+                    figures[f"{key}_{m.name}_validations"] = m.validations
+                    figures[f"{key}_{m.name}_confirmations"] = m.confirmations
+                    figures[f"{key}_{m.name}_test_se"] = m.test_utility_se or 0.0
                     figures[f"{key}_{m.name}_epsilon_ledger"] = m.ledger.epsilon
-                rows.append((form, threshold, m))
-            print(f"{form} t={threshold:g}: {seconds:.0f} s, targets own/original all {own:.3f}, DP-changed "
+                rows.append((run + form, threshold, m))
+            print(f"{run}{form} t={threshold:g}: {seconds:.0f} s, targets own/original all {own:.3f}, DP-changed "
                   f"{own_dp:.3f}, weights stored {stored:,} B, coded {coded:,} B (ZipNN XOR peer "
                   f"{figures[f'{form}_zipnn_xor_peer_bytes']:,} B)", flush=True)
-    write_results("dedup_lora", figures)
+    write_results("dedup_lora" if "merged" in forms(args.family) else f"dedup_{args.family.name.replace('-', '_')}",
+                  figures)
     print("\n| form | t (points) | member | role | ε ledger | blocks from base / searched | own / original "
-          "(DP-changed) | val before → after | test before → after |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(DP-changed) | validations (+conf.) | val before → after | test before → after (± SE) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for form, threshold, m in rows:
         eps = f"{m.ledger.epsilon:.2f}" if m.ledger is not None else f"{m.epsilon_before:g}"
         own = f"{m.own_bytes_differing / m.original_bytes_differing:.3f}" if m.role == "target" else "—"
         searched = f"{m.from_base} / {m.candidates}" if m.role == "target" else "—"
-        print(f"| {form} | {threshold * 100:g} | {m.name} | {m.role} | {eps} | {searched} | {own} | "
+        checks = f"{m.validations} (+{m.confirmations})" if m.role == "target" else "—"
+        print(f"| {form} | {threshold * 100:g} | {m.name} | {m.role} | {eps} | {searched} | {own} | {checks} | "
               f"{m.val_utility_before:.4f} → {m.val_utility_after:.4f} | "
-              f"{m.test_utility_before:.4f} → {m.test_utility_after:.4f} |")
+              f"{m.test_utility_before:.4f} → {m.test_utility_after:.4f} (± {m.test_utility_se or 0:.4f}) |")
     print(json.dumps({k: v for k, v in figures.items() if "bytes" in k or "peer" in k or "raw" in k}, indent=1))
 
 

@@ -10,7 +10,8 @@ slice of 20,000 labelled phrases and a private part. The WordPiece vocabulary (1
 A ``BertForSequenceClassification`` (2 layers, hidden 128, 4 heads, MLP 512) is pre-trained without
 DP on the first ``N_PRETRAIN`` phrases of the public slice — a deliberately small public start, so
 that private data has something to add — then every member is DP fine-tuned from it with Opacus
-(ghost clipping) on a private training subset; the embeddings are frozen. ``dev.tsv`` is the public
+(ghost clipping) on a private training subset; only the position and token-type embeddings are
+frozen (the word embeddings, every encoder, pooler and classifier tensor are DP-trained). ``dev.tsv`` is the public
 validation, ``test.tsv`` the public test; a disjoint private validation part is kept for the SVT.
 """
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,12 @@ DELTA = 1e-5
 N_PRETRAIN, N_PRIVATE_TRAIN, N_PRIVATE_VAL = 2_000, 16_384, 2_000
 MAX_LENGTH = 20
 PRETRAIN_EPOCHS = 6
+# Chosen at ε = 8 on public validation (one secure-noise draw each; see benchmarks/RESULTS.md):
+# the word embeddings DP-train too (frozen, the ones the 2,000 pre-training phrases never moved stay
+# random and the members barely beat the base), Adam 5e-3 for 6 epochs.
+FREEZE = "positions"
 CONFIG = DPConfig(
-    epsilon=1.0, delta=DELTA, epochs=3, batch_size=512, lr=0.5, optimizer="sgd", momentum=0.9,
+    epsilon=1.0, delta=DELTA, epochs=6, batch_size=512, lr=5e-3, optimizer="adam",
     max_grad_norm=1.0, grad_sample_mode="ghost", seed=SEED,
 )
 DATASET_ID = f"glue/sst2:train.tsv#cls-private-train(seed={SEED},n={N_PRIVATE_TRAIN})"
@@ -118,8 +124,13 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
-def freeze_embeddings(model: nn.Module) -> list[str]:
-    for p in model.bert.embeddings.parameters():
+def freeze(model: nn.Module, what: str = "embeddings") -> list[str]:
+    """Freeze the embeddings (``"embeddings"``) or only the position and token-type embeddings
+    (``"positions"``); returns the names of the parameters left to DP-train."""
+    emb = model.bert.embeddings
+    frozen = emb.parameters() if what == "embeddings" else (
+        *emb.position_embeddings.parameters(), *emb.token_type_embeddings.parameters())
+    for p in frozen:
         p.requires_grad_(False)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -147,17 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "bert-sst2")
     parser.add_argument("--epsilons", type=float, nargs="+", default=EPSILONS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--optimizer", default=CONFIG.optimizer, help="tuning only (public validation)")
+    parser.add_argument("--lr", type=float, default=CONFIG.lr, help="tuning only (public validation)")
+    parser.add_argument("--epochs", type=int, default=CONFIG.epochs, help="tuning only (public validation)")
+    parser.add_argument("--freeze", choices=["embeddings", "positions"], default=FREEZE,
+                        help="tuning only: freeze all embeddings, or only the position/token-type ones")
     args = parser.parse_args(argv)
+    config = replace(CONFIG, optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
+                     momentum=CONFIG.momentum if args.optimizer == "sgd" else 0.0)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tokenizer, data = load_base(args.out / "base")
     base_val, base_test = accuracy(model, data["public_val"]), accuracy(model, data["public_test"])
-    trained = freeze_embeddings(model)
+    trained = freeze(model, args.freeze)
     rows = train_members(
         model=model, module=model, train_set=data["private_train"], forward=forward,
         criterion=nn.CrossEntropyLoss(),
         evaluate=lambda m: (accuracy(m, data["public_val"]), accuracy(m, data["public_test"])),
-        epsilons=args.epsilons, config=CONFIG, out=args.out, dataset_id=DATASET_ID,
+        epsilons=args.epsilons, config=config, out=args.out, dataset_id=DATASET_ID,
         trained_names=trained, processor=tokenizer,
         extra_args={"base": f"BERT (2x128) pre-trained on {N_PRETRAIN} public SST-2 train phrases (no DP)",
                     "utility": "accuracy", "base_public_val_accuracy": base_val,

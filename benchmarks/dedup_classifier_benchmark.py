@@ -1,22 +1,30 @@
-"""Deduplication benchmark on the fully DP-trained ``vit-digits`` family (issue 12, engine v2).
+"""Deduplication benchmark on the fully DP-trained classifier families (issue 12, engine v2).
 
-    python benchmarks/dedup_vit_benchmark.py [--family benchmarks/families/vit-digits] [--runs all]
+    python benchmarks/dedup_classifier_benchmark.py --family vit-digits [--runs all]
+    python benchmarks/dedup_classifier_benchmark.py --family bert-sst2 [--runs all]
 
-The family (``benchmarks/families/vit_digits.py``): a 0.2 M-parameter ViT pre-trained on the public
-half of scikit-learn's digits, DP fine-tuned with Opacus at ε 1, 2, 4, 6, 8 on the private half;
-every encoder and classifier tensor changes. The smallest-ε member (ε 1) is the base, the other
-four are targets. Data (``hf_dpdedup.training.digits.load_splits``): public validation (90 images,
-what the search validates on), public confirmation (90, the second split the accepted set is
-confirmed on), public test (180, reported only), private validation (180, SVT/naive only).
+The families (``benchmarks/families/``), each DP fine-tuned with Opacus at ε 1, 2, 4, 6, 8 from a
+publicly pre-trained base, every encoder and classifier tensor DP-changed:
+- ``vit-digits`` (``vit_digits.py``): a 0.2 M-parameter ViT pre-trained on the public half of
+  scikit-learn's digits, fine-tuned on the private half. Data (``hf_dpdedup.training.digits``):
+  public validation (90 images, what the search validates on), public confirmation (90, the second
+  split the accepted set is confirmed on), public test (180, reported only), public calibration
+  (the 539 pre-training images), private validation (180, SVT/naive only). Results:
+  ``results/dedup_vit.json``.
+- ``bert-sst2`` (``bert_sst2.py``): a 2-layer BERT classifier pre-trained on 2,000 public SST-2
+  phrases, fine-tuned on 16,384 private ones. Public validation and confirmation: the two halves of
+  ``dev.tsv`` (436 sentences each), public test ``test.tsv`` (1,821), public calibration the 2,000
+  pre-training phrases, private validation 2,000 private phrases. Results: ``results/dedup_bert.json``.
 
-First each member's public test accuracy is printed (a member near the 10 % chance would void every
-compression figure). Then, at threshold 1.5 points and block size 1,024 (unless a run says
-otherwise), each run deduplicates a fresh copy of the family and prints per target: blocks taken
-from the base / from the target itself / kept, validations (+ confirmations, + how many accepted
-replacements the confirmation reverted), the compression ratio (own stored bytes ÷ original) over
-ALL tensors and over the DP-changed tensors alone (``changed_tensors`` of each member's
-``training_args.json``), the public test drop ± its standard error, and the drop on the
-confirmation split (a second, independent estimate for the runs that do not confirm on it).
+In both, the smallest-ε member (ε 1) is the base and the other four are targets. First each
+member's public test accuracy is printed (a member near chance would void every compression
+figure). Then, at threshold 1.5 points and block size 1,024 (unless a run says otherwise), each
+run deduplicates a fresh copy of the family and prints per target: blocks taken from the base /
+from the target itself / kept, validations (+ confirmations, + how many accepted replacements the
+confirmation reverted), the compression ratio (own stored bytes ÷ original) over ALL tensors and
+over the DP-changed tensors alone (``changed_tensors`` of each member's ``training_args.json``),
+the public test drop ± its standard error, and the drop on the confirmation split (a second,
+independent estimate for the runs that do not confirm on it).
 
 Runs (``--runs`` picks groups):
 - ``main``: ``old`` (the paper's engine: nearest block among base ∪ own by L2, magnitude saliency
@@ -27,7 +35,7 @@ Runs (``--runs`` picks groups):
 - ``ablation``: cost taylor / wanda / delta; saliency order with aligned candidates; default without
   confirmation; validation on the pooled public validation + confirmation splits (180 images,
   the issue's setting) without confirmation; the old engine with confirmation; the Fisher calibrated on the public
-  pre-training split (539 images) instead of the search's validation split; agreement instead of
+  calibration split (the pre-training data) instead of the search's validation split; agreement instead of
   labels; block size 256 / 4,096;
 - ``strategies``: greedy-10, successive halving, MCTS (the default is binary search);
 - ``private``: the default with private validation through SVT (ε_svt 1, c 3 and c 10) and the naive
@@ -42,13 +50,15 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import ViTForImageClassification
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's package, not whichever one is installed
+sys.path.insert(0, str(HERE / "families"))
 
 from common import RESULTS_DIR, write_results  # noqa: E402
 from lossless_benchmark import Member as FileMember, plain_bytes, raw_and_coded_weight_bytes, zipnn_family  # noqa: E402
@@ -59,19 +69,67 @@ from hf_dpdedup.dedup.tasks import classification_predict, classification_score 
 from hf_dpdedup.dedup.validate import public_utility_stats  # noqa: E402
 from hf_dpdedup.privacy import PrivateDataset  # noqa: E402
 from hf_dpdedup.store.block_store import row_hashes  # noqa: E402
-from hf_dpdedup.training.digits import DATASET_ID, batches, load_splits  # noqa: E402
+from hf_dpdedup.training import digits  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
+import bert_sst2  # noqa: E402  (benchmarks/families/bert_sst2.py: its splits and tokenizer)
 
 THRESHOLD = 0.015
 BLOCK = 1024
 OLD = PlanConfig(candidates="nearest", order="saliency", saliency="magnitude", close_ratio=None)
 GROUPS = ("main", "ablation", "strategies", "private")
+Batches = list[dict[str, torch.Tensor]]
 
 
-def load_family(folder: Path) -> tuple[list[Member], dict[str, frozenset[str]]]:
+@dataclass
+class Family:
+    """What a run needs of a family: how to load its members and its evaluation splits as batches."""
+
+    results: str  # benchmarks/results/<results>.json
+    model_class: type
+    chance: float
+    val: Batches  # the search's public validation
+    confirm: Batches  # the confirmation split
+    test: Batches  # public test, reported only
+    calibration: Batches  # public data the base was pre-trained on
+    private_val: dict[str, torch.Tensor]
+    dataset_id: str
+    target_compression: float  # the issue's targets' C.R. for this family
+
+
+def vit_digits() -> Family:
+    splits = digits.load_splits()
+    x, y = splits["private_val"]
+    return Family("dedup_vit", AutoModelForImageClassification, 0.1,
+                  *(digits.batches(splits[k]) for k in ("public_val", "public_confirm", "public_test", "pretrain")),
+                  {"pixel_values": x, "labels": y}, digits.DATASET_ID, 0.20)
+
+
+def bert_sst2_family() -> Family:
+    tokenizer = bert_sst2.load_tokenizer()
+    splits = bert_sst2.load_splits()
+    texts, labels = splits["public_val"]
+    half = len(texts) // 2
+    encoded = {k: bert_sst2.encode(tokenizer, v).tensors for k, v in {
+        **splits, "public_val": (texts[:half], labels[:half]), "public_confirm": (texts[half:], labels[half:])}.items()}
+
+    def batches(name: str, size: int = 512) -> Batches:
+        ids, mask, y = encoded[name]
+        return [{"input_ids": ids[i : i + size], "attention_mask": mask[i : i + size], "labels": y[i : i + size]}
+                for i in range(0, len(y), size)]
+
+    ids, mask, y = encoded["private_val"]
+    return Family("dedup_bert", AutoModelForSequenceClassification, 0.5,
+                  *(batches(k) for k in ("public_val", "public_confirm", "public_test", "pretrain")),
+                  {"input_ids": ids, "attention_mask": mask, "labels": y}, bert_sst2.DATASET_ID, 0.25)
+
+
+FAMILIES = {"vit-digits": vit_digits, "bert-sst2": bert_sst2_family}
+
+
+def load_family(folder: Path, model_class: type) -> tuple[list[Member], dict[str, frozenset[str]]]:
     members, changed = [], {}
     for path in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "privacy.json").is_file()):
-        model = ViTForImageClassification.from_pretrained(path).eval()
+        model = model_class.from_pretrained(path).eval()
         members.append(Member(path.name, model, load_privacy(path), files_from=path))
         changed[path.name] = frozenset(json.loads((path / "training_args.json").read_text())["changed_tensors"])
     return members, changed
@@ -105,7 +163,7 @@ def changed_bytes(model, names: frozenset[str]) -> int:
 
 
 def run_one(label: str, members: list[Member], changed, data: DedupData, config: DedupConfig,
-            check: list) -> dict:
+            check: Batches, target_compression: float) -> dict:
     """``check``: the public confirmation split, scored before and after as a second estimate of each
     target's drop (unbiased where the run did not confirm on it, i.e. did not select on it)."""
     members = copy.deepcopy(members)
@@ -156,7 +214,7 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
         "family_stored_over_original": summary["family_stored_over_original"],
         "max_test_drop": max(drops),
         "max_validations_per_target": summary["max_validations_per_target"],
-        "meets_targets": float(t_own / t_orig <= 0.20 and ok_drop and summary["max_validations_per_target"] <= 25),
+        "meets_targets": float(t_own / t_orig <= target_compression and ok_drop and summary["max_validations_per_target"] <= 25),
     })
     print(f"targets' C.R. {out['targets_compression']:.1%} (DP-changed tensors {out['targets_compression_dp_changed']:.1%}); "
           f"family stored/original {out['family_stored_over_original']:.1%}; max test drop {100 * max(drops):.2f} pts; "
@@ -168,18 +226,21 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", type=Path, default=HERE / "families" / "vit-digits")
+    parser.add_argument("--family", default="vit-digits", choices=sorted(FAMILIES))
+    parser.add_argument("--folder", type=Path, help="the family's folder (default benchmarks/families/<family>)")
     parser.add_argument("--runs", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    members, changed = load_family(args.family) if args.family.is_dir() else ([], {})
+    folder = args.folder or HERE / "families" / args.family
+    spec = FAMILIES[args.family]()
+    members, changed = load_family(folder, spec.model_class) if folder.is_dir() else ([], {})
     if len(members) < 2:
-        raise SystemExit(f"No family at {args.family}: build it with python benchmarks/families/vit_digits.py")
-    splits = load_splits()
-    val, conf, test = (batches(splits[k]) for k in ("public_val", "public_confirm", "public_test"))
+        raise SystemExit(f"No family at {folder}: build it with python benchmarks/families/"
+                         f"{args.family.replace('-', '_')}.py")
+    val, conf, test = spec.val, spec.confirm, spec.test
     figures: dict[str, float] = {}
-    print("members' public test accuracy (10 classes: chance 10 %):")
+    print(f"members' public test accuracy (chance {spec.chance:.0%}):")
     for m in members:
         u = public_utility_stats(m.model, test, classification_score)
         print(f"  {m.name:<6} ε {m.privacy.epsilon:.2f}  {u.mean:.4f} ± {u.se:.4f} (n {u.n})")
@@ -187,7 +248,7 @@ def main() -> None:
         figures[f"members.{m.name}.public_test_se"] = u.se
         figures[f"members.{m.name}.dp_changed_share"] = changed_bytes(m.model, changed[m.name]) / sum(
             t.numel() * t.element_size() for t in m.model.state_dict().values())
-        if u.mean < 0.5:
+        if u.mean < spec.chance + 0.1:
             raise SystemExit(f"{m.name} did not learn (public test accuracy {u.mean:.1%}): rebuild the family.")
     # the lossless peer, measured once on the original files: ZipNN alone, and XOR against the base
     originals = sum(plain_bytes(m.files_from) for m in members)
@@ -196,15 +257,11 @@ def main() -> None:
     figures.update({"zipnn_alone_over_original": alone / originals, "zipnn_xor_over_original": xored / originals})
     print(f"ZipNN on the original files: alone {alone / originals:.1%}, XOR against {base_first[0].name} "
           f"{xored / originals:.1%} of {originals:,} bytes")
-    x, y = splits["private_val"]
-
-    pretrain = batches(splits["pretrain"])
-
     def data(*, confirm: bool = True, private: bool = False, calibration=None) -> DedupData:
         return DedupData(classification_score, public_val=val, public_test=test, calibration=calibration,
                          public_confirm=conf if confirm else None, predict_fn=classification_predict,
-                         private_val=PrivateDataset({"pixel_values": x, "labels": y}, dataset_id=DATASET_ID,
-                                                    batch_size=256, public_size=len(y)) if private else None)
+                         private_val=PrivateDataset(spec.private_val, dataset_id=spec.dataset_id, batch_size=256,
+                                                    public_size=len(spec.private_val["labels"])) if private else None)
 
     def config(**kw) -> DedupConfig:
         return DedupConfig(**{"block_size": BLOCK, "threshold": THRESHOLD, **kw})
@@ -226,7 +283,7 @@ def main() -> None:
         runs["default_no_confirmation"] = (data(confirm=False), config())
         runs["pooled_val_no_confirmation"] = (DedupData(classification_score, public_val=val + conf, public_test=test),
                                               config())
-        runs["calibration_pretrain"] = (data(calibration=pretrain), config())
+        runs["calibration_pretrain"] = (data(calibration=spec.calibration), config())
         runs["agreement"] = (data(), config(agreement=True, interactive=False))
         for bs in (256, 4096):
             runs[f"block{bs}"] = (data(), config(block_size=bs))
@@ -239,12 +296,12 @@ def main() -> None:
             runs[f"svt_c{c}"] = (data(private=True), config(validation=SVT(epsilon=1.0, cutoff=c)))
         runs["naive"] = (data(private=True), config(validation=NaiveLaplace(epsilon_per_query=0.1)))
     for label, (d, cfg) in runs.items():
-        figures.update({f"{label}.{k}": v for k, v in run_one(label, members, changed, d, cfg, conf).items()})
-    previous = RESULTS_DIR / "dedup_vit.json"  # a partial --runs keeps the other runs' figures
+        figures.update({f"{label}.{k}": v for k, v in run_one(label, members, changed, d, cfg, conf, spec.target_compression).items()})
+    previous = RESULTS_DIR / f"{spec.results}.json"  # a partial --runs keeps the other runs' figures
     if previous.is_file() and set(args.runs) != set(GROUPS):
         figures = {**json.loads(previous.read_text()), **figures}
     print()
-    write_results("dedup_vit", figures)
+    write_results(spec.results, figures)
 
 
 if __name__ == "__main__":
