@@ -96,7 +96,7 @@ class Family:
     target_compression: float  # the issue's targets' C.R. for this family
 
 
-def vit_digits() -> Family:
+def vit_digits(folder: Path) -> Family:
     splits = digits.load_splits()
     x, y = splits["private_val"]
     return Family("dedup_vit", AutoModelForImageClassification, 0.1,
@@ -104,8 +104,8 @@ def vit_digits() -> Family:
                   {"pixel_values": x, "labels": y}, digits.DATASET_ID, 0.20)
 
 
-def bert_sst2_family() -> Family:
-    tokenizer = bert_sst2.load_tokenizer()
+def bert_sst2_family(folder: Path) -> Family:
+    tokenizer = bert_sst2.load_tokenizer(folder / "base")
     splits = bert_sst2.load_splits()
     texts, labels = splits["public_val"]
     half = len(texts) // 2
@@ -233,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = args.folder or HERE / "families" / args.family
-    spec = FAMILIES[args.family]()
+    spec = FAMILIES[args.family](folder)
     members, changed = load_family(folder, spec.model_class) if folder.is_dir() else ([], {})
     if len(members) < 2:
         raise SystemExit(f"No family at {folder}: build it with python benchmarks/families/"

@@ -71,11 +71,14 @@ def load_splits() -> dict[str, tuple[list[str], list[int]]]:
     }
 
 
-def load_tokenizer():
+def load_tokenizer(*folders: Path):
+    """The family's tokenizer: from the first of ``folders`` that has one (the family's base once
+    built, then ``gpt2-sst2-lm``'s base), else trained on the public slice."""
     from transformers import PreTrainedTokenizerFast
 
-    if (TOKENIZER / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(TOKENIZER)
+    for folder in folders:
+        if (folder / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(folder)
     train = read_tsv(DATA / "train.tsv")
     order = np.random.default_rng(SEED).permutation(len(train.texts))
     return train_tokenizer([train.texts[i] for i in order[:N_PUBLIC]])
@@ -135,11 +138,11 @@ def freeze(model: nn.Module, what: str = "embeddings") -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def load_base(base_dir: Path):
+def load_base(base_dir: Path, tokenizer_dir: Path = TOKENIZER):
     """``(model, tokenizer, encoded splits)``: the saved public base, pre-trained first if missing."""
     from transformers import BertForSequenceClassification
 
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(base_dir, tokenizer_dir)
     data = {k: encode(tokenizer, v) for k, v in load_splits().items()}
     if (base_dir / "config.json").is_file():
         return BertForSequenceClassification.from_pretrained(base_dir), tokenizer, data
@@ -156,6 +159,7 @@ def load_base(base_dir: Path):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "bert-sst2")
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER, help="a folder with the public vocabulary")
     parser.add_argument("--epsilons", type=float, nargs="+", default=EPSILONS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--optimizer", default=CONFIG.optimizer, help="tuning only (public validation)")
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                      momentum=CONFIG.momentum if args.optimizer == "sgd" else 0.0)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model, tokenizer, data = load_base(args.out / "base")
+    model, tokenizer, data = load_base(args.out / "base", args.tokenizer)
     base_val, base_test = accuracy(model, data["public_val"]), accuracy(model, data["public_test"])
     trained = freeze(model, args.freeze)
     rows = train_members(
