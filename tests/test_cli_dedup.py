@@ -151,3 +151,21 @@ def test_dedup_image_classification_on_a_tiny_vit_family(tmp_path, capsys):
     assert target["from_base"] + target["from_self"] > 0  # blocks were deduplicated on the image scores
     loaded = DedupedModel.from_pretrained(out / "members" / "vit-eps-4")
     assert loaded.config.model_type == "vit"
+
+
+def test_without_confirm_half_of_val_is_held_out_to_confirm_on(tmp_path, capsys):
+    """A user with one validation set still gets a confirmation the search never saw; --hold-out 0 is
+    the unconfirmed search on all of it, and --hold-out beside --confirm is refused."""
+    folders = write_members(tmp_path)
+    flags = ["--val", str(tmp_path / "val.tsv"), "--threshold", "0.05", "--block-size", "4096"]
+    assert main(["dedup", *map(str, folders), "--out", str(tmp_path / "held"), *flags]) == 0
+    assert "50% of --val held out (seed 0): 60 examples searched, 60 confirming" in capsys.readouterr().err
+    held = json.loads((tmp_path / "held" / "report" / "dedup_report.json").read_text())["models"][1]
+    assert held["confirmations"] >= 1
+    assert main(["dedup", *map(str, folders), "--out", str(tmp_path / "all"), *flags, "--hold-out", "0"]) == 0
+    assert "held out" not in capsys.readouterr().err
+    unconfirmed = json.loads((tmp_path / "all" / "report" / "dedup_report.json").read_text())["models"][1]
+    assert unconfirmed["confirmations"] == 0
+    code = main(["dedup", *map(str, folders), "--out", str(tmp_path / "both"), *flags, "--hold-out", "0.3",
+                 "--confirm", str(tmp_path / "test.tsv")])
+    assert code == 2 and "--hold-out" in capsys.readouterr().err and not (tmp_path / "both").exists()

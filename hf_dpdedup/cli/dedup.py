@@ -7,6 +7,8 @@ deduplicated against each other (use a ``--block-size`` no larger than the adapt
 data are any data source, ``PATH_OR_ID[:SPLIT]``: a Hub data set id, a ``save_to_disk`` folder, a
 csv/tsv/json/jsonl/parquet file or a GLUE folder split (:mod:`hf_dpdedup.cli.data_flags`).
 ``--task image-classification`` reads an image column through the first member's image processor.
+The search never confirms its replacements on the data it chose them on: without ``--confirm``, half
+of ``--val`` (``--hold-out``, seeded) is held out as the confirmation set.
 
 Under ``torchrun`` / ``accelerate launch`` (more than one process) the run is distributed with
 :mod:`hf_dpdedup.distributed`: ``torchrun --nproc_per_node 4 -m hf_dpdedup.cli dedup ...``.
@@ -18,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import re
+import sys
 from pathlib import Path
 
 import transformers
@@ -26,7 +29,7 @@ from . import COMMANDS
 from .. import distributed
 from ..adapters import model_config
 from ..dedup.planner import DedupData, Member, deduplicate_family
-from ..dedup.tasks import SCORES, classification_predict, private_source, source_batches
+from ..dedup.tasks import SCORES, classification_predict, held_out_batches, private_source, source_batches
 from ..training.members import load_privacy
 from ..dedup.config import MCTS, STRATEGIES, SVT, VALIDATIONS, DedupConfig, Gallop, Greedy, NaiveLaplace, PlanConfig
 from ..dedup.typed import literal_choices
@@ -44,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", required=True, help="public validation data, PATH_OR_ID[:SPLIT] (see 'data sources')")
     p.add_argument("--confirm", help="second public data set: accepted replacements are confirmed on it and the "
                    "longest cheapest-first prefix that passes is kept (guards against overfitting --val)")
+    p.add_argument("--hold-out", type=float, default=None, metavar="FRACTION",
+                   help="without --confirm: hold out this fraction of --val (at random, --hold-out-seed) as the "
+                        f"confirmation set (default {DEFAULT_HOLD_OUT:g}; 0 searches on all of --val, unconfirmed)")
+    p.add_argument("--hold-out-seed", type=int, default=0, help="seed of the --hold-out cut (default 0)")
     p.add_argument("--test", help="public test data for reported accuracies")
     p.add_argument("--test-dataset-id", help="Hub id of the public test set, for model-card results (e.g. stanfordnlp/sst2)")
     p.add_argument("--private-val", help="private validation data (read only into the private-data firewall; "
@@ -78,6 +85,8 @@ def class_names(config) -> tuple[str, ...] | None:
 
 # --- the DedupConfig flags: every default is the dataclass's own ------------------------------------
 _CONFIG = DedupConfig()
+#: without --confirm, the share of --val held out to confirm the search's replacements on
+DEFAULT_HOLD_OUT = 0.5
 _PLAN = PlanConfig()
 # interactive's dataclass default is None ("not agreement"), which the resolved DedupConfig() hides
 _CONFIG_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DedupConfig)}
@@ -197,8 +206,30 @@ def config_from_args(args: argparse.Namespace) -> DedupConfig:
     )
 
 
+def public_splits(args: argparse.Namespace, processor, source, **kw) -> tuple[list, list | None]:
+    """The search's validation batches and the confirmation's: ``--confirm``'s data set, else the
+    ``--hold-out`` part of ``--val`` (none with ``--hold-out 0``)."""
+    if args.confirm:
+        return (source_batches(processor, source(args.val), args.task, **kw),
+                source_batches(processor, source(args.confirm), args.task, **kw))
+    fraction = DEFAULT_HOLD_OUT if args.hold_out is None else args.hold_out
+    if fraction == 0:
+        return source_batches(processor, source(args.val), args.task, **kw), None
+    val, confirm = held_out_batches(processor, source(args.val), args.task, fraction=fraction,
+                                    seed=args.hold_out_seed, **kw)
+    counts = [sum(len(next(iter(b.values()))) for b in part) for part in (val, confirm)]
+    print(f"confirmation: {fraction:.0%} of --val held out (seed {args.hold_out_seed}): {counts[0]} examples "
+          f"searched, {counts[1]} confirming (--hold-out 0 searches on all of them, unconfirmed)", file=sys.stderr)
+    return val, confirm
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # bad values fail before any model is loaded
+    if args.confirm and args.hold_out:
+        raise ConfigError("--hold-out cuts a confirmation set out of --val; --confirm gives one already: pass one "
+                          "of them.")
+    if args.hold_out is not None and not 0 <= args.hold_out < 1:
+        raise ConfigError(f"--hold-out must be in [0, 1), got {args.hold_out:g}; e.g. 0.5 (0: no held-out part).")
     if config.agreement and args.task == "causal-lm":
         raise ConfigError("--agreement compares class predictions: use it with text- or image-classification, "
                           "or drop it for causal-lm.")
@@ -238,11 +269,12 @@ def run(args: argparse.Namespace) -> int:
         dataset_id = args.private_id or members[0].privacy.datasets[0]
         private = private_source(processor, source(args.private_val), args.task, dataset_id=dataset_id,
                                  public_size=args.private_size, **kw)
+    val, confirm = public_splits(args, processor, source, **kw)
     data = DedupData(
         score_fn=SCORES[args.task],
-        public_val=source_batches(processor, source(args.val), args.task, **kw),
+        public_val=val,
         public_test=source_batches(processor, source(args.test), args.task, **kw) if args.test else None,
-        public_confirm=source_batches(processor, source(args.confirm), args.task, **kw) if args.confirm else None,
+        public_confirm=confirm,
         private_val=private,
         public_test_dataset=args.test_dataset_id,
         predict_fn=classification_predict if config.agreement else None,

@@ -65,12 +65,14 @@ def text_batches(
 
 
 def encode_source(processor, source: DataSource, task: str, *, batch_size: int | None = 128,
-                  max_length: int = 64) -> datasets.Dataset:
+                  max_length: int = 64, rows: np.ndarray | None = None) -> datasets.Dataset:
     """``source`` tokenized (text tasks) or run through the image processor (``image-classification``) with
     ``Dataset.map(batched=True)``, one map batch per engine batch: texts are padded to the longest of
     their batch, exactly as :func:`text_batches` pads them (``datasets`` caches the result for on-disk
     data sets). Columns: the model inputs, plus ``labels`` (class ids, :func:`label_ids`) for
-    classification; torch format. ``batch_size=None``: one batch of every row."""
+    classification; torch format. ``batch_size=None``: one batch of every row. ``rows``: only these
+    rows, in this order (class ids are still read off the whole data set, so that every part of it
+    numbers the classes alike)."""
     data = load_source(source)
     if len(data) == 0:
         raise DataSourceError(f"{source.describe()} holds no examples; pass a non-empty data set.")
@@ -81,6 +83,9 @@ def encode_source(processor, source: DataSource, task: str, *, batch_size: int |
         roles = ("text",) if task == "causal-lm" else ("text", "label")
     require_columns(data, source, *roles)
     labels = label_ids(data, source) if "label" in roles else None
+    if rows is not None:
+        data = data.select(rows)
+        labels = None if labels is None else [labels[i] for i in rows]
     if task == "image-classification":
         fn = functools.partial(_encode_images, processor, source.image_column, labels)
     else:
@@ -118,7 +123,35 @@ def source_batches(processor, source: DataSource | str | Path, task: str, *, bat
     """Evaluation batches of any data source (a string is ``PATH_OR_ID[:SPLIT]``); ``processor`` is the
     members' tokenizer, or their image processor for ``image-classification``."""
     source = source if isinstance(source, DataSource) else DataSource.parse(source)
-    encoded = encode_source(processor, source, task, batch_size=batch_size, max_length=max_length)
+    return _batched(encode_source(processor, source, task, batch_size=batch_size, max_length=max_length), batch_size)
+
+
+def held_out_batches(processor, source: DataSource | str | Path, task: str, *, fraction: float, seed: int = 0,
+                     batch_size: int = 128, max_length: int = 64) -> tuple[list[dict[str, torch.Tensor]],
+                                                                           list[dict[str, torch.Tensor]]]:
+    """``(search, confirmation)``: one public data set cut at random (``seed``) into two disjoint parts,
+    the second holding ``fraction`` of its examples, each as :func:`source_batches` would batch it.
+
+    For a user with one public validation set: the search validates on the first part and its
+    accepted replacements are confirmed on the second, which the search never saw."""
+    if not 0 < fraction < 1:
+        raise DataSourceError(f"The held-out fraction must be in (0, 1), got {fraction!r}; e.g. 0.5.")
+    source = source if isinstance(source, DataSource) else DataSource.parse(source)
+    n = len(load_source(source))
+    held = int(round(n * fraction))
+    if held < 1 or held >= n:
+        raise DataSourceError(
+            f"{source.describe()} has {n} examples: holding out {fraction:g} of them leaves one part empty; "
+            "pass a larger validation set, a separate confirmation set, or no held-out part."
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    parts = np.sort(order[held:]), np.sort(order[:held])
+    search, confirm = (encode_source(processor, source, task, batch_size=batch_size, max_length=max_length, rows=r)
+                       for r in parts)
+    return _batched(search, batch_size), _batched(confirm, batch_size)
+
+
+def _batched(encoded: datasets.Dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
     return [encoded[start : start + batch_size] for start in range(0, len(encoded), batch_size)]
 
 
