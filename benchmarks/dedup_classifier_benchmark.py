@@ -40,6 +40,11 @@ Runs (``--runs`` picks groups):
 - ``strategies``: greedy-10, successive halving, MCTS (the default is binary search);
 - ``private``: the default with private validation through SVT (ε_svt 1, c 3 and c 10) and the naive
   baseline (each query a Laplace release, ε_q 0.1), beside public (paper Tables 14–16).
+
+``--non-interactive`` runs the same groups without the interactive floor (``max(U'_{i-1}, U_i − t)``,
+on by default): on a family whose validation utilities are not monotone in ε the floor, not the
+order or the candidates, decides what is replaced, which hides every other difference. Its labels
+end in ``_ni`` and are added to the results file.
 """
 
 from __future__ import annotations
@@ -230,6 +235,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="the family's folder (default benchmarks/families/<family>)")
     parser.add_argument("--runs", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--non-interactive", action="store_true",
+                        help="every run without the interactive floor (labels get '_ni'; other figures are kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = args.folder or HERE / "families" / args.family
@@ -264,7 +271,8 @@ def main() -> None:
                                                     public_size=len(spec.private_val["labels"])) if private else None)
 
     def config(**kw) -> DedupConfig:
-        return DedupConfig(**{"block_size": BLOCK, "threshold": THRESHOLD, **kw})
+        return DedupConfig(**{"block_size": BLOCK, "threshold": THRESHOLD,
+                              **({"interactive": False} if args.non_interactive else {}), **kw})
 
     runs: dict[str, tuple[DedupData, DedupConfig]] = {}
     if "main" in args.runs:
@@ -295,10 +303,13 @@ def main() -> None:
         for c in (3, 10):
             runs[f"svt_c{c}"] = (data(private=True), config(validation=SVT(epsilon=1.0, cutoff=c)))
         runs["naive"] = (data(private=True), config(validation=NaiveLaplace(epsilon_per_query=0.1)))
+    if args.non_interactive:  # the runs that differ only by the floor, each once
+        runs = {f"{label}_ni": run for label, run in runs.items() if run[1].interactive is False
+                and not label.endswith("non_interactive") and label != "agreement"}
     for label, (d, cfg) in runs.items():
         figures.update({f"{label}.{k}": v for k, v in run_one(label, members, changed, d, cfg, conf, spec.target_compression).items()})
     previous = RESULTS_DIR / f"{spec.results}.json"  # a partial --runs keeps the other runs' figures
-    if previous.is_file() and set(args.runs) != set(GROUPS):
+    if previous.is_file() and (set(args.runs) != set(GROUPS) or args.non_interactive):
         figures = {**json.loads(previous.read_text()), **figures}
     print()
     write_results(spec.results, figures)
