@@ -65,15 +65,19 @@ def text_batches(
 
 
 def encode_source(processor, source: DataSource, task: str, *, batch_size: int | None = 128,
-                  max_length: int = 64, rows: np.ndarray | None = None) -> datasets.Dataset:
+                  max_length: int = 64) -> datasets.Dataset:
     """``source`` tokenized (text tasks) or run through the image processor (``image-classification``) with
     ``Dataset.map(batched=True)``, one map batch per engine batch: texts are padded to the longest of
     their batch, exactly as :func:`text_batches` pads them (``datasets`` caches the result for on-disk
     data sets). Columns: the model inputs, plus ``labels`` (class ids, :func:`label_ids`) for
-    classification; torch format. ``batch_size=None``: one batch of every row. ``rows``: only these
-    rows, in this order (class ids are still read off the whole data set, so that every part of it
-    numbers the classes alike)."""
-    data = load_source(source)
+    classification; torch format. ``batch_size=None``: one batch of every row."""
+    return _encode_parts(processor, load_source(source), source, task, [None], batch_size, max_length)[0]
+
+
+def _encode_parts(processor, data: datasets.Dataset, source: DataSource, task: str, parts: list[np.ndarray | None],
+                  batch_size: int | None, max_length: int) -> list[datasets.Dataset]:
+    """:func:`encode_source` of each part of ``data`` (row indices in order; ``None``: every row). Class
+    ids are read off the whole of ``data``, so that every part numbers the classes alike."""
     if len(data) == 0:
         raise DataSourceError(f"{source.describe()} holds no examples; pass a non-empty data set.")
     if task == "image-classification":
@@ -83,16 +87,18 @@ def encode_source(processor, source: DataSource, task: str, *, batch_size: int |
         roles = ("text",) if task == "causal-lm" else ("text", "label")
     require_columns(data, source, *roles)
     labels = label_ids(data, source) if "label" in roles else None
-    if rows is not None:
-        data = data.select(rows)
-        labels = None if labels is None else [labels[i] for i in rows]
-    if task == "image-classification":
-        fn = functools.partial(_encode_images, processor, source.image_column, labels)
-    else:
-        fn = functools.partial(_encode_texts, processor, source.text_column, labels, max_length)
-    encoded = data.map(fn, batched=True, batch_size=batch_size or len(data), with_indices=True,
-                       remove_columns=data.column_names, desc=f"Encoding {source.describe()}")
-    return encoded.with_format("torch")
+    encoded = []
+    for rows in parts:
+        part = data if rows is None else data.select(rows)
+        part_labels = labels if rows is None or labels is None else [labels[i] for i in rows]
+        if task == "image-classification":
+            fn = functools.partial(_encode_images, processor, source.image_column, part_labels)
+        else:
+            fn = functools.partial(_encode_texts, processor, source.text_column, part_labels, max_length)
+        encoded.append(part.map(fn, batched=True, batch_size=batch_size or len(part), with_indices=True,
+                                remove_columns=part.column_names, desc=f"Encoding {source.describe()}")
+                       .with_format("torch"))
+    return encoded
 
 
 def _encode_texts(tokenizer, column: str, labels: list[int] | None, max_length: int, batch: dict,
@@ -137,7 +143,8 @@ def held_out_batches(processor, source: DataSource | str | Path, task: str, *, f
     if not 0 < fraction < 1:
         raise DataSourceError(f"The held-out fraction must be in (0, 1), got {fraction!r}; e.g. 0.5.")
     source = source if isinstance(source, DataSource) else DataSource.parse(source)
-    n = len(load_source(source))
+    data = load_source(source)
+    n = len(data)
     held = int(round(n * fraction))
     if held < 1 or held >= n:
         raise DataSourceError(
@@ -146,8 +153,7 @@ def held_out_batches(processor, source: DataSource | str | Path, task: str, *, f
         )
     order = np.random.default_rng(seed).permutation(n)
     parts = np.sort(order[held:]), np.sort(order[:held])
-    search, confirm = (encode_source(processor, source, task, batch_size=batch_size, max_length=max_length, rows=r)
-                       for r in parts)
+    search, confirm = _encode_parts(processor, data, source, task, list(parts), batch_size, max_length)
     return _batched(search, batch_size), _batched(confirm, batch_size)
 
 
