@@ -24,7 +24,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -33,7 +32,8 @@ from hf_dpdedup.data import builtin_path
 from hf_dpdedup.training import DPConfig, read_tsv, train_members
 from hf_dpdedup.training.data import seed_everything
 from hf_dpdedup.training.heads import batch_inputs
-from gpt2_sst2_lm import N_PUBLIC, SEED, train_tokenizer  # sibling build script: same split and vocabulary
+from gpt2_sst2_lm import SEED, public_private_order, train_tokenizer  # sibling build script: same split and vocabulary
+from gpt2_sst2_lm import load_splits as lm_splits  # its public slice's texts, for the vocabulary
 from minilm_sst2 import fairness_drops, write_figures  # sibling build script
 
 HERE = Path(__file__).resolve().parent
@@ -56,11 +56,10 @@ DATASET_ID = f"glue/sst2:train.tsv#cls-private-train(seed={SEED},n={N_PRIVATE_TR
 
 
 def load_splits() -> dict[str, tuple[list[str], list[int]]]:
-    """``name → (texts, labels)``; the public/private cut is ``gpt2_sst2_lm.load_splits``' (seed 7)."""
+    """``name → (texts, labels)``; the public/private cut is ``gpt2_sst2_lm``'s (seed 7)."""
     train = read_tsv(DATA / "train.tsv")
-    order = np.random.default_rng(SEED).permutation(len(train.texts))
     pick = lambda idx: ([train.texts[i] for i in idx], [train.labels[i] for i in idx])  # noqa: E731
-    public, private = order[:N_PUBLIC], order[N_PUBLIC:]
+    public, private = public_private_order(len(train.texts))
     dev, test = read_tsv(DATA / "dev.tsv"), read_tsv(DATA / "test.tsv")
     return {
         "pretrain": pick(public[:N_PRETRAIN]),
@@ -79,9 +78,7 @@ def load_tokenizer(*folders: Path):
     for folder in folders:
         if (folder / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast.from_pretrained(folder)
-    train = read_tsv(DATA / "train.tsv")
-    order = np.random.default_rng(SEED).permutation(len(train.texts))
-    return train_tokenizer([train.texts[i] for i in order[:N_PUBLIC]])
+    return train_tokenizer(lm_splits()["public"])
 
 
 def encode(tokenizer, split: tuple[list[str], list[int]]) -> TensorDataset:

@@ -67,11 +67,15 @@ class SequenceCrossEntropy(nn.Module):
         return per_sentence if self.reduction == "none" else per_sentence.mean()
 
 
+def public_private_order(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of ``train.tsv``'s public slice and of its private part (seed 7); ``bert_sst2.py`` cuts the same way."""
+    order = np.random.default_rng(SEED).permutation(n)
+    return order[:N_PUBLIC], order[N_PUBLIC:]
+
+
 def load_splits():
     sentences = list(read_tsv(DATA / "train.tsv").texts)
-    order = np.random.default_rng(SEED).permutation(len(sentences))
-    public = [sentences[i] for i in order[:N_PUBLIC]]
-    private = [sentences[i] for i in order[N_PUBLIC:]]
+    public, private = ([sentences[i] for i in part] for part in public_private_order(len(sentences)))
     return {
         "public": public,
         "private_train": private[:N_PRIVATE_TRAIN],
