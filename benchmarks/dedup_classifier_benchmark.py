@@ -114,8 +114,9 @@ def bert_sst2_family(folder: Path) -> Family:
     splits = bert_sst2.load_splits()
     texts, labels = splits["public_val"]
     half = len(texts) // 2
-    encoded = {k: bert_sst2.encode(tokenizer, v).tensors for k, v in {
-        **splits, "public_val": (texts[:half], labels[:half]), "public_confirm": (texts[half:], labels[half:])}.items()}
+    parts = {"public_val": (texts[:half], labels[:half]), "public_confirm": (texts[half:], labels[half:]),
+             **{k: splits[k] for k in ("public_test", "pretrain", "private_val")}}  # not the private training set
+    encoded = {k: bert_sst2.encode(tokenizer, v).tensors for k, v in parts.items()}
 
     def batches(name: str, size: int = 512) -> Batches:
         ids, mask, y = encoded[name]
@@ -303,9 +304,9 @@ def main() -> None:
         for c in (3, 10):
             runs[f"svt_c{c}"] = (data(private=True), config(validation=SVT(epsilon=1.0, cutoff=c)))
         runs["naive"] = (data(private=True), config(validation=NaiveLaplace(epsilon_per_query=0.1)))
-    if args.non_interactive:  # the runs that differ only by the floor, each once
-        runs = {f"{label}_ni": run for label, run in runs.items() if run[1].interactive is False
-                and not label.endswith("non_interactive") and label != "agreement"}
+    if args.non_interactive:  # every run without the floor, once: these ran without it already
+        runs = {f"{label}_ni": run for label, run in runs.items()
+                if not label.endswith("non_interactive") and label != "agreement"}
     for label, (d, cfg) in runs.items():
         figures.update({f"{label}.{k}": v for k, v in run_one(label, members, changed, d, cfg, conf, spec.target_compression).items()})
     previous = RESULTS_DIR / f"{spec.results}.json"  # a partial --runs keeps the other runs' figures

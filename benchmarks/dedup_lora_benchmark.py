@@ -127,7 +127,8 @@ def main() -> None:
         runs["old_"] = (data, {"plan": OLD})
     figures: dict[str, float] = {}
     rows = []
-    for form, form_dir in forms(args.family).items():
+    family_forms = forms(args.family)
+    for form, form_dir in family_forms.items():
         folders = [m.files_from for m in members(form_dir)]
         figures[f"{form}_members_raw_bytes"] = raw_bytes(form, folders, args.base)
         figures[f"{form}_zipnn_peer_bytes"] = peer_bytes(form, folders, args.base)
@@ -171,7 +172,7 @@ def main() -> None:
             print(f"{run}{form} t={threshold:g}: {seconds:.0f} s, targets own/original all {own:.3f}, DP-changed "
                   f"{own_dp:.3f}, weights stored {stored:,} B, coded {coded:,} B (ZipNN XOR peer "
                   f"{figures[f'{form}_zipnn_xor_peer_bytes']:,} B)", flush=True)
-    write_results("dedup_lora" if "merged" in forms(args.family) else f"dedup_{args.family.name.replace('-', '_')}",
+    write_results("dedup_lora" if "merged" in family_forms else f"dedup_{args.family.name.replace('-', '_')}",
                   figures)
     print("\n| form | t (points) | member | role | ε ledger | blocks from base / searched | own / original "
           "(DP-changed) | validations (+conf.) | val before → after | test before → after (± SE) |")
