@@ -100,7 +100,7 @@ def test_adapter_member_round_trips_bit_exactly_as_peft_model_and_merged(stored)
     assert {"adapter_config.json", "config.json", "vocab.txt"} <= {f.name for f in folder.iterdir()}
     assert not (folder / "adapter_model.safetensors").exists()
     constitution = read_constitution(folder)
-    assert constitution.to_dict()["format"] == "hf_dpdedup/2"
+    assert constitution.to_dict()["format"] == "hf_dpdedup/3"  # an adapter member whose rows hold runs
     record = constitution.adapter
     assert (record.peft_type, record.task_type, record.peft_class, record.base_model_class) == (
         "LORA", "SEQ_CLS", "PeftModelForSequenceClassification", "BertForSequenceClassification")

@@ -22,6 +22,7 @@ from hf_dpdedup.store import BlockStore
 from hf_dpdedup.store import block_store as block_store_module
 from hf_dpdedup.store.io import forget_verified
 
+from block_support import plain_rows
 from conftest import example_inputs, tiny_model
 
 
@@ -75,13 +76,14 @@ def test_bit_flipped_extras_are_detected(family):
 def test_constitution_naming_a_missing_row(family):
     total = family.blocks.index.total_rows
     edit_json(family.member_path("m") / "dedup_constitution.json",
-              lambda d: d["tensors"][0]["rows"].__setitem__(0, total + 5))
+              lambda d: d["tensors"][0].__setitem__("rows", [total + 5, *plain_rows(d)[1:]]))
     with pytest.raises(ConstitutionError, match=f"names block row {total + 5}"):
         load(family)
 
 
 def test_tensor_whose_blocks_do_not_cover_its_shape(family):
-    edit_json(family.member_path("m") / "dedup_constitution.json", lambda d: d["tensors"][0]["rows"].pop())
+    edit_json(family.member_path("m") / "dedup_constitution.json",
+              lambda d: d["tensors"][0].__setitem__("rows", plain_rows(d)[:-1]))
     with pytest.raises(ConstitutionError, match="do not cover its shape"):
         load(family)
 

@@ -33,6 +33,7 @@ from hf_dpdedup.store import block_store as block_store_module
 from hf_dpdedup.store.io import forget_verified, sha256_file
 from hf_dpdedup.store.member import update_dedup_record
 
+from block_support import plain_rows
 from conftest import example_inputs, tiny_model
 
 #: every message must name a next step
@@ -157,7 +158,7 @@ def test_a2_swapped_row_hashes_never_map_a_copy_to_wrong_rows(family):
 
 
 def test_a3_fractional_row_id(family):
-    edit_json(constitution_path(family), lambda d: d["tensors"][0]["rows"].__setitem__(0, 16.5))
+    edit_json(constitution_path(family), lambda d: d["tensors"][0].__setitem__("rows", [16.5, *plain_rows(d)[1:]]))
     with pytest.raises(ConstitutionError, match="16.5") as excinfo:
         load(family)
     assert_typed_with_next_step(excinfo)
@@ -166,7 +167,7 @@ def test_a3_fractional_row_id(family):
 def test_a4_tensor_listed_twice(family):
     def twice(d):
         first = dict(d["tensors"][0])
-        first["rows"] = list(reversed(first["rows"]))
+        first["rows"] = list(reversed(plain_rows(d)))
         d["tensors"].append(first)
 
     edit_json(constitution_path(family), twice)

@@ -16,7 +16,7 @@ from conftest import tiny_model
 from hf_dpdedup import FamilyStore
 from hf_dpdedup.errors import ConstitutionError, UnsupportedFormatVersionError
 from hf_dpdedup.privacy import AccountantStep, PrivacyMetadata
-from hf_dpdedup.store.constitution import Constitution
+from hf_dpdedup.store.constitution import Constitution, decode_rows
 from hf_dpdedup.store.records import (
     RECORD_VERSION,
     AtDelta,
@@ -96,6 +96,12 @@ def test_an_unversioned_constitution_reads_as_version_1_and_writes_the_same_byte
     assert dedup.public_test.dataset == "stanfordnlp/sst2" and dedup.ledger["loose"]["epsilon"] == 11.0
     data = constitution.to_dict()
     assert data["privacy"].pop("version") == 1 and data["dedup"].pop("version") == 1
+    # rewritten, its consecutive row ids become runs (format 3, which names its adapter record: none)
+    assert data["format"] == "hf_dpdedup/3" and data.pop("adapter") is None
+    assert any(isinstance(item, list) for t in data["tensors"] for item in t["rows"])
+    data["format"] = "hf_dpdedup/1"
+    for t in data["tensors"]:
+        t["rows"] = list(decode_rows(t["rows"], t["name"]))
     assert json.dumps(data, indent=2) + "\n" == raw  # nothing else changed, byte for byte
 
 

@@ -14,6 +14,12 @@ whole state dict (base weights included, so the base rows are shared by content 
 ``architecture`` is the *base* class and the member folder's ``config.json`` is the base's config.
 Such a constitution has format ``hf_dpdedup/2``, so a reader that predates adapters refuses it with
 its "upgrade hf_dpdedup" error instead of rebuilding a bare base model.
+
+A tensor's ``rows`` list writes each run of at least :data:`MIN_RUN` consecutive row ids as a pair
+``[first, count]`` (``[0, 1, 2, 3, 9]`` is written ``[[0, 4], 9]``): a member whose rows are fresh,
+or an adapter member that names every row of its base, lists them in a few pairs instead of one
+number per block. A constitution with a run has format ``hf_dpdedup/3`` (adapter member or not), so
+a reader that predates runs refuses it with its "upgrade" error; one without keeps format 1 or 2.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from typing import Any
 from ..blocks import BLOCK_DTYPES, check_block_size
 from ..errors import BlockLayoutError, ConstitutionError
 from ..privacy.metadata import PrivacyMetadata
-from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, RESAVE, check_format, unknown_keys
+from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, RESAVE, RUNS_MEMBER_FORMAT, check_format, unknown_keys
 from .records import DedupRecord, privacy_from_dict, privacy_to_dict
 
 _KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "tensors",
          "extras", "aliases", "privacy", "dedup", "adapter")
+#: the shortest run of consecutive row ids written as ``[first, count]`` (two ids are as short plain)
+MIN_RUN = 3
 _ADAPTER_KEYS = ("library", "peft_type", "task_type", "peft_class", "adapter_name", "base_model",
                  "base_model_class", "config")
 
@@ -124,7 +132,46 @@ class TensorEntry:
         return math.prod(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel, "rows": list(self.rows)}
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel,
+                "rows": encode_rows(self.rows)}
+
+
+def encode_rows(rows: tuple[int, ...] | list[int]) -> list[int | list[int]]:
+    """Row ids as written: each run of ≥ :data:`MIN_RUN` consecutive ids as ``[first, count]``."""
+    out: list[int | list[int]] = []
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and rows[j] == rows[j - 1] + 1:
+            j += 1
+        if j - i >= MIN_RUN:
+            out.append([rows[i], j - i])
+        else:
+            out.extend(rows[i:j])
+        i = j
+    return out
+
+
+def has_runs(items: list[Any]) -> bool:
+    return any(isinstance(item, list) for item in items)
+
+
+def decode_rows(items: Any, name: str) -> tuple[int, ...]:
+    """The row ids :func:`encode_rows` wrote (plain ids and ``[first, count]`` runs)."""
+    if not isinstance(items, list):
+        raise ConstitutionError(f"Tensor {name!r}: 'rows' must be a list of block row ids, got {items!r}; {RESAVE}.")
+    rows: list[int] = []
+    for item in items:
+        if _int(item) and item >= 0:
+            rows.append(item)
+        elif isinstance(item, list) and len(item) == 2 and all(_int(v) for v in item) and item[0] >= 0 and item[1] >= 1:
+            rows.extend(range(item[0], item[0] + item[1]))
+        else:
+            raise ConstitutionError(
+                f"Tensor {name!r}: block row ids must be integers ≥ 0 or runs [first ≥ 0, count ≥ 1], "
+                f"found {item!r}; {RESAVE}."
+            )
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -153,15 +200,20 @@ class Constitution:
         return [r for t in self.tensors for r in t.rows]
 
     def to_dict(self) -> dict[str, Any]:
+        tensors = [t.to_dict() for t in self.tensors]
+        if any(has_runs(t["rows"]) for t in tensors):
+            format_ = RUNS_MEMBER_FORMAT
+        else:
+            format_ = ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT
         return {
-            "format": ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT,
+            "format": format_,
             "kind": "member",
             "name": self.name,
             "architecture": self.architecture,
             "block_store": self.block_store.to_dict(),
             "block_size": self.block_size,
             "dtype": self.dtype,
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": tensors,
             "extras": {
                 "file": EXTRAS_FILE,
                 "sha256": self.extras_sha256,
@@ -171,16 +223,22 @@ class Constitution:
             "aliases": dict(self.aliases),
             "privacy": privacy_to_dict(self.privacy) if self.privacy is not None else None,
             "dedup": self.dedup.to_dict() if self.dedup is not None else None,
-            **({"adapter": self.adapter.to_dict()} if self.adapter is not None else {}),
+            # format 3 always names its adapter record (null: none), so that one lost from the file is noticed
+            **({"adapter": self.adapter.to_dict() if self.adapter is not None else None}
+               if self.adapter is not None or format_ == RUNS_MEMBER_FORMAT else {}),
             **self.extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Constitution":
         what = "dedup_constitution.json"
-        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT), fix=RESAVE)
+        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT, RUNS_MEMBER_FORMAT), fix=RESAVE)
         adapter = AdapterRecord.from_dict(data["adapter"]) if data.get("adapter") is not None else None
-        if (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
+        runs = data["format"] == RUNS_MEMBER_FORMAT
+        if runs and "adapter" not in data:
+            raise ConstitutionError(f"{what}: format {RUNS_MEMBER_FORMAT!r} names its 'adapter' record (null for "
+                                    f"a plain model), but this one has none; {RESAVE}.")
+        if not runs and (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
             raise ConstitutionError(
                 f"{what}: format {data['format']!r} "
                 + ("without an 'adapter' record" if adapter is None else "with an 'adapter' record")
@@ -202,7 +260,7 @@ class Constitution:
             raise ConstitutionError(f"{what}: 'extras' must list tensor names as strings; {RESAVE}.")
         if not isinstance(data.get("tensors"), list):
             raise ConstitutionError(f"{what}: 'tensors' must be a list; {RESAVE}.")
-        tensors = tuple(_tensor_entry(t, block_size, dtype) for t in data["tensors"])
+        tensors = tuple(_tensor_entry(t, block_size, dtype, runs=runs) for t in data["tensors"])
         aliases = data.get("aliases") or {}
         if not isinstance(aliases, dict) or not _strings(aliases) or not _strings(aliases.values()):
             raise ConstitutionError(f"{what}: 'aliases' must map tensor names to tensor names; {RESAVE}.")
@@ -252,7 +310,7 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tensor_entry(data: Any, block_size: int, dtype: str) -> TensorEntry:
+def _tensor_entry(data: Any, block_size: int, dtype: str, *, runs: bool) -> TensorEntry:
     what = "dedup_constitution.json tensor entry"
     if not isinstance(data, dict):
         raise ConstitutionError(f"{what} {data!r} is not an object; {RESAVE}.")
@@ -261,12 +319,12 @@ def _tensor_entry(data: Any, block_size: int, dtype: str) -> TensorEntry:
         raise ConstitutionError(f"{what}: 'name' must be a non-empty string, got {name!r}; {RESAVE}.")
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
         raise ConstitutionError(f"Tensor {name!r}: shape {shape!r} must be a list of integers ≥ 0; {RESAVE}.")
-    if not isinstance(rows, list) or not all(_int(r) and r >= 0 for r in rows):
-        bad = rows if not isinstance(rows, list) else next(r for r in rows if not (_int(r) and r >= 0))
+    if not runs and isinstance(rows, list) and has_runs(rows):
         raise ConstitutionError(
-            f"Tensor {name!r}: block row ids must be integers ≥ 0, found {bad!r}; {RESAVE}."
+            f"Tensor {name!r} lists row runs [first, count], which only format {RUNS_MEMBER_FORMAT!r} has, in "
+            f"a constitution of an older format; {RESAVE}."
         )
-    entry = TensorEntry(name=name, shape=tuple(shape), dtype=str(data.get("dtype")), rows=tuple(rows))
+    entry = TensorEntry(name=name, shape=tuple(shape), dtype=str(data.get("dtype")), rows=decode_rows(rows, name))
     if entry.dtype != dtype:
         raise ConstitutionError(
             f"Tensor {entry.name!r} is recorded as {entry.dtype} in a {dtype} block family; the "

@@ -90,12 +90,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def json_text(obj: Any, indent: int = 2) -> str:
-    """JSON with objects and lists of objects indented, and every list of scalars on one line.
+    """JSON with objects and lists of objects indented, and every list of scalars (or of scalars and
+    lists of scalars, such as row ids with ``[first, count]`` runs) on one line.
 
     Indexes and constitutions are mostly long lists of row ids and row hashes; ``json.dumps(...,
     indent=2)`` puts each on its own indented line, which made them 2-3 times their content (the
     metadata of a small family outweighed its deduplicated rows). Any JSON reader reads both.
     """
+    def container(value: Any) -> bool:
+        return isinstance(value, (dict, list, tuple))
+
     def encode(value: Any, level: int) -> str:
         inner, outer = " " * (indent * (level + 1)), " " * (indent * level)
         if isinstance(value, dict):
@@ -104,7 +108,8 @@ def json_text(obj: Any, indent: int = 2) -> str:
             items = (f"{inner}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {encode(v, level + 1)}"
                      for k, v in value.items())
             return "{\n" + ",\n".join(items) + "\n" + outer + "}"
-        if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+        if isinstance(value, (list, tuple)) and any(
+                isinstance(v, dict) or (container(v) and any(container(w) for w in v)) for v in value):
             return "[\n" + ",\n".join(inner + encode(v, level + 1) for v in value) + "\n" + outer + "]"
         return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
 

@@ -115,7 +115,8 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
 
 def rebuild(constitution, index, store_file):
     """Gather each tensor's rows from the shards that hold them (each shard's sha256 checked)."""
-    needed = {r for t in constitution["tensors"] for r in t["rows"]}
+    rows_of = {t["name"]: row_ids(t["rows"]) for t in constitution["tensors"]}
+    needed = {r for rows in rows_of.values() for r in rows}
     shards = {}
     for shard in index["shards"]:
         if any(shard["first_row"] <= r < shard["first_row"] + shard["num_rows"] for r in needed):
@@ -125,13 +126,24 @@ def rebuild(constitution, index, store_file):
     starts = sorted(shards)
     out = {}
     for entry in constitution["tensors"]:
-        rows = torch.tensor(entry["rows"], dtype=torch.int64)
+        rows = torch.tensor(rows_of[entry["name"]], dtype=torch.int64)
         first = torch.tensor(starts)[torch.searchsorted(torch.tensor(starts), rows, right=True) - 1]
         blocks = torch.empty(len(rows), constitution["block_size"], dtype=DTYPES[constitution["dtype"]])
         for start in first.unique().tolist():
             mask = first == start
             blocks[mask] = shards[start][rows[mask] - start]
         out[entry["name"]] = blocks.reshape(-1)[: math.prod(entry["shape"])].reshape(entry["shape"]).clone()
+    return out
+
+
+def row_ids(items):
+    """A tensor's row ids: plain ids, and ``[first, count]`` for a run of consecutive ids (format 3)."""
+    out = []
+    for item in items:
+        if isinstance(item, list):
+            out.extend(range(item[0], item[0] + item[1]))
+        else:
+            out.append(item)
     return out
 
 
