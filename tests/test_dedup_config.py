@@ -83,6 +83,7 @@ def configs(draw):
         block_size=draw(st.integers(1, 2**24)), threshold=draw(st.floats(0, 1)),
         strategy=draw(search_strategies), plan=draw(plans), validation=draw(validations),
         interactive=interactive, agreement=agreement, confirm_margin_se=draw(st.floats(0, 10)),
+        floor_margin_se=draw(st.floats(0, 10)),
         confirmation=draw(literal(DedupConfig, "confirmation")), base=draw(st.none() | names),
         noise_seed=draw(st.none() | st.integers(0, 2**63)),
         overlaps=tuple(draw(st.lists(st.tuples(names, names), max_size=3))),
@@ -130,6 +131,7 @@ def test_to_dict_names_every_field_and_tags_choices_by_kind():
     (lambda: DedupConfig(strategy=SVT()), "DedupConfig.strategy takes Gallop"),
     (lambda: DedupConfig(overlaps=(("a",),)), "DedupConfig.overlaps takes"),
     (lambda: DedupConfig(confirm_margin_se=-1.0), "confirm_margin_se must be ≥ 0"),
+    (lambda: DedupConfig(floor_margin_se=-0.5), "floor_margin_se must be ≥ 0"),
     (lambda: DedupConfig(agreement=True, interactive=True), "use interactive=False"),
     (lambda: PlanConfig(cost="l0"), "PlanConfig.cost takes 'taylor' | 'fisher' | 'wanda' | 'delta'"),
     (lambda: PlanConfig(close_ratio=2.0), r"close_ratio must be in \[0, 1\]"),
@@ -325,6 +327,7 @@ CLI_EXAMPLES = [
     (["--no-interactive"], "interactive", False),
     (["--agreement"], "agreement", True),
     (["--confirm-margin-se", "1.5"], "confirm_margin_se", 1.5),
+    (["--floor-margin-se", "0"], "floor_margin_se", 0.0),
     (["--confirmation", "gallop"], "confirmation", "gallop"),
     (["--fairness", "drop"], "fairness", "drop"),
     (["--overlap", "a", "b"], "overlaps", (("a", "b"),)),
@@ -367,3 +370,9 @@ def test_every_config_field_is_reachable_from_the_cli_or_named_python_only():
     covered = {path for _, path, _ in CLI_EXAMPLES}
     assert config_paths() - covered == set(PYTHON_ONLY)
     assert covered <= config_paths()
+
+
+def test_a_config_written_before_the_paired_floor_reads_as_the_exact_floor_it_ran_with():
+    old = {k: v for k, v in DedupConfig().to_dict().items() if k != "floor_margin_se"}
+    assert DedupConfig.from_dict(old).floor_margin_se == 0.0
+    assert DedupConfig().floor_margin_se == 1.0  # new runs: the paired floor

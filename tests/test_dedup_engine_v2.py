@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hf_dpdedup import DedupedModel
@@ -18,7 +20,7 @@ from hf_dpdedup.dedup.saliency import gradient_moments, input_rms, scale_by_inpu
 from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
 from hf_dpdedup.dedup.search import confirm, run_search
 from hf_dpdedup.dedup.tasks import classification_score
-from hf_dpdedup.dedup.validate import PublicValidator, public_utility_stats
+from hf_dpdedup.dedup.validate import PublicValidator, example_scores, paired_utility_stats, public_utility_stats
 from hf_dpdedup.privacy import PrivacyMetadata
 
 from conftest import tiny_model
@@ -338,6 +340,74 @@ def test_the_confirmation_margin_widens_the_allowed_drop_by_standard_errors():
     wide = PublicValidator([None], score, reference=reference, threshold=0.1, margin_se=1.0)
     assert (plain.minimum, wide.minimum) == (pytest.approx(0.65), pytest.approx(0.4))
     assert not plain.accepts(worse) and wide.accepts(worse)
+
+
+class _Scores(nn.Module):
+    """A "model" whose per-example scores are fixed (batches are ignored)."""
+
+    def __init__(self, *values):
+        super().__init__()
+        self.values = torch.tensor(values, dtype=torch.float64)
+
+    def forward(self, batch):
+        return self.values
+
+
+def _given(model, batch):
+    return model(batch)
+
+
+def test_paired_utility_stats_are_the_mean_and_se_of_the_per_example_difference():
+    a, b = _Scores(1, 0, 1, 1), _Scores(1, 1, 0, 1)
+    own, diff = paired_utility_stats(a, [None], _given, example_scores(b, [None], _given))
+    assert own == public_utility_stats(a, [None], _given)
+    # differences 0, -1, 1, 0: mean 0, sample variance 2/3, SE √(2/3 / 4)
+    assert (diff.mean, diff.n) == (0.0, 4) and diff.se == pytest.approx(math.sqrt(2 / 3 / 4))
+    same = paired_utility_stats(a, [None], _given, example_scores(a, [None], _given))[1]
+    assert (same.mean, same.se) == (0.0, 0.0)  # a model against itself: no noise at all
+    with pytest.raises(ValueError, match="same batches"):
+        paired_utility_stats(a, [None], _given, example_scores(_Scores(1, 0), [None], _given))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 1.0]), st.sampled_from([0.0, 1.0])), min_size=2, max_size=40))
+def test_the_paired_difference_is_the_difference_of_the_utilities(pairs):
+    a, b = _Scores(*[x for x, _ in pairs]), _Scores(*[y for _, y in pairs])
+    own, diff = paired_utility_stats(a, [None], _given, example_scores(b, [None], _given))
+    assert diff.mean == pytest.approx(own.mean - public_utility_stats(b, [None], _given).mean, abs=1e-12)
+    # pairing never costs precision against treating the two utilities as independent when they agree
+    # on most examples: here the SE is that of the per-example difference
+    d = torch.tensor([x - y for x, y in pairs], dtype=torch.float64)
+    assert diff.se == pytest.approx(float(d.std(unbiased=True)) / math.sqrt(len(pairs)), abs=1e-12)
+
+
+def test_the_paired_floor_lets_a_target_sit_within_noise_of_the_previous_model():
+    """The defect it guards: with the exact floor, a target that the previous model beats by one
+    example of 40 on validation (chance, on a set this small) may not change at all."""
+    previous = [1.0] * 30 + [0.0] * 10  # 0.75
+    target = [0.0] * 5 + [1.0] * 25 + [1.0] * 4 + [0.0] * 6  # 0.725: 5 examples lost, 4 gained
+    edited = [0.0] * 6 + [1.0] * 24 + [1.0] * 4 + [0.0] * 6  # 0.70: the target after a replacement
+    floor = public_utility_stats(_Scores(*previous), [None], _given).mean
+    scores = example_scores(_Scores(*previous), [None], _given)
+
+    def validator(reference, **floor_rule):
+        return PublicValidator([None], _given, reference=_Scores(*reference), threshold=0.05, floor=floor, **floor_rule)
+
+    exact = validator(target)
+    assert not exact.accepts(_Scores(*target)) and not exact.accepts(_Scores(*edited))  # not even the unedited target
+    paired = validator(target, floor_scores=scores, floor_margin_se=1.0)
+    assert paired.accepts(_Scores(*target)) and paired.accepts(_Scores(*edited))
+    # −0.05 against a paired SE of √((10 − 40 · 0.05²) / 39 / 40) ≈ 0.080
+    assert paired.last_floor_difference.mean == pytest.approx(-0.05)
+    assert paired.last_floor_difference.se == pytest.approx(math.sqrt((10 - 40 * 0.05 ** 2) / 39 / 40))
+    # a target really below the previous model (8 of its 30 right answers lost, none gained) stays
+    # refused even unedited: the floor still protects the order of the family
+    clearly_worse = [0.0] * 8 + [1.0] * 22 + [0.0] * 10
+    assert not validator(clearly_worse, floor_scores=scores, floor_margin_se=1.0).accepts(_Scores(*clearly_worse))
+    same_as_exact = validator(target, floor_scores=scores, floor_margin_se=0.0)
+    assert [same_as_exact.accepts(_Scores(*m)) for m in (target, edited, previous)] == [False, False, True]
+    with pytest.raises(ValueError, match="floor too"):
+        PublicValidator([None], _given, reference=_Scores(*target), threshold=0.05, floor_scores=scores)
 
 
 @pytest.mark.parametrize("block", [BLOCK, 12, 5])  # 12, 5: blocks that start and end inside weight rows

@@ -154,6 +154,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="replace blocks of this tensor only (repeatable; default: every tensor)")
     p.add_argument("--interactive", action=argparse.BooleanOptionalAction, default=_CONFIG_FIELD_DEFAULTS["interactive"],
                    help="floor from the previous model: max(U'_{i-1}, U_i − threshold) (default: on, off under --agreement)")
+    p.add_argument("--floor-margin-se", type=float, default=_CONFIG.floor_margin_se,
+                   help="public validation: the floor lets a target end this many paired standard errors of the "
+                        "per-example difference below the previous model (0: the paper's exact comparison) "
+                        f"{_default(_CONFIG.floor_margin_se)}")
     p.add_argument("--agreement", action="store_true", default=_CONFIG.agreement,
                    help="validate on agreement with each target's own predictions instead of on labels "
                         "(classification tasks)")
@@ -201,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> DedupConfig:
     return DedupConfig(
         block_size=args.block_size, threshold=args.threshold, strategy=strategy, plan=plan, validation=validation,
         interactive=args.interactive, agreement=args.agreement, confirm_margin_se=args.confirm_margin_se,
+        floor_margin_se=args.floor_margin_se,
         confirmation=args.confirmation, base=args.base, fairness=args.fairness,
         overlaps=tuple(tuple(pair) for pair in args.overlap),
     )

@@ -20,7 +20,9 @@
 * ``interactive`` — the floor ``max(U'_{i-1}, U_i − threshold)``. Its default (``None``) resolves
   to ``not agreement``: agreement validation compares each model with *itself*, so a floor taken
   from the previous model's utility means nothing there; ``agreement=True, interactive=True`` is a
-  :class:`~hf_dpdedup.errors.ConfigError` that says to pass ``interactive=False``.
+  :class:`~hf_dpdedup.errors.ConfigError` that says to pass ``interactive=False``. On public
+  validation the comparison with U'_{i-1} allows ``floor_margin_se`` (default 1) paired standard
+  errors of the two models' per-example difference; 0 is the paper's exact comparison.
 
 Every field is checked at construction (:class:`~hf_dpdedup.errors.ConfigError` names the field
 and the values it takes). ``to_dict`` / ``from_dict`` round-trip exactly and carry a ``version``;
@@ -178,6 +180,13 @@ class DedupConfig:
     # share of public validation examples whose prediction changed, which bounds the accuracy change
     # on any data set and is a far less noisy signal than the accuracy on a small validation set.
     agreement: bool = False
+    # The interactive floor on public validation: a target may end below the previous model by at
+    # most this many paired standard errors of their per-example score difference ("not measurably
+    # worse"; 0: the paper's exact U'_i ≥ U'_{i-1}, which on a small validation set forbids a target
+    # any change once a lower-ε model scores a few examples higher by chance). Private validation
+    # (SVT, naive) keeps the exact comparison with the released floor: a paired SE on private data
+    # would be one more release to pay for.
+    floor_margin_se: float = 1.0
     # The confirmation split accepts a drop of threshold + confirm_margin_se standard errors of the
     # target's utility on it (0: the same threshold as the search).
     confirm_margin_se: float = 0.0
@@ -220,7 +229,10 @@ class DedupConfig:
             raise UnsupportedConfigVersionError(
                 f"This DedupConfig dict is version {version}; this hf_dpdedup reads up to {CONFIG_VERSION}: "
                 "upgrade hf_dpdedup (pip install -U hf_dpdedup).")
-        return decode(cls, {k: v for k, v in data.items() if k != "version"})
+        fields = {k: v for k, v in data.items() if k != "version"}
+        # written before the paired floor existed: those runs compared exactly (the rule then)
+        fields.setdefault("floor_margin_se", 0.0)
+        return decode(cls, fields)
 
     @classmethod
     def from_family(cls, root: str | os.PathLike) -> "DedupConfig":
@@ -245,6 +257,9 @@ class DedupConfig:
         require(self.block_size >= 1, f"DedupConfig.block_size must be ≥ 1 (values per block), got {self.block_size}.")
         require(0 <= self.threshold <= 1, f"DedupConfig.threshold is an allowed utility drop in [0, 1] "
                                           f"(0.015 = 1.5 points), got {self.threshold!r}.")
+        require(self.floor_margin_se >= 0,
+                f"DedupConfig.floor_margin_se must be ≥ 0 (paired standard errors; 0: the paper's exact floor), "
+                f"got {self.floor_margin_se!r}.")
         require(self.confirm_margin_se >= 0,
                 f"DedupConfig.confirm_margin_se must be ≥ 0 (standard errors), got {self.confirm_margin_se!r}.")
         if self.agreement and self.interactive:

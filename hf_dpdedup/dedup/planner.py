@@ -13,7 +13,9 @@ Semantics (DESIGN "The deduplication algorithm"):
    ``fairness="off"``: no verdict, nothing read, nothing charged;
 3. the base is the smallest-ε member unless named; it is stored as is;
 4. targets go in ascending ε order; with ``interactive`` the floor of model i is
-   ``max(U'_{i-1}, U_i − threshold)`` so a higher-ε model never ends below a lower-ε one;
+   ``max(U'_{i-1}, U_i − threshold)`` so a higher-ε model never ends below a lower-ε one; on public
+   validation "below" means by more than ``floor_margin_se`` paired standard errors of the two
+   models' per-example difference (0: the paper's exact comparison; see ``DedupConfig``);
 5. every target's replacements are searched against a validator (public, SVT or naive);
 6. the ledger composes each target's (ε, δ): its own training, the base's training (charged
    whenever the base's blocks were candidates: the search's choices depend on them), the
@@ -69,6 +71,7 @@ from .validate import (
     PublicValidator,
     agreement_batches,
     public_utility,
+    example_scores,
     public_utility_stats,
 )
 
@@ -358,10 +361,12 @@ def iter_group(group: list[Member], data: DedupData, config: DedupConfig, *,
 
 @dataclass(frozen=True)
 class _Floor:
-    """The interactive floor a target inherits: U'_{i-1} and everything it depended on."""
+    """The interactive floor a target inherits: U'_{i-1} and everything it depended on (and, for the
+    paired comparison on public validation, the previous model's per-example scores)."""
 
     value: float
     charges: list[Charge]
+    scores: list[torch.Tensor | None] | None = None
 
 
 def _next_floor(previous: ModelReport, needed: bool, data: DedupData, config: DedupConfig,
@@ -369,7 +374,9 @@ def _next_floor(previous: ModelReport, needed: bool, data: DedupData, config: De
     if not (config.interactive and needed):
         return None
     value, release = _previous_floor(previous, data, config, sampler)
-    return _Floor(value, release + previous.charges)
+    paired = isinstance(config.validation, Public) and config.floor_margin_se > 0
+    scores = example_scores(previous.model, data.public_val, data.score_fn) if paired else None
+    return _Floor(value, release + previous.charges, scores)
 
 
 def _dropped_if_flagged(outcome: Outcome, config: DedupConfig) -> Outcome:
@@ -409,7 +416,7 @@ def _dedup_target(target: Member, base: Member, base_state: Mapping[str, torch.T
     floor = None
     if previous is not None:
         floor, charges = previous.value, charges + previous.charges
-    validator = _validator(target, data, config, floor, sampler)
+    validator = _validator(target, data, config, previous, sampler)
     confirmation = _confirmation_validator(target, data, config)  # built on the unedited target
     calibration = _calibration(target, data, config)
     sequence = plan_replacements(target.model, live, base_rows, config.plan, calibration=calibration,
@@ -511,15 +518,17 @@ def _confirmation_validator(target: Member, data: DedupData, config: DedupConfig
                            margin_se=config.confirm_margin_se)
 
 
-def _validator(target: Member, data: DedupData, config: DedupConfig, floor: float | None,
+def _validator(target: Member, data: DedupData, config: DedupConfig, previous: _Floor | None,
                sampler: LaplaceSampler):
     validation = config.validation
+    floor = previous.value if previous is not None else None
     if isinstance(validation, Public) and config.agreement:
         batches = agreement_batches(data.public_val, target.model, data.predict_fn)
         return PublicValidator(batches, data.score_fn, reference=target.model, threshold=config.threshold)
     if isinstance(validation, Public):
         return PublicValidator(data.public_val, data.score_fn, reference=target.model, threshold=config.threshold,
-                               floor=floor)
+                               floor=floor, floor_scores=previous.scores if previous is not None else None,
+                               floor_margin_se=config.floor_margin_se)
     if data.private_val is None:
         raise ValueError(f"validation={validation!r} needs private validation data (DedupData.private_val).")
     # On private data, agreement is scored inside the mechanism: it keeps the unedited target's

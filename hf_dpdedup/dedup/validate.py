@@ -14,8 +14,9 @@ Utility is always a mean of per-example scores in [0, 1] given by ``score_fn(mod
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -51,36 +52,90 @@ def public_utility(model: torch.nn.Module, batches: Iterable[Any], score_fn: Sco
     return public_utility_stats(model, batches, score_fn).mean
 
 
-@torch.no_grad()
 def public_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> Utility:
     """Mean per-example score on public data and its standard error (sample std / √n).
 
     Inside a ``collective_scope`` each process scores its contiguous shard of the batches; the
     per-batch sums are then added in batch order, so the result is bit-identical to one process.
     """
+    return _score(model, batches, score_fn, None)[0]
+
+
+def paired_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
+                         against: list[torch.Tensor | None]) -> tuple[Utility, Utility]:
+    """The model's utility, and the mean of its per-example score minus ``against``'s (another model's
+    :func:`example_scores` on the same batches) with the *paired* standard error of that difference,
+    in one pass. Two models that agree on most examples differ by far less noise than two
+    independent utilities: the paired SE is what says whether one is really below the other."""
+    own, difference = _score(model, batches, score_fn, against)
+    assert difference is not None
+    return own, difference
+
+
+@torch.no_grad()
+def example_scores(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn) -> list[torch.Tensor | None]:
+    """Per-example scores, one tensor per batch (inside a ``collective_scope``: this process's shard
+    of the batches; None for the others), for :func:`paired_utility_stats`."""
+    batches = _public(batches)
+    mine = set(shard_range(len(batches), current_collective().rank, current_collective().size))
+    with _evaluating(model):
+        return [_clamped(score_fn(model, b)) if i in mine else None for i, b in enumerate(batches)]
+
+
+def _public(batches: Iterable[Any]) -> list[Any]:
     if isinstance(batches, PrivateDataset):
         batches.evaluate()  # raises PrivateDataAccessError and counts the attempt
-    batches = list(batches)
-    collective = current_collective()
-    mine = shard_range(len(batches), collective.rank, collective.size)
-    sums, squares, counts = [0.0] * len(batches), [0.0] * len(batches), [0] * len(batches)
+    return list(batches)
+
+
+def _clamped(scores: Any) -> torch.Tensor:
+    return torch.as_tensor(scores, dtype=torch.float64).clamp(0, 1).reshape(-1)
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        for i in mine:
-            scores = torch.as_tensor(score_fn(model, batches[i]), dtype=torch.float64).clamp(0, 1)
-            sums[i], squares[i], counts[i] = float(scores.sum()), float(scores.square().sum()), scores.numel()
+        yield
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def _score(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
+           against: list[torch.Tensor | None] | None) -> tuple[Utility, Utility | None]:
+    batches = _public(batches)
+    collective = current_collective()
+    mine = shard_range(len(batches), collective.rank, collective.size)
+    sums = [[0.0] * len(batches) for _ in range(4)]  # Σ s, Σ s², Σ (s − a), Σ (s − a)²
+    counts = [0] * len(batches)
+    with _evaluating(model):
+        for i in mine:
+            scores = _clamped(score_fn(model, batches[i]))
+            sums[0][i], sums[1][i], counts[i] = float(scores.sum()), float(scores.square().sum()), scores.numel()
+            if against is not None:
+                other = against[i]
+                if other is None or other.shape != scores.shape:
+                    raise ValueError("paired_utility_stats needs the other model's example_scores on the same "
+                                     "batches (in the same collective scope).")
+                diff = scores - other
+                sums[2][i], sums[3][i] = float(diff.sum()), float(diff.square().sum())
     if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
-        sums, squares, counts = collective.sum(sums), collective.sum(squares), collective.sum(counts)
-    total, total_sq, count = 0.0, 0.0, 0
-    for batch_sum, batch_sq, batch_count in zip(sums, squares, counts):
-        total += batch_sum
-        total_sq += batch_sq
-        count += batch_count
+        sums, counts = [collective.sum(column) for column in sums], collective.sum(counts)
+    count = sum(counts)
     if count == 0:
         raise ValueError("The public validation data is empty: pass at least one batch.")
+    own = _utility(sums[0], sums[1], count)
+    return own, (_utility(sums[2], sums[3], count) if against is not None else None)
+
+
+def _utility(sums: list[float], squares: list[float], count: int) -> Utility:
+    """Mean and standard error from per-batch sums, added in batch order."""
+    total, total_sq = 0.0, 0.0
+    for batch_sum, batch_sq in zip(sums, squares):
+        total += batch_sum
+        total_sq += batch_sq
     mean = total / count
     variance = max(0.0, total_sq / count - mean * mean) * count / max(1, count - 1)
     return Utility(mean, math.sqrt(variance / count), count)
@@ -106,10 +161,18 @@ def agreement_batches(batches: list[Any], reference: torch.nn.Module, predict_fn
 
 
 class PublicValidator:
-    """Accept while utility ≥ max(reference − threshold − margin_se · SE, floor) on public batches.
+    """Accept while utility ≥ reference − threshold − margin_se · SE, and the interactive floor holds.
 
-    ``threshold`` is the allowed utility drop (``DedupConfig.threshold``). ``margin_se`` widens it by that many standard errors of the reference utility on
-    these batches (0: the plain threshold) — the tolerance the benchmarks judge test drops with."""
+    ``threshold`` is the allowed utility drop (``DedupConfig.threshold``). ``margin_se`` widens it by
+    that many standard errors of the reference utility on these batches (0: the plain threshold) —
+    the tolerance the benchmarks judge test drops with.
+
+    The floor: ``floor`` alone is the paper's rule, utility ≥ ``floor`` (U'_{i-1}, the previous
+    model's utility). With ``floor_scores`` (the previous model's :func:`example_scores` on these
+    batches, whose mean is ``floor``) the candidate may end below the previous model by at most
+    ``floor_margin_se`` paired standard errors of the per-example difference: "not measurably
+    worse" on this validation set, instead of "not worse by a single example" (with 0, the same
+    rule as ``floor`` alone)."""
 
     def __init__(
         self,
@@ -120,15 +183,22 @@ class PublicValidator:
         threshold: float,
         floor: float | None = None,
         margin_se: float = 0.0,
+        floor_scores: list[torch.Tensor | None] | None = None,
+        floor_margin_se: float = 0.0,
     ) -> None:
+        if floor_scores is not None and floor is None:
+            raise ValueError("PublicValidator: floor_scores are the previous model's scores; pass its utility as floor too.")
         self.batches, self.score_fn = batches, score_fn
         stats = public_utility_stats(reference, batches, score_fn)
         self.reference_utility, self.reference_se = stats.mean, stats.se
         self.minimum = self.reference_utility - threshold - margin_se * stats.se
-        if floor is not None:
+        self.floor, self.floor_scores, self.floor_margin_se = floor, floor_scores, floor_margin_se
+        if floor is not None and floor_scores is None:
             self.minimum = max(self.minimum, floor)
         self.validations = 0
         self.last_utility: float | None = None
+        #: the last candidate's utility minus the previous model's, with its paired SE (paired floor only)
+        self.last_floor_difference: Utility | None = None
 
     @property
     def halted(self) -> bool:
@@ -136,8 +206,12 @@ class PublicValidator:
 
     def accepts(self, model: torch.nn.Module) -> bool:
         self.validations += 1
-        self.last_utility = public_utility(model, self.batches, self.score_fn)
-        return self.last_utility >= self.minimum
+        if self.floor_scores is None:
+            self.last_utility = public_utility(model, self.batches, self.score_fn)
+            return self.last_utility >= self.minimum
+        own, difference = paired_utility_stats(model, self.batches, self.score_fn, self.floor_scores)
+        self.last_utility, self.last_floor_difference = own.mean, difference
+        return own.mean >= self.minimum and difference.mean >= -self.floor_margin_se * difference.se
 
     def close(self) -> None:
         """Nothing to wipe: public data (same interface as :class:`MechanismValidator`)."""
