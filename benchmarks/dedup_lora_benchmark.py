@@ -124,7 +124,7 @@ def main() -> None:
                           public_confirm=batches(tokenizer, val[half:]), calibration_loss=lm_loss)
     runs = {"": (confirmed if args.confirm else data, {})}
     if args.old:
-        runs["old_"] = (data, {"plan": OLD})
+        runs["old_"] = (data, {"plan": OLD, "floor_margin_se": 0.0})  # the paper: exact floor
     figures: dict[str, float] = {}
     rows = []
     family_forms = forms(args.family)

@@ -56,7 +56,6 @@ def public_run(tmp_path):
 
 def test_public_dedup_stores_a_loadable_family_within_the_threshold(public_run):
     members, data, config, report, tmp_path = public_run
-    by_name = {m.name: m for m in report.models}
     assert [m.role for m in report.models] == ["base", "target", "target"]
     for m in report.targets:
         assert m.from_base + m.from_self > 0, m.name  # something was deduplicated
