@@ -117,6 +117,57 @@ def plan_layout(state_dict: Mapping[str, torch.Tensor], block_size: int) -> Bloc
     return BlockLayout(block_size, dtype, tuple(specs), tuple(extras), dict(aliases))
 
 
+#: the block tensor that a member's small floating extras are packed into (see :func:`pack_extras`);
+#: not a name any module gives a parameter (``:`` cannot appear in an attribute path)
+PACKED_EXTRAS = "hf_dpdedup:packed_extras"
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """One extra packed into :data:`PACKED_EXTRAS`: its values are ``flat[offset : offset + numel]``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def pack_extras(state_dict: Mapping[str, torch.Tensor], layout: BlockLayout
+                ) -> tuple[BlockLayout, Mapping[str, torch.Tensor], tuple[PackedTensor, ...]]:
+    """Pack the layout's small floating extras of the block dtype into one more block tensor.
+
+    Biases and norms are extras (smaller than a block); stored whole, every member repeats them,
+    even when they equal the base's (an adapter member's, a frozen LayerNorm's). Packed in layout
+    order into :data:`PACKED_EXTRAS`, they become rows like any block: content-addressed, shared
+    between members whose packed values agree row by row, and coded with the shards. Extras of
+    another dtype (integer buffers, a float16 tensor in a float32 model) stay extras. Returns the
+    layout with the packed tensor appended (its extras list without the packed ones), the state
+    dict with the packed tensor added (the others by reference) and what was packed where."""
+    if PACKED_EXTRAS in state_dict:
+        raise BlockLayoutError(f"A state dict may not hold a tensor named {PACKED_EXTRAS!r} (reserved by hf_dpdedup).")
+    dtype = parse_dtype(layout.dtype)
+    names = [n for n in layout.extras if state_dict[n].dtype == dtype and state_dict[n].numel() > 0]
+    if not names:
+        return layout, state_dict, ()
+    packed, offset = [], 0
+    for name in names:
+        packed.append(PackedTensor(name, tuple(state_dict[name].shape), offset))
+        offset += state_dict[name].numel()
+    flat = torch.cat([state_dict[n].detach().reshape(-1) for n in names])
+    spec = TensorSpec(PACKED_EXTRAS, (offset,), layout.dtype, layout.n_blocks, math.ceil(offset / layout.block_size))
+    kept = tuple(n for n in layout.extras if n not in set(names))
+    packed_layout = BlockLayout(layout.block_size, layout.dtype, (*layout.tensors, spec), kept, layout.aliases)
+    return packed_layout, {**state_dict, PACKED_EXTRAS: flat}, tuple(packed)
+
+
+def unpack_extras(flat: torch.Tensor, packed: tuple[PackedTensor, ...]) -> dict[str, torch.Tensor]:
+    """The packed extras of :data:`PACKED_EXTRAS`'s values, each a copy in memory of its own."""
+    return {p.name: flat[p.offset : p.offset + p.numel].reshape(p.shape).clone() for p in packed}
+
+
 def _extras_dtype(state_dict: Mapping[str, torch.Tensor], extras: list[str]) -> str:
     # A model with no tensor large enough for a block: its dtype is that of its floating tensors.
     for name in extras:

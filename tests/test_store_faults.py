@@ -49,10 +49,30 @@ def template(tmp_path_factory):
     """Members a (seed 0), b (seed 1), t (tied MLM) in one store; copied for each test."""
     root = tmp_path_factory.mktemp("faults") / "fam"
     family = FamilyStore.create(root, block_size=128)
-    family.add_model("a", tiny_model("bert", seed=0))
-    family.add_model("b", tiny_model("bert", seed=1))
+    family.add_model("a", member_a())
+    family.add_model("b", member_b())
     family.add_model("t", tiny_model("bert-mlm", seed=2))
     return root
+
+
+def member_a():
+    return with_own_small_tensors(tiny_model("bert", seed=0), seed=10)
+
+
+def member_b():
+    return with_own_small_tensors(tiny_model("bert", seed=1), seed=11)
+
+
+def with_own_small_tensors(model, *, seed: int):
+    """``model`` with its biases and norms moved off their initial values (zeros, ones), so that its
+    packed extras share no row with another member's or each other (a's and b's shards then have
+    the same number of rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+    return model
 
 
 @pytest.fixture
@@ -138,7 +158,7 @@ def test_a2_duplicate_row_hash_is_refused(family):
     edit_json(index_path(family), duplicate)
     with pytest.raises(StoreFormatError, match="same row hash") as excinfo:
         family = FamilyStore.open(family.root)
-        family.add_model("copy", tiny_model("bert", seed=0))
+        family.add_model("copy", member_a())
     assert_typed_with_next_step(excinfo)
 
 
@@ -151,7 +171,7 @@ def test_a2_swapped_row_hashes_never_map_a_copy_to_wrong_rows(family):
     edit_json(index_path(family), swap)
     family = FamilyStore.open(family.root)
     with pytest.raises(StoreFormatError, match="do not match the rows") as excinfo:
-        family.add_model("copy", tiny_model("bert", seed=0))
+        family.add_model("copy", member_a())
     assert_typed_with_next_step(excinfo)
     assert len(json.loads(index_path(family).read_text())["row_hashes"]) == rows_before
     assert "copy" not in family.members()
@@ -189,12 +209,11 @@ def _rewrite_extras(family, change, name="a"):
     edit_json(constitution_path(family, name), record)
 
 
-def test_a5_extras_tensor_of_the_wrong_dtype(family):
-    def to_half(tensors):
-        name = next(k for k, v in tensors.items() if v.is_floating_point())
-        tensors[name] = tensors[name].half()
+def test_a5_extras_file_holding_a_tensor_its_constitution_does_not_list(family):
+    def smuggle(tensors):  # the model's small floats are packed into rows: the file holds none of them
+        tensors["bert.embeddings.LayerNorm.weight"] = torch.ones(32, dtype=torch.float16)
 
-    _rewrite_extras(family, to_half)
+    _rewrite_extras(family, smuggle)
     with pytest.raises(ConstitutionError, match="extras.safetensors") as excinfo:
         load(family)
     assert_typed_with_next_step(excinfo)
@@ -217,22 +236,20 @@ def test_a6_shard_modified_in_place_with_mtime_kept(family):
     assert_typed_with_next_step(excinfo)
 
 
-def test_a7_pool_rereads_extras_checked(family):
+def test_a7_pool_serves_packed_extras_from_checked_rows(family):
+    """Biases and norms are packed into rows: the pool serves them from the rows it verified, and a
+    member whose packed rows were corrupted after the pool opened is refused, not served."""
     pool = ServingPool(family.root, members=["a", "b"])
-    expected = pool.infer("b", **example_inputs("bert")).logits  # b's extras are read now, at compose
-    pool = ServingPool(family.root, members=["a", "b"])  # fresh pool: b not composed yet
-
-    def nudge(tensors):
-        name = next(k for k, v in tensors.items() if v.is_floating_point())
-        tensors[name] = tensors[name] + 0.5
-
-    path = family.member_path("b") / "extras.safetensors"
-    tensors = load_file(path)
-    nudge(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})  # corrupted after the pool opened
+    for name, model in (("a", member_a()), ("b", member_b())):
+        inputs = example_inputs("bert")
+        assert torch.equal(pool.infer(name, **inputs).logits, model.eval()(**inputs).logits)
+    shard = family.blocks.path / family.blocks.index.shards[1].file  # b's rows, packed extras included
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x20  # inside b's last row: its packed extras
+    shard.write_bytes(bytes(data))
+    forget_verified()
     with pytest.raises(ChecksumMismatchError) as excinfo:
-        out = pool.infer("b", **example_inputs("bert")).logits
-        assert torch.equal(out, expected)
+        ServingPool(family.root, members=["b"]).infer("b", **example_inputs("bert"))
     assert_typed_with_next_step(excinfo)
 
 
@@ -324,12 +341,13 @@ def _constitution_shape_disagrees(family, monkeypatch):
     edit_json(constitution_path(family), transpose)
 
 
-def _extras_shape_disagrees(family, monkeypatch):
-    def shorten(tensors):
-        name = next(k for k, v in tensors.items() if v.dim() == 1 and v.is_floating_point())
-        tensors[name] = tensors[name][:-1].clone()
+def _packed_extra_shape_disagrees(family, monkeypatch):
+    def reshape(d):  # the same values (the slices still tile the packed rows), another shape
+        first = d["packed_extras"][0]
+        assert first["shape"] == [2, 32]  # token type embeddings
+        first["shape"] = [4, 16]
 
-    _rewrite_extras(family, shorten)
+    edit_json(constitution_path(family, "a"), reshape)
 
 
 def _config_disagrees(family, monkeypatch):
@@ -367,7 +385,7 @@ UNTYPED = {
     "shard entry not an object": (_shard_entry_not_an_object, "a", StoreFormatError),
     "row hash not a string": (_row_hash_not_a_string, "a", StoreFormatError),
     "constitution shape disagrees": (_constitution_shape_disagrees, "a", ConstitutionError),
-    "extras shape disagrees": (_extras_shape_disagrees, "a", ConstitutionError),
+    "packed extra shape disagrees": (_packed_extra_shape_disagrees, "a", ConstitutionError),
     "config.json disagrees": (_config_disagrees, "a", ConstitutionError),
     "alias with a bad module path": (_alias_with_a_bad_module_path, "t", ConstitutionError),
     "config.json missing": (_config_missing, "a", StoreFormatError),
@@ -517,8 +535,8 @@ def test_d_unknown_constitution_keys_are_kept_on_the_next_write(family):
 
 # --- what held before, and must keep holding -----------------------------------------------------------
 def test_intact_members_still_load_bit_exactly(family):
-    assert same_weights(load(family, "a"), tiny_model("bert", seed=0))
-    assert same_weights(load(family, "b"), tiny_model("bert", seed=1))
+    assert same_weights(load(family, "a"), member_a())
+    assert same_weights(load(family, "b"), member_b())
     assert same_weights(load(family, "t"), tiny_model("bert-mlm", seed=2))
 
 
@@ -531,7 +549,7 @@ def test_store_still_opens_old_indexes_without_fast_digests(family):
     edit_json(index_path(family), drop_fast_digests)
     edit_json(constitution_path(family), lambda d: d["extras"].pop("xxh3_128", None))
     assert BlockStore.open(family.blocks.path).index.shards[0].xxh3_128 is None
-    assert same_weights(load(family), tiny_model("bert", seed=0))
+    assert same_weights(load(family), member_a())
     shard = family.blocks.path / family.blocks.index.shards[0].file
     data = bytearray(shard.read_bytes())
     data[-3] ^= 2

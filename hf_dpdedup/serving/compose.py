@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -26,7 +27,7 @@ import torch
 from ..blocks import tensor_from_rows
 from ..skeleton import check_tensor, missing_weights_error, source_file, unexpected_tensors_error
 from ..store.block_store import BlockStore
-from .plan import MemberPlan, TensorKey, read_extras
+from .plan import MemberPlan, TensorKey, check_unchanged, read_extras
 
 
 class RowMemory:
@@ -58,25 +59,38 @@ class RowMemory:
         return view
 
     def cost(self, key: TensorKey) -> int:
-        """Bytes that serving ``key`` adds: 0 for a view, the gathered (padded) rows otherwise."""
+        """Bytes that serving ``key`` adds: 0 for a view, the gathered (padded) rows (a packed extra:
+        its own values) otherwise."""
+        if key.kind == "packed":
+            return 0 if self.is_view(key.ident[1:]) else key.nbytes
         if key.kind != "rows":
             return key.nbytes
         return 0 if self.is_view(key.ident) else len(key.ident) * self.block_size * self.dtype.itemsize
 
     def tensor(self, key: TensorKey) -> torch.Tensor:
-        """The tensor ``key`` names: a view when its rows are one run, else a gather into new memory."""
-        ids = np.asarray(key.ident, dtype=np.int64)
-        if self.is_view(key.ident):
+        """The tensor ``key`` names: a view when its rows are one run, else a gather into new memory
+        (a packed extra: its slice of the packed rows, a view or a copy of its own)."""
+        if key.kind == "packed":
+            offset, rows = key.ident[0], key.ident[1:]
+            numel = math.prod(key.shape)
+            flat = self._rows(rows).reshape(-1)[offset : offset + numel].view(key.shape)
+            return flat if self.is_view(rows) else flat.clone()
+        return tensor_from_rows(self._rows(key.ident), key.shape)
+
+    def _rows(self, rows: tuple[int, ...]) -> torch.Tensor:
+        """The ``[n, block_size]`` rows: a view of the shard when they are one run, else a gather."""
+        ids = np.asarray(rows, dtype=np.int64)
+        if self.is_view(rows):
             first = int(self._shard_of(ids[:1])[0])
             local = int(ids[0]) - first
-            return tensor_from_rows(self._shards[first][local : local + len(ids)], key.shape)
+            return self._shards[first][local : local + len(ids)]
         shard_of = self._shard_of(ids)
         out = torch.empty(len(ids), self.block_size, dtype=self.dtype)
         for start in np.unique(shard_of):
             mask = shard_of == start
             src = self._shards[int(start)].index_select(0, torch.from_numpy(ids[mask] - start))
             out.index_copy_(0, torch.from_numpy(np.nonzero(mask)[0]), src)
-        return tensor_from_rows(out, key.shape)
+        return out
 
 
 @dataclass
@@ -119,6 +133,7 @@ class TensorCache:
 
     def acquire(self, plan: MemberPlan) -> dict[str, _Entry]:
         """The entry of each of ``plan``'s tensors, creating the missing ones; ``plan`` becomes a user."""
+        check_unchanged(plan)
         missing_extras = {n: k for n, k in plan.tensors.items() if k.kind == "extra" and k not in self._entries}
         # re-read only what no resident member holds, checked against the digests the plan recorded
         extras = read_extras(plan.path, plan.constitution, missing_extras) if missing_extras else {}

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from ..blocks import parse_dtype
+from ..blocks import PACKED_EXTRAS, parse_dtype
 from ..errors import AdapterNotSupportedError, BlockLayoutError, ChecksumMismatchError, StoreFormatError
 from ..skeleton import architecture_class, read_config
 from ..store.constitution import Constitution
-from ..store.member import read_constitution, read_extras_file
+from ..store.member import parse_constitution, read_constitution_bytes, read_extras_file
 
 #: config fields that differ between members of one architecture without changing the module tree
 _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "architectures", "_commit_hash")
@@ -32,7 +32,8 @@ _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "architectures", "_
 
 @dataclass(frozen=True)
 class TensorKey:
-    """Identity of a tensor's values: ``("rows", row ids)`` or ``("extra", sha256)``, shape, dtype."""
+    """Identity of a tensor's values: ``("rows", row ids)``, ``("packed", (offset, *row ids))`` (a
+    slice of packed extras' rows) or ``("extra", sha256)``, shape, dtype."""
 
     kind: str
     ident: tuple[int, ...] | str
@@ -57,6 +58,7 @@ class MemberPlan:
     signature: str
     tensors: dict[str, TensorKey]  # block tensors and extras, canonical names only
     aliases: dict[str, str]  # tied name -> canonical name
+    constitution_sha256: str = ""  # of the constitution file the pool read when it opened
 
     @cached_property
     def keys(self) -> frozenset[TensorKey]:
@@ -86,7 +88,8 @@ def parse_dtype_any(name: str) -> torch.dtype:
 
 def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan:
     """Read member ``name``'s folder into a :class:`MemberPlan` (extras are hashed, not kept)."""
-    constitution = read_constitution(member_dir)
+    raw = read_constitution_bytes(member_dir)
+    constitution = parse_constitution(raw, member_dir)
     if constitution.adapter is not None:
         raise AdapterNotSupportedError(
             f"Member {name!r} is a peft adapter member ({constitution.adapter.peft_class} on "
@@ -98,8 +101,12 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
     config = read_config(member_dir)
     klass = architecture_class(config, constitution.architecture)
     tensors = {
-        t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors
+        t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors if t.name != PACKED_EXTRAS
     }
+    holder = next((t for t in constitution.tensors if t.name == PACKED_EXTRAS), None)
+    for p in constitution.packed:  # each packed extra is a slice of the packed rows
+        assert holder is not None  # the constitution checks it on reading
+        tensors[p.name] = TensorKey("packed", (p.offset, *holder.rows), p.shape, holder.dtype)
     tensors.update(extra_keys(member_dir, constitution, verify=verify))
     return MemberPlan(
         name=name,
@@ -110,7 +117,21 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
         signature=_signature(klass, config, tensors, constitution.aliases),
         tensors=tensors,
         aliases=dict(constitution.aliases),
+        constitution_sha256=hashlib.sha256(raw).hexdigest(),
     )
+
+
+def check_unchanged(plan: MemberPlan) -> None:
+    """The member folder still holds the constitution the pool opened with (checked when the pool
+    composes the member: it serves what it verified then, or says the member changed)."""
+    changed = (f"Member {plan.name!r} changed after the serving pool opened ({plan.path}): restore it, or "
+               "open a new pool if it was re-added or removed on purpose.")
+    try:
+        raw = read_constitution_bytes(plan.path)
+    except StoreFormatError as exc:
+        raise StoreFormatError(f"{exc} {changed}") from None
+    if hashlib.sha256(raw).hexdigest() != plan.constitution_sha256:
+        raise StoreFormatError(changed)
 
 
 def load_tokenizer(member_dir: Path) -> Any | None:

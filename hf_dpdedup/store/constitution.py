@@ -18,8 +18,15 @@ its "upgrade hf_dpdedup" error instead of rebuilding a bare base model.
 A tensor's ``rows`` list writes each run of at least :data:`MIN_RUN` consecutive row ids as a pair
 ``[first, count]`` (``[0, 1, 2, 3, 9]`` is written ``[[0, 4], 9]``): a member whose rows are fresh,
 or an adapter member that names every row of its base, lists them in a few pairs instead of one
-number per block. A constitution with a run has format ``hf_dpdedup/3`` (adapter member or not), so
-a reader that predates runs refuses it with its "upgrade" error; one without keeps format 1 or 2.
+number per block.
+
+Small floating extras of the block dtype (biases, norms) are *packed*
+(:func:`hf_dpdedup.blocks.pack_extras`): their values are the block tensor ``PACKED_EXTRAS`` of
+``tensors`` (rows like any other, so equal ones are shared between members), and ``packed_extras``
+lists each one's name, shape and offset in it. ``extras.safetensors`` keeps the others.
+
+A constitution with a run or packed extras has format ``hf_dpdedup/3`` (adapter member or not), so
+a reader that predates them refuses it with its "upgrade" error; one without keeps format 1 or 2.
 """
 
 from __future__ import annotations
@@ -28,14 +35,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..blocks import BLOCK_DTYPES, check_block_size
+from ..blocks import BLOCK_DTYPES, PACKED_EXTRAS, PackedTensor, check_block_size
 from ..errors import BlockLayoutError, ConstitutionError
 from ..privacy.metadata import PrivacyMetadata
-from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, RESAVE, RUNS_MEMBER_FORMAT, check_format, unknown_keys
+from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, RESAVE, COMPACT_MEMBER_FORMAT, check_format, unknown_keys
 from .records import DedupRecord, privacy_from_dict, privacy_to_dict
 
 _KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "tensors",
-         "extras", "aliases", "privacy", "dedup", "adapter")
+         "packed_extras", "extras", "aliases", "privacy", "dedup", "adapter")
 #: the shortest run of consecutive row ids written as ``[first, count]`` (two ids are as short plain)
 MIN_RUN = 3
 _ADAPTER_KEYS = ("library", "peft_type", "task_type", "peft_class", "adapter_name", "base_model",
@@ -193,6 +200,8 @@ class Constitution:
     extras_xxh3: str | None = None
     #: set when the member is a peft adapter on a base model (see the module docstring)
     adapter: AdapterRecord | None = None
+    #: the extras packed into the block tensor ``PACKED_EXTRAS`` (see the module docstring)
+    packed: tuple[PackedTensor, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -201,8 +210,8 @@ class Constitution:
 
     def to_dict(self) -> dict[str, Any]:
         tensors = [t.to_dict() for t in self.tensors]
-        if any(has_runs(t["rows"]) for t in tensors):
-            format_ = RUNS_MEMBER_FORMAT
+        if self.packed or any(has_runs(t["rows"]) for t in tensors):
+            format_ = COMPACT_MEMBER_FORMAT
         else:
             format_ = ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT
         return {
@@ -214,6 +223,8 @@ class Constitution:
             "block_size": self.block_size,
             "dtype": self.dtype,
             "tensors": tensors,
+            **({"packed_extras": [{"name": p.name, "shape": list(p.shape), "offset": p.offset} for p in self.packed]}
+               if self.packed else {}),
             "extras": {
                 "file": EXTRAS_FILE,
                 "sha256": self.extras_sha256,
@@ -225,18 +236,18 @@ class Constitution:
             "dedup": self.dedup.to_dict() if self.dedup is not None else None,
             # format 3 always names its adapter record (null: none), so that one lost from the file is noticed
             **({"adapter": self.adapter.to_dict() if self.adapter is not None else None}
-               if self.adapter is not None or format_ == RUNS_MEMBER_FORMAT else {}),
+               if self.adapter is not None or format_ == COMPACT_MEMBER_FORMAT else {}),
             **self.extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Constitution":
         what = "dedup_constitution.json"
-        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT, RUNS_MEMBER_FORMAT), fix=RESAVE)
+        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT, COMPACT_MEMBER_FORMAT), fix=RESAVE)
         adapter = AdapterRecord.from_dict(data["adapter"]) if data.get("adapter") is not None else None
-        runs = data["format"] == RUNS_MEMBER_FORMAT
+        runs = data["format"] == COMPACT_MEMBER_FORMAT
         if runs and "adapter" not in data:
-            raise ConstitutionError(f"{what}: format {RUNS_MEMBER_FORMAT!r} names its 'adapter' record (null for "
+            raise ConstitutionError(f"{what}: format {COMPACT_MEMBER_FORMAT!r} names its 'adapter' record (null for "
                                     f"a plain model), but this one has none; {RESAVE}.")
         if not runs and (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
             raise ConstitutionError(
@@ -261,10 +272,11 @@ class Constitution:
         if not isinstance(data.get("tensors"), list):
             raise ConstitutionError(f"{what}: 'tensors' must be a list; {RESAVE}.")
         tensors = tuple(_tensor_entry(t, block_size, dtype, runs=runs) for t in data["tensors"])
+        packed = _packed(data.get("packed_extras"), tensors, compact=runs)
         aliases = data.get("aliases") or {}
         if not isinstance(aliases, dict) or not _strings(aliases) or not _strings(aliases.values()):
             raise ConstitutionError(f"{what}: 'aliases' must map tensor names to tensor names; {RESAVE}.")
-        _check_names([t.name for t in tensors], list(extra_names), aliases)
+        _check_names([t.name for t in tensors] + [p.name for p in packed], list(extra_names), aliases)
         for key in ("name", "architecture"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ConstitutionError(f"{what}: {key!r} must be a string; {RESAVE}.")
@@ -282,8 +294,41 @@ class Constitution:
             dedup=DedupRecord.from_dict(data["dedup"]) if data.get("dedup") is not None else None,
             extras_xxh3=xxh3,
             adapter=adapter,
+            packed=packed,
             extra=unknown_keys(data, _KEYS),
         )
+
+
+def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool) -> tuple[PackedTensor, ...]:
+    """``packed_extras``: consecutive slices that tile the ``PACKED_EXTRAS`` block tensor exactly."""
+    what = "dedup_constitution.json: 'packed_extras'"
+    holder = next((t for t in tensors if t.name == PACKED_EXTRAS), None)
+    if data is None:
+        if holder is not None:
+            raise ConstitutionError(f"{what} is missing, but the tensors hold {PACKED_EXTRAS!r}; {RESAVE}.")
+        return ()
+    if not compact:
+        raise ConstitutionError(f"{what} exist only in format {COMPACT_MEMBER_FORMAT!r}; {RESAVE}.")
+    if holder is None or len(holder.shape) != 1:
+        raise ConstitutionError(f"{what} needs the 1-D block tensor {PACKED_EXTRAS!r} among the tensors; {RESAVE}.")
+    if not isinstance(data, list) or not data:
+        raise ConstitutionError(f"{what} must be a non-empty list; {RESAVE}.")
+    packed, offset = [], 0
+    for item in data:
+        ok = (isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]
+              and isinstance(item.get("shape"), list) and all(_int(d) and d >= 0 for d in item["shape"])
+              and _int(item.get("offset")))
+        if not ok:
+            raise ConstitutionError(f"{what}: {item!r} must name a tensor, its shape and its offset; {RESAVE}.")
+        entry = PackedTensor(item["name"], tuple(item["shape"]), item["offset"])
+        if entry.offset != offset or entry.numel == 0:
+            raise ConstitutionError(f"{what}: {entry.name!r} starts at {entry.offset}, but the packed tensors must "
+                                    f"follow each other from 0 (expected {offset}), each non-empty; {RESAVE}.")
+        packed.append(entry)
+        offset += entry.numel
+    if offset != holder.numel:
+        raise ConstitutionError(f"{what} cover {offset} values, but {PACKED_EXTRAS!r} holds {holder.numel}; {RESAVE}.")
+    return tuple(packed)
 
 
 def _strings(values: Any) -> bool:
@@ -321,7 +366,7 @@ def _tensor_entry(data: Any, block_size: int, dtype: str, *, runs: bool) -> Tens
         raise ConstitutionError(f"Tensor {name!r}: shape {shape!r} must be a list of integers ≥ 0; {RESAVE}.")
     if not runs and isinstance(rows, list) and has_runs(rows):
         raise ConstitutionError(
-            f"Tensor {name!r} lists row runs [first, count], which only format {RUNS_MEMBER_FORMAT!r} has, in "
+            f"Tensor {name!r} lists row runs [first, count], which only format {COMPACT_MEMBER_FORMAT!r} has, in "
             f"a constitution of an older format; {RESAVE}."
         )
     entry = TensorEntry(name=name, shape=tuple(shape), dtype=str(data.get("dtype")), rows=decode_rows(rows, name))

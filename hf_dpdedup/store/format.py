@@ -28,10 +28,11 @@ CODED_FORMAT = "hf_dpdedup/2"
 #: the format of the constitution of a peft adapter member (an older reader, which would rebuild it as
 #: the bare base class, refuses it with its "upgrade hf_dpdedup" error instead)
 ADAPTER_MEMBER_FORMAT = "hf_dpdedup/2"
-#: the format of a constitution whose row lists hold runs (``[first, count]`` for consecutive row ids,
-#: see :mod:`.constitution`), adapter member or not: a reader that predates runs refuses it with its
-#: "upgrade hf_dpdedup" error instead of calling the member damaged
-RUNS_MEMBER_FORMAT = "hf_dpdedup/3"
+#: the format of a compact constitution — row lists with runs (``[first, count]`` for consecutive row
+#: ids) or small extras packed into block rows (``packed_extras``), see :mod:`.constitution` —, adapter
+#: member or not: a reader that predates them refuses it with its "upgrade hf_dpdedup" error instead
+#: of calling the member damaged or rebuilding it without its packed tensors
+COMPACT_MEMBER_FORMAT = "hf_dpdedup/3"
 #: peft's name for an adapter's config file, written into adapter member folders
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 INDEX_FILE = "block_store.json"

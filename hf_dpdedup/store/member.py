@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from ..blocks import BlockLayout, BlockRows, plan_layout, tensor_from_rows
+from ..blocks import PACKED_EXTRAS, BlockLayout, BlockRows, pack_extras, plan_layout, tensor_from_rows, unpack_extras
 from ..errors import ConstitutionError, HfDpDedupError, MemberChangedError, StoreFormatError, StoreMismatchError
 from .block_store import BlockStore
 from .remap import RowMapper
@@ -101,7 +101,8 @@ def write_member(
     check_member_name(name)
     check_records(privacy, dedup)
     check_source(source)  # before any row is appended: a failed add leaves the store as it was
-    layout = plan_layout(state_dict, store.block_size)
+    # small floating extras become one more block tensor: rows shared with every member that has them
+    layout, state_dict, packed = pack_extras(state_dict, plan_layout(state_dict, store.block_size))
     # views of the tensors' blocks: the store copies one shard's new rows at a time, never the model
     matrix = BlockRows.of(state_dict, layout) if layout.tensors else _empty(store)
     row_ids = store.add_rows(matrix, groups=[t.n_blocks for t in layout.tensors])
@@ -131,6 +132,7 @@ def write_member(
             dedup=None if callable(dedup) else dedup,
             extras_xxh3=fast_digest(raw),
             adapter=adapter,
+            packed=packed,
         )
         if callable(dedup):
             constitution = replace(constitution, dedup=dedup(constitution, len(raw)))
@@ -300,6 +302,8 @@ def load_member_state_dict(
             exclusive = bool((uses[list(entry.rows)] == 1).all())
             gathered = _gather(entry.rows, starts, matrices, store, exclusive, mapper)
             out[entry.name] = tensor_from_rows(gathered, entry.shape)
+    if constitution.packed:
+        out.update(unpack_extras(out.pop(PACKED_EXTRAS), constitution.packed))
     out.update(read_extras_file(member_dir, constitution, verify))
     missing = [c for c in constitution.aliases.values() if c not in out]
     if missing:

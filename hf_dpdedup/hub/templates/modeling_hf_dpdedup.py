@@ -33,6 +33,8 @@ except ImportError:
     DedupedModel = None
 
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")
+#: the block tensor small extras are packed into (hf_dpdedup.blocks.PACKED_EXTRAS)
+PACKED_EXTRAS = "hf_dpdedup:packed_extras"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -90,6 +92,11 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
         raise OSError(f"The block store of {path} is entropy-coded ({index['codec']}): `pip install hf_dpdedup` "
                       "to load it (this remote code reads uncoded stores on its own).")
     state_dict = rebuild(constitution, index, store_file)
+    if constitution.get("packed_extras"):  # small tensors packed into rows (format 3)
+        flat = state_dict.pop(PACKED_EXTRAS)
+        for p in constitution["packed_extras"]:
+            numel = math.prod(p["shape"])
+            state_dict[p["name"]] = flat[p["offset"] : p["offset"] + numel].reshape(p["shape"]).clone()
     extras_path = member_file(constitution["extras"]["file"])
     check_sha256(extras_path, constitution["extras"]["sha256"])
     state_dict.update(load_file(extras_path))
