@@ -32,5 +32,12 @@ def test_row_lists_take_one_line_each(tmp_path) -> None:
     assert len(hashes) > 10
     assert f'  "row_hashes": {json.dumps(hashes, separators=(",", ":"))}' in index.splitlines()[-2:]
     constitution = (family.member_path("base") / "dedup_constitution.json").read_text()
-    for tensor in json.loads(constitution)["tensors"]:
+    lines = constitution.splitlines()
+    data = json.loads(constitution)
+    for tensor in data["tensors"]:
         assert f'"rows": {json.dumps(tensor["rows"], separators=(",", ":"))}' in constitution
+    # each tensor, packed extra and shard entry is one line of its own
+    for entry in [*data["tensors"], *data["packed_extras"], *json.loads(index)["shards"]]:
+        assert sum(f'"name": "{entry.get("name")}"' in line or f'"file": "{entry.get("file")}"' in line
+                   for line in [*lines, *index.splitlines()]) == 1
+    assert len(lines) < len(data["tensors"]) + len(data["packed_extras"]) + 60

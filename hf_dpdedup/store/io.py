@@ -90,28 +90,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def json_text(obj: Any, indent: int = 2) -> str:
-    """JSON with objects and lists of objects indented, and every list of scalars (or of scalars and
-    lists of scalars, such as row ids with ``[first, count]`` runs) on one line.
+    """JSON with objects and lists of objects indented, every list of scalars (or of scalars and
+    lists of scalars, such as row ids with ``[first, count]`` runs) on one line, and each object in
+    a list whose values are all such (a tensor entry, a shard entry) on a line of its own.
 
-    Indexes and constitutions are mostly long lists of row ids and row hashes; ``json.dumps(...,
-    indent=2)`` puts each on its own indented line, which made them 2-3 times their content (the
-    metadata of a small family outweighed its deduplicated rows). Any JSON reader reads both.
+    Indexes and constitutions are mostly long lists of row ids and row hashes, and lists of small
+    records; ``json.dumps(..., indent=2)`` puts each value on its own indented line, which made them
+    2-3 times their content (the metadata of a small family outweighed its deduplicated rows). Any
+    JSON reader reads both.
     """
     def container(value: Any) -> bool:
         return isinstance(value, (dict, list, tuple))
 
-    def encode(value: Any, level: int) -> str:
+    def inline(value: Any) -> bool:  # a scalar, or a list of scalars and lists of scalars
+        if isinstance(value, dict):
+            return False
+        return not container(value) or all(not container(v) or (not isinstance(v, dict) and not any(
+            container(w) for w in v)) for v in value)
+
+    def one_line(value: Any) -> str:
+        return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+    def key(k: Any) -> str:  # as json.dumps writes a key (non-strings become their JSON text)
+        return json.dumps(k if isinstance(k, str) else json.dumps(k))
+
+    def encode(value: Any, level: int, in_list: bool = False) -> str:
         inner, outer = " " * (indent * (level + 1)), " " * (indent * level)
         if isinstance(value, dict):
             if not value:
                 return "{}"
-            items = (f"{inner}{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {encode(v, level + 1)}"
-                     for k, v in value.items())
+            if in_list and all(inline(v) for v in value.values()):
+                return "{" + ", ".join(f"{key(k)}: {one_line(v)}" for k, v in value.items()) + "}"
+            items = (f"{inner}{key(k)}: {encode(v, level + 1)}" for k, v in value.items())
             return "{\n" + ",\n".join(items) + "\n" + outer + "}"
-        if isinstance(value, (list, tuple)) and any(
-                isinstance(v, dict) or (container(v) and any(container(w) for w in v)) for v in value):
-            return "[\n" + ",\n".join(inner + encode(v, level + 1) for v in value) + "\n" + outer + "]"
-        return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+        if isinstance(value, (list, tuple)) and not inline(value):
+            return "[\n" + ",\n".join(inner + encode(v, level + 1, in_list=True) for v in value) + "\n" + outer + "]"
+        return one_line(value)
 
     return encode(obj, 0)
 
