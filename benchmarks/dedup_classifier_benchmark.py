@@ -81,7 +81,7 @@ import bert_sst2  # noqa: E402  (benchmarks/families/bert_sst2.py: its splits an
 THRESHOLD = 0.015
 BLOCK = 1024
 OLD = PlanConfig(candidates="nearest", order="saliency", saliency="magnitude", close_ratio=None)
-GROUPS = ("main", "ablation", "strategies", "private")
+GROUPS = ("main", "ablation", "strategies", "private", "bound")
 Batches = list[dict[str, torch.Tensor]]
 
 
@@ -301,6 +301,10 @@ def main() -> None:
         runs["greedy10"] = (data(), config(strategy=Greedy(n=10)))
         runs["halving"] = (data(), config(strategy=Halving()))
         runs["mcts20"] = (data(), config(strategy=MCTS(group=20, episodes=20)))
+    if "bound" in args.runs:  # an upper confidence bound on the drop (search and confirmation)
+        runs["drop_bound_1se"] = (data(), config(drop_bound_se=1.0))
+        runs["drop_bound_1se_gallop"] = (data(), config(drop_bound_se=1.0, confirmation="gallop"))
+        runs["drop_bound_1se_no_confirmation"] = (data(confirm=False), config(drop_bound_se=1.0))
     if "private" in args.runs:
         for c in (3, 10):
             runs[f"svt_c{c}"] = (data(private=True), config(validation=SVT(epsilon=1.0, cutoff=c)))

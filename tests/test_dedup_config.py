@@ -79,11 +79,12 @@ plans = st.builds(
 def configs(draw):
     agreement = draw(st.booleans())
     interactive = draw(st.sampled_from([None, False] if agreement else [None, False, True]))
+    margin, widen = draw(st.floats(0, 10)), draw(st.booleans())  # the confirmation's margin or the drop bound
     return DedupConfig(
         block_size=draw(st.integers(1, 2**24)), threshold=draw(st.floats(0, 1)),
         strategy=draw(search_strategies), plan=draw(plans), validation=draw(validations),
-        interactive=interactive, agreement=agreement, confirm_margin_se=draw(st.floats(0, 10)),
-        floor_margin_se=draw(st.floats(0, 10)),
+        interactive=interactive, agreement=agreement, confirm_margin_se=margin if widen else 0.0,
+        floor_margin_se=draw(st.floats(0, 10)), drop_bound_se=0.0 if widen else margin,
         confirmation=draw(literal(DedupConfig, "confirmation")), base=draw(st.none() | names),
         noise_seed=draw(st.none() | st.integers(0, 2**63)),
         overlaps=tuple(draw(st.lists(st.tuples(names, names), max_size=3))),
@@ -132,6 +133,8 @@ def test_to_dict_names_every_field_and_tags_choices_by_kind():
     (lambda: DedupConfig(overlaps=(("a",),)), "DedupConfig.overlaps takes"),
     (lambda: DedupConfig(confirm_margin_se=-1.0), "confirm_margin_se must be ≥ 0"),
     (lambda: DedupConfig(floor_margin_se=-0.5), "floor_margin_se must be ≥ 0"),
+    (lambda: DedupConfig(drop_bound_se=-1.0), "drop_bound_se must be ≥ 0"),
+    (lambda: DedupConfig(drop_bound_se=1.0, confirm_margin_se=1.0), "set one of them to 0"),
     (lambda: DedupConfig(agreement=True, interactive=True), "use interactive=False"),
     (lambda: PlanConfig(cost="l0"), "PlanConfig.cost takes 'taylor' | 'fisher' | 'wanda' | 'delta'"),
     (lambda: PlanConfig(close_ratio=2.0), r"close_ratio must be in \[0, 1\]"),
@@ -328,6 +331,7 @@ CLI_EXAMPLES = [
     (["--agreement"], "agreement", True),
     (["--confirm-margin-se", "1.5"], "confirm_margin_se", 1.5),
     (["--floor-margin-se", "0"], "floor_margin_se", 0.0),
+    (["--drop-bound-se", "1"], "drop_bound_se", 1.0),
     (["--confirmation", "gallop"], "confirmation", "gallop"),
     (["--fairness", "drop"], "fairness", "drop"),
     (["--overlap", "a", "b"], "overlaps", (("a", "b"),)),

@@ -443,3 +443,21 @@ def test_chunked_costs_equal_the_formulas_on_whole_tensors_bit_for_bit(cost, blo
                 expected = (BlockRows.of(mean, live.layout).matrix().double() * deltas).sum(1) + expected
     assert torch.equal(got, expected)
     assert torch.equal(prepared.costs(blocks[:3], deltas[:3]), expected[:3])  # a reused buffer leaks nothing
+
+
+def test_the_drop_bound_refuses_a_drop_within_the_threshold_only_by_luck():
+    """An upper confidence bound on the drop: measured drop + z · paired SE must be within t."""
+    reference = [1.0] * 30 + [0.0] * 10  # 0.75
+    lucky = [0.0] * 6 + [1.0] * 24 + [1.0] * 5 + [0.0] * 5  # 0.725: 6 examples lost, 5 gained
+    steady = [0.0] * 1 + [1.0] * 29 + [0.0] * 10  # 0.725: one example lost, nothing else changed
+    plain = PublicValidator([None], _given, reference=_Scores(*reference), threshold=0.06)
+    bound = PublicValidator([None], _given, reference=_Scores(*reference), threshold=0.06, drop_bound_se=1.0)
+    assert plain.accepts(_Scores(*lucky)) and plain.accepts(_Scores(*steady))  # both drop 2.5 points
+    # lucky: 11 changed examples, paired SE √((11 − 40 · 0.025²) / 39 / 40) ≈ 0.053: 0.025 + 0.053 > 0.06
+    assert not bound.accepts(_Scores(*lucky))
+    assert bound.last_difference.mean == pytest.approx(-0.025)
+    assert bound.last_difference.se == pytest.approx(math.sqrt((11 - 40 * 0.025 ** 2) / 39 / 40))
+    assert bound.accepts(_Scores(*steady))  # one changed example: SE 0.025, 0.025 + 0.025 ≤ 0.06
+    assert bound.accepts(_Scores(*reference))  # no change at all
+    with pytest.raises(ValueError, match="pass one"):
+        PublicValidator([None], _given, reference=_Scores(*reference), threshold=0.06, drop_bound_se=1.0, margin_se=1.0)

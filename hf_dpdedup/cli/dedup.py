@@ -158,6 +158,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="public validation: the floor lets a target end this many paired standard errors of the "
                         "per-example difference below the previous model (0: the paper's exact comparison) "
                         f"{_default(_CONFIG.floor_margin_se)}")
+    p.add_argument("--drop-bound-se", type=float, default=_CONFIG.drop_bound_se,
+                   help="public validation: accept only when the drop plus this many paired standard errors is "
+                        f"within the threshold (an upper confidence bound; 0: the measured drop) {_default(_CONFIG.drop_bound_se)}")
     p.add_argument("--agreement", action="store_true", default=_CONFIG.agreement,
                    help="validate on agreement with each target's own predictions instead of on labels "
                         "(classification tasks)")
@@ -205,7 +208,7 @@ def config_from_args(args: argparse.Namespace) -> DedupConfig:
     return DedupConfig(
         block_size=args.block_size, threshold=args.threshold, strategy=strategy, plan=plan, validation=validation,
         interactive=args.interactive, agreement=args.agreement, confirm_margin_se=args.confirm_margin_se,
-        floor_margin_se=args.floor_margin_se,
+        floor_margin_se=args.floor_margin_se, drop_bound_se=args.drop_bound_se,
         confirmation=args.confirmation, base=args.base, fairness=args.fairness,
         overlaps=tuple(tuple(pair) for pair in args.overlap),
     )

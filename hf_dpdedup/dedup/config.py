@@ -187,6 +187,11 @@ class DedupConfig:
     # (SVT, naive) keeps the exact comparison with the released floor: a paired SE on private data
     # would be one more release to pay for.
     floor_margin_se: float = 1.0
+    # Public validation (search and confirmation): accept a candidate only when its measured drop plus
+    # this many paired standard errors of its per-example difference from the unedited target is within
+    # the threshold — an upper confidence bound on the drop, against taking replacements that pass only
+    # by the luck of a small validation set (0: the measured drop alone, the paper's rule).
+    drop_bound_se: float = 0.0
     # The confirmation split accepts a drop of threshold + confirm_margin_se standard errors of the
     # target's utility on it (0: the same threshold as the search).
     confirm_margin_se: float = 0.0
@@ -260,6 +265,11 @@ class DedupConfig:
         require(self.floor_margin_se >= 0,
                 f"DedupConfig.floor_margin_se must be ≥ 0 (paired standard errors; 0: the paper's exact floor), "
                 f"got {self.floor_margin_se!r}.")
+        require(self.drop_bound_se >= 0,
+                f"DedupConfig.drop_bound_se must be ≥ 0 (paired standard errors), got {self.drop_bound_se!r}.")
+        require(not (self.drop_bound_se and self.confirm_margin_se),
+                "DedupConfig: confirm_margin_se widens the confirmation's threshold and drop_bound_se narrows it; "
+                "set one of them to 0.")
         require(self.confirm_margin_se >= 0,
                 f"DedupConfig.confirm_margin_se must be ≥ 0 (standard errors), got {self.confirm_margin_se!r}.")
         if self.agreement and self.interactive:

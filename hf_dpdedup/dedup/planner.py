@@ -515,7 +515,7 @@ def _confirmation_validator(target: Member, data: DedupData, config: DedupConfig
     # The interactive floor is a utility on the validation data and does not transfer to another
     # split; the confirmation checks the threshold against the target's own utility on it.
     return PublicValidator(batches, data.score_fn, reference=target.model, threshold=config.threshold,
-                           margin_se=config.confirm_margin_se)
+                           margin_se=config.confirm_margin_se, drop_bound_se=config.drop_bound_se)
 
 
 def _validator(target: Member, data: DedupData, config: DedupConfig, previous: _Floor | None,
@@ -524,11 +524,12 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, previous: _
     floor = previous.value if previous is not None else None
     if isinstance(validation, Public) and config.agreement:
         batches = agreement_batches(data.public_val, target.model, data.predict_fn)
-        return PublicValidator(batches, data.score_fn, reference=target.model, threshold=config.threshold)
+        return PublicValidator(batches, data.score_fn, reference=target.model, threshold=config.threshold,
+                               drop_bound_se=config.drop_bound_se)
     if isinstance(validation, Public):
         return PublicValidator(data.public_val, data.score_fn, reference=target.model, threshold=config.threshold,
                                floor=floor, floor_scores=previous.scores if previous is not None else None,
-                               floor_margin_se=config.floor_margin_se)
+                               floor_margin_se=config.floor_margin_se, drop_bound_se=config.drop_bound_se)
     if data.private_val is None:
         raise ValueError(f"validation={validation!r} needs private validation data (DedupData.private_val).")
     # On private data, agreement is scored inside the mechanism: it keeps the unedited target's

@@ -58,7 +58,7 @@ def public_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_f
     Inside a ``collective_scope`` each process scores its contiguous shard of the batches; the
     per-batch sums are then added in batch order, so the result is bit-identical to one process.
     """
-    return _score(model, batches, score_fn, None)[0]
+    return _score(model, batches, score_fn, [])[0]
 
 
 def paired_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
@@ -67,8 +67,7 @@ def paired_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_f
     :func:`example_scores` on the same batches) with the *paired* standard error of that difference,
     in one pass. Two models that agree on most examples differ by far less noise than two
     independent utilities: the paired SE is what says whether one is really below the other."""
-    own, difference = _score(model, batches, score_fn, against)
-    assert difference is not None
+    own, (difference,) = _score(model, batches, score_fn, [against])
     return own, difference
 
 
@@ -104,30 +103,33 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def _score(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
-           against: list[torch.Tensor | None] | None) -> tuple[Utility, Utility | None]:
+           against: list[list[torch.Tensor | None]]) -> tuple[Utility, list[Utility]]:
+    """The model's utility and, for each of ``against`` (other models' example scores), the paired
+    difference, in one pass over the batches."""
     batches = _public(batches)
     collective = current_collective()
     mine = shard_range(len(batches), collective.rank, collective.size)
-    sums = [[0.0] * len(batches) for _ in range(4)]  # Σ s, Σ s², Σ (s − a), Σ (s − a)²
+    # per batch: Σ s, Σ s², then Σ (s − a), Σ (s − a)² for each of ``against``
+    sums = [[0.0] * len(batches) for _ in range(2 + 2 * len(against))]
     counts = [0] * len(batches)
     with _evaluating(model):
         for i in mine:
             scores = _clamped(score_fn(model, batches[i]))
             sums[0][i], sums[1][i], counts[i] = float(scores.sum()), float(scores.square().sum()), scores.numel()
-            if against is not None:
-                other = against[i]
+            for k, other_scores in enumerate(against):
+                other = other_scores[i]
                 if other is None or other.shape != scores.shape:
                     raise ValueError("paired_utility_stats needs the other model's example_scores on the same "
                                      "batches (in the same collective scope).")
                 diff = scores - other
-                sums[2][i], sums[3][i] = float(diff.sum()), float(diff.square().sum())
+                sums[2 + 2 * k][i], sums[3 + 2 * k][i] = float(diff.sum()), float(diff.square().sum())
     if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
         sums, counts = [collective.sum(column) for column in sums], collective.sum(counts)
     count = sum(counts)
     if count == 0:
         raise ValueError("The public validation data is empty: pass at least one batch.")
     own = _utility(sums[0], sums[1], count)
-    return own, (_utility(sums[2], sums[3], count) if against is not None else None)
+    return own, [_utility(sums[2 + 2 * k], sums[3 + 2 * k], count) for k in range(len(against))]
 
 
 def _utility(sums: list[float], squares: list[float], count: int) -> Utility:
@@ -161,11 +163,15 @@ def agreement_batches(batches: list[Any], reference: torch.nn.Module, predict_fn
 
 
 class PublicValidator:
-    """Accept while utility ≥ reference − threshold − margin_se · SE, and the interactive floor holds.
+    """Accept while the drop from the reference is within ``threshold`` and the interactive floor holds.
 
     ``threshold`` is the allowed utility drop (``DedupConfig.threshold``). ``margin_se`` widens it by
     that many standard errors of the reference utility on these batches (0: the plain threshold) —
-    the tolerance the benchmarks judge test drops with.
+    the tolerance the benchmarks judge test drops with. ``drop_bound_se`` narrows it instead: the
+    measured drop *plus* that many paired standard errors of the per-example difference from the
+    reference must stay within ``threshold`` — an upper confidence bound on the drop, so a candidate
+    whose drop is within the threshold only by the luck of this sample is not taken (0: the measured
+    drop alone).
 
     The floor: ``floor`` alone is the paper's rule, utility ≥ ``floor`` (U'_{i-1}, the previous
     model's utility). With ``floor_scores`` (the previous model's :func:`example_scores` on these
@@ -185,20 +191,28 @@ class PublicValidator:
         margin_se: float = 0.0,
         floor_scores: list[torch.Tensor | None] | None = None,
         floor_margin_se: float = 0.0,
+        drop_bound_se: float = 0.0,
     ) -> None:
         if floor_scores is not None and floor is None:
             raise ValueError("PublicValidator: floor_scores are the previous model's scores; pass its utility as floor too.")
+        if drop_bound_se and margin_se:
+            raise ValueError("PublicValidator: margin_se widens the threshold, drop_bound_se narrows it; pass one.")
         self.batches, self.score_fn = batches, score_fn
         stats = public_utility_stats(reference, batches, score_fn)
         self.reference_utility, self.reference_se = stats.mean, stats.se
+        self.threshold = threshold
         self.minimum = self.reference_utility - threshold - margin_se * stats.se
         self.floor, self.floor_scores, self.floor_margin_se = floor, floor_scores, floor_margin_se
         if floor is not None and floor_scores is None:
             self.minimum = max(self.minimum, floor)
+        self.drop_bound_se = drop_bound_se
+        self.reference_scores = example_scores(reference, batches, score_fn) if drop_bound_se > 0 else None
         self.validations = 0
         self.last_utility: float | None = None
         #: the last candidate's utility minus the previous model's, with its paired SE (paired floor only)
         self.last_floor_difference: Utility | None = None
+        #: the last candidate's utility minus the reference's, with its paired SE (drop bound only)
+        self.last_difference: Utility | None = None
 
     @property
     def halted(self) -> bool:
@@ -206,12 +220,17 @@ class PublicValidator:
 
     def accepts(self, model: torch.nn.Module) -> bool:
         self.validations += 1
-        if self.floor_scores is None:
-            self.last_utility = public_utility(model, self.batches, self.score_fn)
-            return self.last_utility >= self.minimum
-        own, difference = paired_utility_stats(model, self.batches, self.score_fn, self.floor_scores)
-        self.last_utility, self.last_floor_difference = own.mean, difference
-        return own.mean >= self.minimum and difference.mean >= -self.floor_margin_se * difference.se
+        against = [a for a in (self.reference_scores, self.floor_scores) if a is not None]
+        own, differences = _score(model, self.batches, self.score_fn, against)
+        self.last_utility = own.mean
+        ok = own.mean >= self.minimum
+        if self.reference_scores is not None:
+            self.last_difference = differences.pop(0)
+            ok = ok and -self.last_difference.mean + self.drop_bound_se * self.last_difference.se <= self.threshold
+        if self.floor_scores is not None:
+            self.last_floor_difference = differences.pop(0)
+            ok = ok and self.last_floor_difference.mean >= -self.floor_margin_se * self.last_floor_difference.se
+        return ok
 
     def close(self) -> None:
         """Nothing to wipe: public data (same interface as :class:`MechanismValidator`)."""
