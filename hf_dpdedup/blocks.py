@@ -118,7 +118,7 @@ def plan_layout(state_dict: Mapping[str, torch.Tensor], block_size: int) -> Bloc
 
 
 #: the block tensor that a member's small floating extras are packed into (see :func:`pack_extras`);
-#: not a name any module gives a parameter (``:`` cannot appear in an attribute path)
+#: no transformers module names a tensor so (a state dict that does is refused)
 PACKED_EXTRAS = "hf_dpdedup:packed_extras"
 
 
@@ -158,7 +158,8 @@ def pack_extras(state_dict: Mapping[str, torch.Tensor], layout: BlockLayout
         offset += state_dict[name].numel()
     flat = torch.cat([state_dict[n].detach().reshape(-1) for n in names])
     spec = TensorSpec(PACKED_EXTRAS, (offset,), layout.dtype, layout.n_blocks, math.ceil(offset / layout.block_size))
-    kept = tuple(n for n in layout.extras if n not in set(names))
+    packed_names = set(names)
+    kept = tuple(n for n in layout.extras if n not in packed_names)
     packed_layout = BlockLayout(layout.block_size, layout.dtype, (*layout.tensors, spec), kept, layout.aliases)
     return packed_layout, {**state_dict, PACKED_EXTRAS: flat}, tuple(packed)
 

@@ -19,6 +19,7 @@ from hf_dpdedup.hub.remote import REMOTE_CODE
 from hf_dpdedup.store.family import FamilyStore
 from hf_dpdedup.store.constitution import MIN_RUN, Constitution, decode_rows, encode_rows
 from hf_dpdedup.store.format import CONSTITUTION_FILE
+from hf_dpdedup.store.summary import member_summary
 
 from conftest import tiny_model
 
@@ -81,6 +82,10 @@ def test_a_member_with_runs_is_format_3_and_loads_bit_exactly(member):
     written = sum(len(json.dumps(t["rows"])) for t in data["tensors"])
     plain = sum(len(json.dumps(decode_rows(t["rows"], t["name"]))) for t in data["tensors"])
     assert written * 5 < plain  # fresh rows: a few pairs instead of one id per block
+    summary = member_summary(folder, Constitution.from_dict(data))
+    layout = plan_layout(tiny_model("bert").state_dict(), 64)
+    assert (summary["block_tensors"], summary["extras"], summary["packed_extras"]) == (
+        len(layout.tensors), len(layout.extras), len(data["packed_extras"]))
     original = tiny_model("bert").state_dict()
     loaded = DedupedModel.from_pretrained(folder).state_dict()
     assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], v) for k, v in original.items())

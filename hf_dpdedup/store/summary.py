@@ -45,8 +45,10 @@ def member_summary(member_dir: Path, constitution: Constitution, row_users: Coun
         "architecture": (f"{constitution.architecture}+{constitution.adapter.peft_type}"
                          if constitution.adapter is not None else constitution.architecture),
         "adapter": constitution.adapter.to_dict() if constitution.adapter is not None else None,
-        "block_tensors": len(constitution.tensors),
-        "extras": len(constitution.extras),
+        # small tensors are extras whether packed into rows or kept in the extras file
+        "block_tensors": len(constitution.tensors) - (1 if constitution.packed else 0),
+        "extras": len(constitution.extras) + len(constitution.packed),
+        "packed_extras": len(constitution.packed),
         "tied": len(constitution.aliases),
         "blocks": len(rows),
         "distinct_rows": len(distinct),
