@@ -100,14 +100,17 @@ def test_identical_blocks_within_a_model_are_stored_once(tmp_path):
 def test_appending_a_model_adds_only_its_new_rows(tmp_path):
     a, b = tiny_model("bert", seed=0), tiny_model("bert", seed=0)
     with torch.no_grad():
-        b.classifier.weight.add_(1.0)  # small tensor: extras only
+        b.classifier.weight.add_(1.0)  # small tensor: packed with the other small ones into shared rows
         b.bert.encoder.layer[0].output.dense.weight.mul_(2)  # 32*64 = 2048 elements = 16 rows of 128
     family = FamilyStore.create(tmp_path / "fam", block_size=128)
     family.add_model("a", a)
     before = family.blocks.index.total_rows
     shards_before = list(family.blocks.index.shards)
     family.add_model("b", b)
-    assert family.blocks.index.total_rows - before == 16
+    # the changed weight's 16 rows, and the packed rows its classifier weight lies in (the rest are a's)
+    packed = next(p for p in family.constitution("b").packed if p.name == "classifier.weight")
+    spanned = (packed.offset + packed.numel - 1) // 128 - packed.offset // 128 + 1
+    assert family.blocks.index.total_rows - before == 16 + spanned
     assert list(family.blocks.index.shards[: len(shards_before)]) == shards_before  # nothing rewritten
     for name, model in (("a", a), ("b", b)):
         assert_same_model(model, DedupedModel.from_pretrained(family.member_path(name)), example_inputs("bert"))

@@ -33,7 +33,8 @@ _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "architectures", "_
 @dataclass(frozen=True)
 class TensorKey:
     """Identity of a tensor's values: ``("rows", row ids)``, ``("packed", (offset, *row ids))`` (a
-    slice of packed extras' rows) or ``("extra", sha256)``, shape, dtype."""
+    packed extra: its offset in the rows it lies in, and those rows only, so members whose rows
+    there agree share it) or ``("extra", sha256)``, shape, dtype."""
 
     kind: str
     ident: tuple[int, ...] | str
@@ -104,9 +105,11 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
         t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors if t.name != PACKED_EXTRAS
     }
     holder = next((t for t in constitution.tensors if t.name == PACKED_EXTRAS), None)
-    for p in constitution.packed:  # each packed extra is a slice of the packed rows
+    for p in constitution.packed:  # each packed extra is a slice of the rows it lies in
         assert holder is not None  # the constitution checks it on reading
-        tensors[p.name] = TensorKey("packed", (p.offset, *holder.rows), p.shape, holder.dtype)
+        first, last = p.offset // constitution.block_size, (p.offset + p.numel - 1) // constitution.block_size
+        local = p.offset - first * constitution.block_size
+        tensors[p.name] = TensorKey("packed", (local, *holder.rows[first : last + 1]), p.shape, holder.dtype)
     tensors.update(extra_keys(member_dir, constitution, verify=verify))
     return MemberPlan(
         name=name,
