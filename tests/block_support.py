@@ -1,6 +1,6 @@
 """Test-only helpers on blocks: the inverse of :func:`hf_dpdedup.blocks.to_block_matrix` (the state
 dict a block matrix, its layout and the extras stand for; the library rebuilds members from the store
-instead), and a constitution's row ids one per block."""
+instead), a constitution's row ids one per block, and models whose small tensors are their own."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def rebuild_from_matrix(
 def plain_rows(constitution: dict) -> list[int]:
     """The first tensor's row ids, one per block (as written, runs are ``[first, count]`` pairs)."""
     return list(decode_rows(constitution["tensors"][0]["rows"], "first"))
+
+
+def with_own_small_tensors(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
+    """``model`` with its biases and norms moved off their initial values (zeros, ones), so that its
+    packed extras share no row with another member's, nor with each other."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+    return model

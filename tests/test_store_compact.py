@@ -21,6 +21,7 @@ from hf_dpdedup.store.constitution import MIN_RUN, Constitution, decode_rows, en
 from hf_dpdedup.store.format import CONSTITUTION_FILE
 from hf_dpdedup.store.summary import member_summary
 
+from block_support import with_own_small_tensors
 from conftest import tiny_model
 
 ROWS = st.lists(st.integers(0, 60), max_size=40)
@@ -161,11 +162,7 @@ def test_members_with_equal_small_tensors_store_them_once(tmp_path):
     """The adapter-member case: every member repeats the base's biases and norms. Packed into rows,
     the second member's copies are the first one's rows (before, each member wrote its own file)."""
     family = FamilyStore.create(tmp_path / "fam", block_size=64)
-    first = tiny_model("bert", seed=0)
-    with torch.no_grad():  # moved off their initial zeros and ones, so they are genuinely shared values
-        for param in first.parameters():
-            if param.dim() == 1:
-                param.add_(torch.randn(param.shape) * 0.1)
+    first = with_own_small_tensors(tiny_model("bert", seed=0), seed=3)  # genuinely shared values
     family.add_model("first", first)
     second = copy.deepcopy(first)
     with torch.no_grad():

@@ -33,7 +33,7 @@ from hf_dpdedup.store import block_store as block_store_module
 from hf_dpdedup.store.io import forget_verified, sha256_file
 from hf_dpdedup.store.member import update_dedup_record
 
-from block_support import plain_rows
+from block_support import plain_rows, with_own_small_tensors  # a's and b's shards: as many rows
 from conftest import example_inputs, tiny_model
 
 #: every message must name a next step
@@ -61,18 +61,6 @@ def member_a():
 
 def member_b():
     return with_own_small_tensors(tiny_model("bert", seed=1), seed=11)
-
-
-def with_own_small_tensors(model, *, seed: int):
-    """``model`` with its biases and norms moved off their initial values (zeros, ones), so that its
-    packed extras share no row with another member's or each other (a's and b's shards then have
-    the same number of rows)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.01)
-    return model
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ class MemberPlan:
     signature: str
     tensors: dict[str, TensorKey]  # block tensors and extras, canonical names only
     aliases: dict[str, str]  # tied name -> canonical name
-    constitution_sha256: str = ""  # of the constitution file the pool read when it opened
+    constitution_sha256: str  # of the constitution file the pool read when it opened
 
     @cached_property
     def keys(self) -> frozenset[TensorKey]:
@@ -104,7 +104,7 @@ def read_plan(name: str, member_dir: Path, *, verify: bool = True) -> MemberPlan
     tensors = {
         t.name: TensorKey("rows", t.rows, t.shape, t.dtype) for t in constitution.tensors if t.name != PACKED_EXTRAS
     }
-    holder = next((t for t in constitution.tensors if t.name == PACKED_EXTRAS), None)
+    holder = constitution.packed_tensor
     for p in constitution.packed:  # each packed extra is a slice of the rows it lies in
         assert holder is not None  # the constitution checks it on reading
         first, last = p.offset // constitution.block_size, (p.offset + p.numel - 1) // constitution.block_size

@@ -205,6 +205,11 @@ class Constitution:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def packed_tensor(self) -> TensorEntry | None:
+        """The block tensor ``PACKED_EXTRAS`` that :attr:`packed` slices (None: nothing packed)."""
+        return _packed_tensor(self.tensors)
+
+    @property
     def all_rows(self) -> list[int]:
         return [r for t in self.tensors for r in t.rows]
 
@@ -245,11 +250,11 @@ class Constitution:
         what = "dedup_constitution.json"
         check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT, COMPACT_MEMBER_FORMAT), fix=RESAVE)
         adapter = AdapterRecord.from_dict(data["adapter"]) if data.get("adapter") is not None else None
-        runs = data["format"] == COMPACT_MEMBER_FORMAT
-        if runs and "adapter" not in data:
+        compact = data["format"] == COMPACT_MEMBER_FORMAT
+        if compact and "adapter" not in data:
             raise ConstitutionError(f"{what}: format {COMPACT_MEMBER_FORMAT!r} names its 'adapter' record (null for "
                                     f"a plain model), but this one has none; {RESAVE}.")
-        if not runs and (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
+        if not compact and (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
             raise ConstitutionError(
                 f"{what}: format {data['format']!r} "
                 + ("without an 'adapter' record" if adapter is None else "with an 'adapter' record")
@@ -271,8 +276,8 @@ class Constitution:
             raise ConstitutionError(f"{what}: 'extras' must list tensor names as strings; {RESAVE}.")
         if not isinstance(data.get("tensors"), list):
             raise ConstitutionError(f"{what}: 'tensors' must be a list; {RESAVE}.")
-        tensors = tuple(_tensor_entry(t, block_size, dtype, runs=runs) for t in data["tensors"])
-        packed = _packed(data.get("packed_extras"), tensors, compact=runs)
+        tensors = tuple(_tensor_entry(t, block_size, dtype, compact=compact) for t in data["tensors"])
+        packed = _packed(data.get("packed_extras"), tensors, compact=compact)
         aliases = data.get("aliases") or {}
         if not isinstance(aliases, dict) or not _strings(aliases) or not _strings(aliases.values()):
             raise ConstitutionError(f"{what}: 'aliases' must map tensor names to tensor names; {RESAVE}.")
@@ -302,7 +307,7 @@ class Constitution:
 def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool) -> tuple[PackedTensor, ...]:
     """``packed_extras``: consecutive slices that tile the ``PACKED_EXTRAS`` block tensor exactly."""
     what = "dedup_constitution.json: 'packed_extras'"
-    holder = next((t for t in tensors if t.name == PACKED_EXTRAS), None)
+    holder = _packed_tensor(tensors)
     if data is None:
         if holder is not None:
             raise ConstitutionError(f"{what} is missing, but the tensors hold {PACKED_EXTRAS!r}; {RESAVE}.")
@@ -331,6 +336,10 @@ def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool) -> tu
     return tuple(packed)
 
 
+def _packed_tensor(tensors: tuple[TensorEntry, ...]) -> TensorEntry | None:
+    return next((t for t in tensors if t.name == PACKED_EXTRAS), None)
+
+
 def _strings(values: Any) -> bool:
     return all(isinstance(v, str) and v for v in values)
 
@@ -355,7 +364,7 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tensor_entry(data: Any, block_size: int, dtype: str, *, runs: bool) -> TensorEntry:
+def _tensor_entry(data: Any, block_size: int, dtype: str, *, compact: bool) -> TensorEntry:
     what = "dedup_constitution.json tensor entry"
     if not isinstance(data, dict):
         raise ConstitutionError(f"{what} {data!r} is not an object; {RESAVE}.")
@@ -364,7 +373,7 @@ def _tensor_entry(data: Any, block_size: int, dtype: str, *, runs: bool) -> Tens
         raise ConstitutionError(f"{what}: 'name' must be a non-empty string, got {name!r}; {RESAVE}.")
     if not isinstance(shape, list) or not all(_int(d) and d >= 0 for d in shape):
         raise ConstitutionError(f"Tensor {name!r}: shape {shape!r} must be a list of integers ≥ 0; {RESAVE}.")
-    if not runs and isinstance(rows, list) and has_runs(rows):
+    if not compact and isinstance(rows, list) and has_runs(rows):
         raise ConstitutionError(
             f"Tensor {name!r} lists row runs [first, count], which only format {COMPACT_MEMBER_FORMAT!r} has, in "
             f"a constitution of an older format; {RESAVE}."

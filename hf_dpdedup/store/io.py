@@ -99,14 +99,14 @@ def json_text(obj: Any, indent: int = 2) -> str:
     2-3 times their content (the metadata of a small family outweighed its deduplicated rows). Any
     JSON reader reads both.
     """
-    def container(value: Any) -> bool:
-        return isinstance(value, (dict, list, tuple))
+    def scalar(value: Any) -> bool:
+        return not isinstance(value, (dict, list, tuple))
+
+    def flat(value: Any) -> bool:  # a list of scalars
+        return isinstance(value, (list, tuple)) and all(scalar(v) for v in value)
 
     def inline(value: Any) -> bool:  # a scalar, or a list of scalars and lists of scalars
-        if isinstance(value, dict):
-            return False
-        return not container(value) or all(not container(v) or (not isinstance(v, dict) and not any(
-            container(w) for w in v)) for v in value)
+        return scalar(value) or (isinstance(value, (list, tuple)) and all(scalar(v) or flat(v) for v in value))
 
     def one_line(value: Any) -> str:
         return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
