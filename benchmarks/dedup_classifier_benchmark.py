@@ -73,7 +73,7 @@ from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # no
 from hf_dpdedup.dedup.tasks import classification_predict, classification_score  # noqa: E402
 from hf_dpdedup.dedup.validate import public_utility_stats  # noqa: E402
 from hf_dpdedup.privacy import PrivateDataset  # noqa: E402
-from hf_dpdedup.store.block_store import row_hashes  # noqa: E402
+from hf_dpdedup.store.row_digests import row_hashes  # noqa: E402
 from hf_dpdedup.training import digits  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
 import bert_sst2  # noqa: E402  (benchmarks/families/bert_sst2.py: its splits and tokenizer)

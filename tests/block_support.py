@@ -1,15 +1,20 @@
 """Test-only helpers on blocks: the inverse of :func:`hf_dpdedup.blocks.to_block_matrix` (the state
 dict a block matrix, its layout and the extras stand for; the library rebuilds members from the store
-instead), a constitution's row ids one per block, and models whose small tensors are their own."""
+instead), a constitution's row ids one per block, models whose small tensors are their own, and a
+store's index rewritten as the formats before ``hf_dpdedup/3`` wrote it (row hashes listed)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import torch
 
 from hf_dpdedup.blocks import BlockLayout, tensor_from_rows
+from hf_dpdedup.store import BlockStore
 from hf_dpdedup.store.constitution import decode_rows
+from hf_dpdedup.store.format import INDEX_FILE
+from hf_dpdedup.store.io import atomic_write_json
 
 
 def rebuild_from_matrix(
@@ -40,3 +45,11 @@ def with_own_small_tensors(model: torch.nn.Module, *, seed: int) -> torch.nn.Mod
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=generator) * 0.01)
     return model
+
+
+def list_row_hashes(store: BlockStore) -> BlockStore:
+    """Rewrite ``store``'s index as an ``hf_dpdedup/1`` (raw) or ``/2`` (coded) store has it, with
+    every row's sha256 listed, and open it again."""
+    index = replace(store.index, row_hashes=tuple(store.stored_row_hashes()))
+    atomic_write_json(store.path / INDEX_FILE, index.to_dict())
+    return BlockStore.open(store.path)

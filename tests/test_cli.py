@@ -33,7 +33,7 @@ def test_inspect_family_json(family, capsys):
     assert main(["inspect", str(family.root), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["kind"] == "family"
-    assert summary["store"]["format"] == "hf_dpdedup/1"
+    assert summary["store"]["format"] == "hf_dpdedup/3"
     members = {m["name"]: m for m in summary["members"]}
     assert members["b"]["unique_rows"] == 16
     assert members["a"]["shared_rows"] == members["a"]["distinct_rows"] - members["a"]["unique_rows"]
@@ -48,7 +48,7 @@ def test_inspect_member_and_store_text(family, capsys):
     assert "BertForSequenceClassification" in out and "store_id" in out
     assert main(["inspect", str(family.blocks.path)]) == 0
     out = capsys.readouterr().out
-    assert "hf_dpdedup/1" in out and "block size 128" in out
+    assert "hf_dpdedup/3" in out and "block size 128" in out
 
 
 def test_inspect_bad_path_is_a_clean_error(tmp_path, capsys):

@@ -133,7 +133,7 @@ def test_damaged_index_json(family):
 
 
 def test_index_whose_shards_do_not_tile_the_rows(family):
-    edit_json(family.blocks.path / "block_store.json", lambda d: d["row_hashes"].pop())
+    edit_json(family.blocks.path / "block_store.json", lambda d: d["shards"][-1].__setitem__("num_rows", 1 + d["shards"][-1]["num_rows"]))
     with pytest.raises(StoreFormatError, match="damaged"):
         load(family)
 

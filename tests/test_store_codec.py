@@ -17,10 +17,12 @@ from hf_dpdedup.errors import (
 from hf_dpdedup.store import BlockStore
 from hf_dpdedup.store.codec import decode_rows, encode_rows
 from hf_dpdedup.store.decoded_cache import CACHE_ENV
-from hf_dpdedup.store.format import CODED_FORMAT, FORMAT, INDEX_FILE, check_format
+from hf_dpdedup.store.format import CODED_FORMAT, FORMAT, INDEX_FILE, SHARD_INDEX_FORMAT, check_format
 from hf_dpdedup.store.io import forget_verified
 from hf_dpdedup.store.records import DedupRecord
+from hf_dpdedup.store.row_digests import row_hashes
 
+from block_support import list_row_hashes
 from conftest import example_inputs, tiny_model
 from hub_support import family_models, hub, logits, make_family  # noqa: F401
 
@@ -79,7 +81,7 @@ def test_coded_family_loads_bit_exact(tmp_path, dtype):
     family = coded_family(tmp_path, dtype)
     family.add_model("m", model)
     index = json.loads((family.blocks.path / INDEX_FILE).read_text())
-    assert index["format"] == CODED_FORMAT and index["codec"] == "zipnn"
+    assert index["format"] == SHARD_INDEX_FORMAT and index["codec"] == "zipnn" and "row_hashes" not in index
     assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
 
 
@@ -108,7 +110,7 @@ def test_coded_rows_are_addressed_by_their_raw_bytes(tmp_path):
     raw.add_model("m", model)
     coded = coded_family(tmp_path, torch.float32)
     coded.add_model("m", model)
-    assert coded.blocks.index.row_hashes == raw.blocks.index.row_hashes
+    assert coded.blocks.stored_row_hashes() == raw.blocks.stored_row_hashes()
     assert coded.constitution("m").tensors == raw.constitution("m").tensors
 
 
@@ -145,16 +147,37 @@ def _stream_length(path) -> int:
     return end - start
 
 
-def test_an_uncompressed_store_is_still_written_and_read_as_format_1(tmp_path):
-    model = tiny_model("bert")
-    family = FamilyStore.create(tmp_path / "fam", block_size=128)
-    family.add_model("m", model)
+@pytest.mark.parametrize("codec", ["none", "zipnn"])
+def test_a_store_that_lists_row_hashes_keeps_its_format_when_appended_to(tmp_path, codec):
+    """Stores written before hf_dpdedup/3 (format 1 raw, 2 coded, row hashes listed) are read, and
+    appended to in their own format: a reader of that version still reads them afterwards."""
+    base = tiny_model("bert")
+    family = FamilyStore.create(tmp_path / "fam", block_size=128, codec=codec)
+    family.add_model("base", base)
+    list_row_hashes(family.blocks)
+    family = FamilyStore.open(family.root)
+    before = json.loads((family.blocks.path / INDEX_FILE).read_text())
+    target = perturbed(base, tensors=2)
+    family.add_model("target", target)
     index = json.loads((family.blocks.path / INDEX_FILE).read_text())
-    # exactly the fields earlier versions wrote: a reader from before codecs reads it
-    assert index["format"] == FORMAT and "codec" not in index
-    check_format(index, "old reader")
-    assert FamilyStore.open(family.root).blocks.codec is Codec.NONE
-    assert_bit_exact(model, DedupedModel.from_pretrained(family.member_path("m")))
+    old_format = FORMAT if codec == "none" else CODED_FORMAT
+    # exactly the fields earlier versions wrote: a reader of that version reads it
+    assert index["format"] == old_format and ("codec" in index) == (codec != "none")
+    check_format(index, "old reader", accepted=(FORMAT, CODED_FORMAT))
+    assert index["row_hashes"][: len(before["row_hashes"])] == before["row_hashes"]
+    assert len(index["row_hashes"]) == index["total_rows"] > before["total_rows"]
+    reopened = FamilyStore.open(family.root)
+    shards = reopened.blocks.read_shards(reopened.blocks.index.shards)
+    assert list(reopened.blocks.index.row_hashes) == row_hashes(torch.cat([shards[k] for k in sorted(shards)]))
+    assert_bit_exact(target, DedupedModel.from_pretrained(reopened.member_path("target")))
+
+
+def test_a_reader_of_the_listing_formats_refuses_a_new_store_with_upgrade_advice(tmp_path):
+    family = FamilyStore.create(tmp_path / "fam", block_size=128)
+    index = json.loads((family.blocks.path / INDEX_FILE).read_text())
+    assert index["format"] == SHARD_INDEX_FORMAT and index["codec"] == "none"
+    with pytest.raises(UnsupportedFormatVersionError, match="Upgrade hf_dpdedup"):
+        check_format(index, "block_store.json", accepted=(FORMAT, CODED_FORMAT))
 
 
 def test_a_reader_without_codecs_refuses_a_coded_store_with_upgrade_advice(tmp_path):
@@ -180,6 +203,7 @@ def test_unknown_codec_is_a_typed_error_saying_what_to_do(tmp_path):
 
 def test_a_format_1_index_naming_a_codec_is_rejected(tmp_path):
     family = FamilyStore.create(tmp_path / "fam", block_size=128)
+    list_row_hashes(family.blocks)
     path = family.blocks.path / INDEX_FILE
     index = json.loads(path.read_text())
     index["codec"] = "zipnn"
@@ -198,7 +222,7 @@ def test_recode_keeps_rows_and_members(tmp_path, dtype):
     coded = raw.recode(tmp_path / "coded", codec="zipnn")
     assert coded.members() == ["base", "target"]
     assert coded.blocks.codec is Codec.ZIPNN and coded.blocks.store_id != raw.blocks.store_id
-    assert coded.blocks.index.row_hashes == raw.blocks.index.row_hashes
+    assert coded.blocks.stored_row_hashes() == raw.blocks.stored_row_hashes()
     assert coded.constitution("base").dedup == DedupRecord(base="base")
     assert sum(s.bytes for s in coded.blocks.index.shards) < sum(s.bytes for s in raw.blocks.index.shards)
     assert_bit_exact(base, DedupedModel.from_pretrained(coded.member_path("base")))

@@ -33,7 +33,7 @@ from hf_dpdedup.store import block_store as block_store_module
 from hf_dpdedup.store.io import forget_verified, sha256_file
 from hf_dpdedup.store.member import update_dedup_record
 
-from block_support import plain_rows, with_own_small_tensors  # a's and b's shards: as many rows
+from block_support import list_row_hashes, plain_rows, with_own_small_tensors  # a's and b's shards: as many rows
 from conftest import example_inputs, tiny_model
 
 #: every message must name a next step
@@ -140,6 +140,9 @@ def test_a1_index_entry_naming_another_shards_intact_file(family):
 
 
 def test_a2_duplicate_row_hash_is_refused(family):
+    """A store of the formats that list row hashes (before ``hf_dpdedup/3``)."""
+    list_row_hashes(family.blocks)
+
     def duplicate(d):
         d["row_hashes"][5] = d["row_hashes"][7]
 
@@ -151,6 +154,7 @@ def test_a2_duplicate_row_hash_is_refused(family):
 
 
 def test_a2_swapped_row_hashes_never_map_a_copy_to_wrong_rows(family):
+    list_row_hashes(family.blocks)
     rows_before = len(json.loads(index_path(family).read_text())["row_hashes"])
 
     def swap(d):
@@ -318,6 +322,7 @@ def _shard_entry_not_an_object(family, monkeypatch):
 
 
 def _row_hash_not_a_string(family, monkeypatch):
+    list_row_hashes(family.blocks)
     edit_json(index_path(family), lambda d: d["row_hashes"].__setitem__(0, ["not", "a", "hash"]))
 
 
@@ -443,9 +448,9 @@ INDEX_DAMAGE = {
     "shard num_rows missing": _shard("num_rows", ...),
     "shard bytes missing": _shard("bytes", ...),
     "shard sha256 missing": _shard("sha256", ...),
-    "row_hashes not a list": _set("row_hashes", "abc"),
     "total_rows wrong": lambda d: d.__setitem__("total_rows", d["total_rows"] + 1),
-    "row hash missing": lambda d: d["row_hashes"].pop(),
+    "codec missing": _drop("codec"),
+    "row hashes in a shards-only index": _set("row_hashes", []),
     "shards do not tile": lambda d: d["shards"][1].__setitem__("first_row", d["shards"][1]["first_row"] + 1),
     "index is a list": lambda d: [d],
 }
@@ -462,9 +467,22 @@ CONSTITUTION_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", list(INDEX_DAMAGE))
+#: damage to an index of the formats that list row hashes (before ``hf_dpdedup/3``)
+LISTED_INDEX_DAMAGE = {
+    "row_hashes not a list": _set("row_hashes", "abc"),
+    "row hash missing": lambda d: d["row_hashes"].pop(),
+    "total_rows wrong": lambda d: d.__setitem__("total_rows", d["total_rows"] + 1),
+}
+
+
+@pytest.mark.parametrize("case", [*INDEX_DAMAGE, *(f"listed: {c}" for c in LISTED_INDEX_DAMAGE)])
 def test_d_index_damage_names_a_next_step(family, case):
-    edit_json(index_path(family), INDEX_DAMAGE[case])
+    if case.startswith("listed: "):
+        list_row_hashes(family.blocks)
+        damage = LISTED_INDEX_DAMAGE[case.removeprefix("listed: ")]
+    else:
+        damage = INDEX_DAMAGE[case]
+    edit_json(index_path(family), damage)
     with pytest.raises(StoreFormatError) as excinfo:
         load(family)
     assert_typed_with_next_step(excinfo)

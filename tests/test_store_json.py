@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hf_dpdedup.store.family import FamilyStore
 from hf_dpdedup.store.io import json_text
 
+from block_support import list_row_hashes
 from conftest import tiny_model
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
@@ -24,9 +25,10 @@ def test_json_text_reads_back_as_json_dumps(value) -> None:
 
 
 def test_row_lists_take_one_line_each(tmp_path) -> None:
-    """A member's row ids and the index's row hashes are one line each, not one line per entry."""
+    """A member's row ids and a listed index's row hashes are one line each, not one line per entry."""
     family = FamilyStore.create(tmp_path / "fam", block_size=256)
     family.add_model("base", tiny_model("bert"))
+    list_row_hashes(family.blocks)  # as the formats before hf_dpdedup/3 write them
     index = (family.blocks.path / "block_store.json").read_text()
     hashes = json.loads(index)["row_hashes"]
     assert len(hashes) > 10

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from ..blocks import BlockRows, as_block_rows
-from ..store.block_store import row_hashes
+from ..store.row_digests import row_hashes
 from .cost import BlockCosts, CostMeasure
 from .live import LiveBlocks, Replacement
 from .saliency import block_saliency, saliency_order

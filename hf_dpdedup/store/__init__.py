@@ -1,5 +1,5 @@
-"""On-disk format ``hf_dpdedup/1`` (``/2`` for coded block stores and adapter members): block store, member
-folders, family folder."""
+"""On-disk format ``hf_dpdedup/1``–``/3`` (see :mod:`.format` and :mod:`.constitution`): block store,
+member folders, family folder."""
 
 from .block_store import BlockStore
 from .codec import Codec

@@ -2,13 +2,13 @@
 
 Rows are addressed by the sha256 of their bytes, so a block that is already stored (from another
 model, or elsewhere in the same model) is never stored twice: this is the exact, lossless first
-tier of deduplication. Appending writes new shards first and then swaps in the new index, so a
+tier of deduplication. Writers derive the stored rows' hashes from the shards (:mod:`.row_digests`;
+stores of format ``/1`` and ``/2`` list them in the index). Appending writes new shards first and then swaps in the new index, so a
 crash at any point leaves the previous index, and every row it names, readable.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -27,9 +27,11 @@ from safetensors import safe_open
 from ..blocks import BlockRows, as_block_rows, check_block_size, dtype_name, parse_dtype
 from ..errors import ChecksumMismatchError, ConstitutionError, DtypeMismatchError, StoreFormatError
 from .codec import Codec, encode_rows
+from . import row_digests
 from .decoded_cache import load_decoded
 from .remap import RowFile, mappable
 from .remap import available as can_map_rows
+from .row_digests import row_hashes
 from .format import (
     CODED_FORMAT,
     FORMAT,
@@ -60,17 +62,6 @@ DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
 _COMPARE_CHUNK_BYTES = 64 * 1024 * 1024  # rows re-read at a time when reused rows are checked
 
 
-def row_hashes(rows: torch.Tensor | BlockRows) -> list[str]:
-    """sha256 of each row's raw bytes (dtype-exact: bf16 rows are hashed as their 2-byte words).
-    ``rows`` is a ``[n, block_size]`` matrix or :class:`~hf_dpdedup.blocks.BlockRows` (hashed row by
-    row, no copy of the whole)."""
-    if isinstance(rows, BlockRows):
-        return [hashlib.sha256(rows.row(i).contiguous().view(torch.uint8).numpy()).hexdigest()
-                for i in range(len(rows))]
-    raw = rows.detach().contiguous().view(torch.uint8).numpy()
-    return [hashlib.sha256(row).hexdigest() for row in raw]
-
-
 class BlockStore:
     """A folder of block shards plus ``block_store.json``. Open with :meth:`open` or :meth:`create`."""
 
@@ -78,6 +69,8 @@ class BlockStore:
         self.path = path
         self.index = index
         self._row_of_hash: dict[str, int] | None = None
+        #: row hashes of shards by content key (:func:`.row_digests.content_key`): never stale
+        self._digests: dict[str, list[str]] = {}
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -128,9 +121,31 @@ class BlockStore:
     def row_of_hash(self, digest: str) -> int | None:
         if self._row_of_hash is None:
             self._row_of_hash = {}
-            for row, h in enumerate(self.index.row_hashes):
+            for row, h in enumerate(self.stored_row_hashes()):
                 self._row_of_hash.setdefault(h, row)
         return self._row_of_hash.get(digest)
+
+    def stored_row_hashes(self) -> list[str]:
+        """The sha256 of every stored row, in row order: listed by a ``/1`` or ``/2`` index, else
+        derived from the shards (this process's memory, the machine cache, or hashing the verified
+        shard: see :mod:`.row_digests`)."""
+        if self.index.row_hashes is not None:
+            return list(self.index.row_hashes)
+        return [h for shard in self.index.shards for h in self._shard_row_hashes(shard)]
+
+    def _shard_row_hashes(self, shard: ShardInfo) -> list[str]:
+        key = row_digests.content_key(shard)
+        digests = self._digests.get(key) or row_digests.cached(shard)
+        if digests is None:
+            digests = row_hashes(self.read_shards([shard], verify=True)[shard.first_row])
+            if row_digests.listing_digest(digests) != shard.row_hashes_sha256:
+                raise StoreFormatError(
+                    f"Shard {shard.file} of the block store at {self.path} holds rows whose hashes do not "
+                    f"match the 'row_hashes_sha256' its index records; {RESTORE_INDEX}. Nothing was written."
+                )
+            row_digests.remember(shard, digests)
+        self._digests[key] = digests
+        return digests
 
     # --- writing ---------------------------------------------------------------------------------
     @contextmanager
@@ -165,7 +180,11 @@ class BlockStore:
         digests = row_hashes(matrix)
         with self._locked():
             ids, new_rows, new_groups = self._assign_rows(digests, groups)
-            self._check_reused_rows(matrix, ids, set(new_rows))
+            if not self._reused_rows_match(matrix, ids, set(new_rows)):
+                raise StoreFormatError(
+                    f"block_store.json at {self.path} records row hashes that do not match the rows its "
+                    f"shards hold; {RESTORE_INDEX}. Nothing was written."
+                )
             if new_rows:
                 self._append(matrix, new_rows, new_groups, [digests[i] for i in new_rows], max_shard_bytes)
         return ids
@@ -182,12 +201,13 @@ class BlockStore:
                 f"model.to(torch.{self.index.dtype}) or use a separate store."
             )
 
-    def _check_reused_rows(self, matrix: torch.Tensor | BlockRows, ids: list[int], new_rows: set[int]) -> None:
-        """Rows matched by hash must hold exactly the input's bytes: a damaged ``row_hashes`` list
-        (hashes swapped or edited) would otherwise map blocks of the new model to wrong rows."""
+    def _reused_rows_match(self, matrix: torch.Tensor | BlockRows, ids: list[int], new_rows: set[int]) -> bool:
+        """Whether the rows matched by hash hold exactly the input's bytes: damaged row hashes (an
+        index's list or a cache file with hashes swapped or edited) would otherwise map blocks of the
+        new model to wrong rows."""
         reused = [i for i in range(len(ids)) if i not in new_rows and ids[i] < self.index.total_rows]
         if not reused:
-            return
+            return True
         stored = np.asarray([ids[i] for i in reused], dtype=np.int64)
         # No whole-shard digest here: it would read (and keep mapped) every byte of every shard that
         # holds a reused row — another model's worth at LLM scale. The rows are compared byte for
@@ -202,10 +222,8 @@ class BlockStore:
             index = torch.from_numpy(stored[lo : lo + step] - shard_of[lo : lo + step])
             got = torch.stack([matrices[int(s)][int(i)] for s, i in zip(shard_of[lo : lo + step], index)])
             if not torch.equal(got.view(torch.uint8), wanted.view(torch.uint8)):
-                raise StoreFormatError(
-                    f"block_store.json at {self.path} records row hashes that do not match the rows its "
-                    f"shards hold; {RESTORE_INDEX}. Nothing was written."
-                )
+                return False
+        return True
 
     def _assign_rows(
         self, digests: list[str], groups: list[int]
@@ -245,6 +263,7 @@ class BlockStore:
         max_rows = max(1, max_shard_bytes // row_bytes)
         rows = as_block_rows(matrix)
         shards = list(self.index.shards)
+        derived = self.index.row_hashes is None
         start = 0
         for count in _pack(new_groups, max_rows):
             number = len(shards) + 1
@@ -259,12 +278,18 @@ class BlockStore:
             atomic_write(self.path / name, lambda tmp, c=chunk: save_shard(tmp, c, meta))
             path = self.path / name
             first = self.index.total_rows + start
+            digests = new_digests[start : start + count]
             shards.append(
                 ShardInfo(name, first, count, path.stat().st_size, sha256_file(path), raw_sha256,
-                          xxh3_128=fast_digest_file(path))
+                          xxh3_128=fast_digest_file(path),
+                          row_hashes_sha256=row_digests.listing_digest(digests) if derived else None)
             )
+            if derived:  # named by content: right even if the index switch below never happens
+                self._digests[row_digests.content_key(shards[-1])] = digests
+                row_digests.remember(shards[-1], digests)
             start += count
-        index = replace(self.index, shards=tuple(shards), row_hashes=self.index.row_hashes + tuple(new_digests))
+        listed = None if derived else self.index.row_hashes + tuple(new_digests)
+        index = replace(self.index, shards=tuple(shards), row_hashes=listed)
         index.validate()
         # The switch: until this rename the old index (and everything it names) is what readers see.
         atomic_write_json(self.path / INDEX_FILE, index.to_dict())

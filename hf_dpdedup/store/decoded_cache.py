@@ -17,7 +17,6 @@ Hugging Face integration offers with ``replace_local_file=True``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -26,19 +25,14 @@ import torch
 from ..errors import ChecksumMismatchError
 from .codec import Codec, decode_rows
 from .format import ShardInfo
-from .io import atomic_write, mark_verified, sha256_bytes, verify_file
+from .io import atomic_write, mark_verified, sha256_bytes, user_cache_dir, verify_file
 
 CACHE_ENV = "HF_DPDEDUP_DECODED_CACHE"
-_OFF = {"off", "0", "false", "no"}
 
 
 def cache_dir() -> Path | None:
     """The decoded-shard cache folder, or ``None`` when it is switched off."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured is not None:
-        return None if configured.strip().lower() in _OFF else Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hf_dpdedup" / "decoded"
+    return user_cache_dir(CACHE_ENV, "decoded")
 
 
 def load_decoded(

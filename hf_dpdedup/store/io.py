@@ -57,6 +57,19 @@ def fast_digest_file(path: str | os.PathLike) -> str:
     return _digest_file(path, xxhash.xxh3_128())
 
 
+_CACHE_OFF = {"off", "0", "false", "no"}
+
+
+def user_cache_dir(env: str, name: str) -> Path | None:
+    """A machine-local cache folder: ``$<env>`` if set (``off`` switches the cache off: ``None``),
+    else ``$XDG_CACHE_HOME/hf_dpdedup/<name>`` (default ``~/.cache/hf_dpdedup/<name>``)."""
+    configured = os.environ.get(env)
+    if configured is not None:
+        return None if configured.strip().lower() in _CACHE_OFF else Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hf_dpdedup" / name
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

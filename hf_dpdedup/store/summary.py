@@ -12,15 +12,14 @@ from ..privacy.metadata import encode_float
 from .block_store import BlockStore
 from .constitution import Constitution
 from .family import FamilyStore
-from .codec import Codec
-from .format import CODED_FORMAT, CONSTITUTION_FILE, FORMAT, INDEX_FILE
+from .format import CONSTITUTION_FILE, INDEX_FILE
 from .member import read_constitution
 
 
 def store_summary(store: BlockStore) -> dict[str, Any]:
     index = store.index
     return {
-        "format": FORMAT if store.codec is Codec.NONE else CODED_FORMAT,
+        "format": index.format,
         "codec": store.codec.value,
         "path": str(store.path),
         "store_id": index.store_id,
