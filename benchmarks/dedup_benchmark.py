@@ -37,7 +37,8 @@ sys.path.insert(0, str(HERE / "families"))
 
 from common import RESULTS_DIR, write_results  # noqa: E402
 from hf_dpdedup.dedup.config import MCTS, SVT, Binary, DedupConfig, Greedy, Halving, NaiveLaplace, PlanConfig  # noqa: E402
-from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # noqa: E402
+from hf_dpdedup.dedup.planner import DedupData, Member  # noqa: E402
+from hf_dpdedup.dedup.storing import deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import ClsHeadTask  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402
 

@@ -69,7 +69,8 @@ from common import RESULTS_DIR, write_results  # noqa: E402
 from lossless_benchmark import Member as FileMember, plain_bytes, raw_and_coded_weight_bytes, zipnn_family  # noqa: E402
 from hf_dpdedup.dedup.live import LiveBlocks  # noqa: E402
 from hf_dpdedup.dedup.config import MCTS, SVT, Binary, DedupConfig, Greedy, Halving, NaiveLaplace, PlanConfig  # noqa: E402
-from hf_dpdedup.dedup.planner import DedupData, Member, deduplicate_family  # noqa: E402
+from hf_dpdedup.dedup.planner import DedupData, Member  # noqa: E402
+from hf_dpdedup.dedup.storing import deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import classification_predict, classification_score  # noqa: E402
 from hf_dpdedup.dedup.validate import public_utility_stats  # noqa: E402
 from hf_dpdedup.privacy import PrivateDataset  # noqa: E402

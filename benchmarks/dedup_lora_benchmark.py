@@ -48,7 +48,8 @@ from lossless_benchmark import Member as FileMember, raw_and_coded_weight_bytes,
 from safetensors.torch import load_file  # noqa: E402
 
 from hf_dpdedup.dedup.config import PlanConfig  # noqa: E402
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family  # noqa: E402
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member  # noqa: E402
+from hf_dpdedup.dedup.storing import deduplicate_family  # noqa: E402
 from hf_dpdedup.dedup.tasks import token_accuracy_score  # noqa: E402
 from hf_dpdedup.distributed import load_member_model  # noqa: E402
 from hf_dpdedup.training.members import load_privacy  # noqa: E402

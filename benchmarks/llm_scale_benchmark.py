@@ -152,8 +152,8 @@ def child(folders: list[Path], out_store: Path, result_file: Path) -> None:
 
     from hf_dpdedup.data import builtin_path
     from hf_dpdedup.dedup.config import Gallop, PlanConfig
-    from hf_dpdedup.dedup.planner import (DedupConfig, DedupData, Member, group_members, iter_group,
-                                          new_family_store, store_outcome)
+    from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, group_members, iter_group
+    from hf_dpdedup.dedup.storing import new_family_store, store_outcome
     from hf_dpdedup.dedup.tasks import text_batches
     from hf_dpdedup.distributed import load_member_model
     from hf_dpdedup.training import read_tsv

@@ -4,7 +4,7 @@
     python examples/dedup_and_push.py --endpoint https://huggingface.co --token hf_... --namespace my-org
 
 The family is the demo's: three MiniLM members that share most blocks (exact deduplication; the dedup
-engine, ``hf_dpdedup.dedup.planner.deduplicate_family``, writes the same kind of family folder).
+engine, ``hf_dpdedup.dedup.storing.deduplicate_family``, writes the same kind of family folder).
 Pushing twice shows idempotence: the second push makes no commit.
 """
 

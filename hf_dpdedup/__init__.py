@@ -45,7 +45,7 @@ _LAZY = {
     "push_family_to_hub": "hub",
     "pipeline": "pipelines",
     "ServingPool": "serving",
-    "deduplicate_family": "dedup.planner",
+    "deduplicate_family": "dedup.storing",
     # the typed config of a deduplication (hf_dpdedup.dedup.config)
     "DedupConfig": "dedup.config",
     "PlanConfig": "dedup.config",
@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import push_family_to_hub
     from .pipelines import pipeline
     from .dedup.config import MCTS, SVT, Binary, DedupConfig, Gallop, Greedy, Halving, NaiveLaplace, PlanConfig, Public
-    from .dedup.planner import deduplicate_family
+    from .dedup.storing import deduplicate_family
     from .serving import ServingPool
     from .store import FORMAT, BlockStore, Codec, FamilyStore
 

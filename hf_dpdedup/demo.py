@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from transformers import ViTForImageClassification
 
-from .dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from .dedup.planner import DedupConfig, DedupData, Member
+from .dedup.storing import deduplicate_family
 from .dedup.report import FamilyReport
 from .dedup.tasks import classification_predict, classification_score
 from .hub import push_family_to_hub

@@ -45,10 +45,9 @@ from .dedup.planner import (
     DedupData,
     Member,
     Outcome,
-    deduplicate_family,
-    save_outcomes,
     search_family,
 )
+from .dedup.storing import deduplicate_family, save_outcomes
 from .dedup.report import FamilyReport
 from .errors import DistributedDedupError, PeerFailureError
 from .collective import SINGLE_PROCESS, Collective, collective_scope, shard_range
@@ -168,7 +167,7 @@ def deduplicate_family_distributed(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     state: Any = None,
 ) -> FamilyReport | None:
-    """:func:`~hf_dpdedup.dedup.planner.deduplicate_family` across the launched processes.
+    """:func:`~hf_dpdedup.dedup.storing.deduplicate_family` across the launched processes.
 
     Call it on every process with the same members, data and config. Returns the report on the
     main process and ``None`` on the others. With one process it is ``deduplicate_family``. The

@@ -17,7 +17,7 @@ saved. :meth:`save_pretrained` writes the family folder (staged, renamed when co
 report; :meth:`push_to_hub` publishes it (a block-store repo plus one repo per member, whose store
 repo lists the members); :meth:`from_pretrained` opens a family folder or the Hub repos, and
 :meth:`model` loads one member (only the shards it needs) as :class:`~hf_dpdedup.DedupedModel` does.
-:func:`~hf_dpdedup.dedup.planner.deduplicate_family` is the one-pass form (each member stored as
+:func:`~hf_dpdedup.dedup.storing.deduplicate_family` is the one-pass form (each member stored as
 soon as it is searched).
 """
 
@@ -32,7 +32,8 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
-from .dedup.planner import DedupConfig, DedupData, Member, Outcome, new_family_report, save_outcomes, search_family
+from .dedup.planner import DedupConfig, DedupData, Member, Outcome, search_family
+from .dedup.storing import new_family_report, save_outcomes
 from .dedup.report import FamilyReport
 from .errors import StoreFormatError
 from .hub.download import hub_errors, is_repo_id

@@ -14,7 +14,8 @@ from peft import LoraConfig, get_peft_model
 
 from hf_dpdedup import DedupedModel, FamilyStore, ServingPool, pipeline, push_family_to_hub
 from hf_dpdedup.blocks import plan_layout
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.distributed import load_member_model
 from hf_dpdedup.errors import AdapterError, AdapterNotSupportedError, ConstitutionError

@@ -33,7 +33,8 @@ from hf_dpdedup.dedup.config import (
     Public,
 )
 from hf_dpdedup.dedup.cost import CostMeasure
-from hf_dpdedup.dedup.planner import DedupData, deduplicate_family
+from hf_dpdedup.dedup.planner import DedupData
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.dedup.typed import choice_kinds, field_types, literal_choices
 from hf_dpdedup.errors import ConfigError, StoreFormatError, UnsupportedConfigVersionError

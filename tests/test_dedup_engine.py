@@ -10,7 +10,8 @@ import torch
 
 from hf_dpdedup import DedupedModel
 from hf_dpdedup.dedup.plan import PlanConfig
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family, fairness_verdicts
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, fairness_verdicts
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.dedup.validate import example_scores, paired_utility_stats
 from hf_dpdedup.errors import ConfigError

@@ -17,7 +17,8 @@ from hf_dpdedup.dedup.cost import BlockCosts, replacement_costs
 from hf_dpdedup.dedup.live import LiveBlocks
 from hf_dpdedup.dedup.plan import PlanConfig, plan_replacements
 from hf_dpdedup.dedup.saliency import gradient_moments, input_rms, scale_by_input_rms
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.search import confirm, run_search
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.dedup.validate import PublicValidator, example_scores, paired_utility_stats, public_utility_stats

@@ -13,7 +13,8 @@ import torch
 from transformers import BertForSequenceClassification
 
 from hf_dpdedup.blocks import BlockRows, plan_layout, to_block_matrix
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.tasks import classification_predict, classification_score
 from hf_dpdedup.privacy import PrivateDataset
 from hf_dpdedup.store.block_store import BlockStore, row_hashes

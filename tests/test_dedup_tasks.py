@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.plan import PlanConfig
 from hf_dpdedup.dedup.tasks import ClsHeadTask, classification_score, tsv_batches
 from hf_dpdedup.dedup.validate import public_utility

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
 

@@ -17,7 +17,7 @@ from transformers import BertForSequenceClassification
 
 from hf_dpdedup import (DedupConfig, DedupData, DedupedFamily, DedupedModel, Greedy, Member, PrivacyMetadata,
                         classification_score)
-from hf_dpdedup.dedup.planner import deduplicate_family
+from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.errors import StoreFormatError
 from hf_dpdedup.testing import HubServer
 

@@ -139,7 +139,8 @@ def test_a_family_from_the_dedup_engine_pushes_with_its_privacy_record(hub, tmp_
     from huggingface_hub import ModelCard
 
     from conftest import tiny_model
-    from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member, deduplicate_family
+    from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
+    from hf_dpdedup.dedup.storing import deduplicate_family
     from hf_dpdedup.dedup.tasks import classification_score
     from hf_dpdedup.privacy import PrivacyMetadata
 

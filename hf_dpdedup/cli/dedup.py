@@ -28,7 +28,8 @@ import transformers
 from . import COMMANDS
 from .. import distributed
 from ..adapters import model_config
-from ..dedup.planner import DedupData, Member, deduplicate_family
+from ..dedup.planner import DedupData, Member
+from ..dedup.storing import deduplicate_family
 from ..dedup.tasks import SCORES, classification_predict, held_out_batches, private_source, source_batches
 from ..training.members import load_privacy
 from ..dedup.config import MCTS, STRATEGIES, SVT, VALIDATIONS, DedupConfig, Gallop, Greedy, NaiveLaplace, PlanConfig

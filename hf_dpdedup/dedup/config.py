@@ -26,7 +26,7 @@
 
 Every field is checked at construction (:class:`~hf_dpdedup.errors.ConfigError` names the field
 and the values it takes). ``to_dict`` / ``from_dict`` round-trip exactly and carry a ``version``;
-:func:`~.planner.deduplicate_family` writes the dict to the family as ``dedup_config.json``
+:func:`~.storing.deduplicate_family` writes the dict to the family as ``dedup_config.json``
 (:meth:`DedupConfig.from_family` reads it back).
 
 **Deprecated keywords (kept for one release).** ``DedupConfig(validation="svt", svt_epsilon=..,
