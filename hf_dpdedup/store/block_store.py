@@ -2,9 +2,10 @@
 
 Rows are addressed by the sha256 of their bytes, so a block that is already stored (from another
 model, or elsewhere in the same model) is never stored twice: this is the exact, lossless first
-tier of deduplication. Writers derive the stored rows' hashes from the shards (:mod:`.row_digests`;
-stores of format ``/1`` and ``/2`` list them in the index). Appending writes new shards first and then swaps in the new index, so a
-crash at any point leaves the previous index, and every row it names, readable.
+tier of deduplication. Writers derive the stored rows' hashes from the shards
+(:mod:`.row_digests`; stores of format ``/1`` and ``/2`` list them in the index). Appending writes
+new shards first and then swaps in the new index, so a crash at any point leaves the previous
+index, and every row it names, readable.
 """
 
 from __future__ import annotations
