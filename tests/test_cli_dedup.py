@@ -160,12 +160,17 @@ def test_without_confirm_half_of_val_is_held_out_to_confirm_on(tmp_path, capsys)
     flags = ["--val", str(tmp_path / "val.tsv"), "--threshold", "0.05", "--block-size", "4096"]
     assert main(["dedup", *map(str, folders), "--out", str(tmp_path / "held"), *flags]) == 0
     assert "50% of --val held out (seed 0): 60 examples searched, 60 confirming" in capsys.readouterr().err
-    held = json.loads((tmp_path / "held" / "report" / "dedup_report.json").read_text())["models"][1]
+    report = json.loads((tmp_path / "held" / "report" / "dedup_report.json").read_text())
+    held = report["models"][1]
     assert held["confirmations"] >= 1
+    assert report["data"]["public_splits"] == {  # the report says what each step validated on
+        "search": str(tmp_path / "val.tsv"), "confirm": f"held out of {tmp_path / 'val.tsv'}", "hold_out": 0.5,
+        "hold_out_seed": 0, "search_examples": 60, "confirm_examples": 60}
     assert main(["dedup", *map(str, folders), "--out", str(tmp_path / "all"), *flags, "--hold-out", "0"]) == 0
     assert "held out" not in capsys.readouterr().err
-    unconfirmed = json.loads((tmp_path / "all" / "report" / "dedup_report.json").read_text())["models"][1]
-    assert unconfirmed["confirmations"] == 0
+    report = json.loads((tmp_path / "all" / "report" / "dedup_report.json").read_text())
+    assert report["models"][1]["confirmations"] == 0
+    assert report["data"]["public_splits"]["confirm"] is None
     code = main(["dedup", *map(str, folders), "--out", str(tmp_path / "both"), *flags, "--hold-out", "0.3",
                  "--confirm", str(tmp_path / "test.tsv")])
     assert code == 2 and "--hold-out" in capsys.readouterr().err and not (tmp_path / "both").exists()

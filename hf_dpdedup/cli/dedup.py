@@ -22,6 +22,7 @@ import functools
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import transformers
 
@@ -215,21 +216,31 @@ def config_from_args(args: argparse.Namespace) -> DedupConfig:
     )
 
 
-def public_splits(args: argparse.Namespace, processor, source, **kw) -> tuple[list, list | None]:
-    """The search's validation batches and the confirmation's: ``--confirm``'s data set, else the
-    ``--hold-out`` part of ``--val`` (none with ``--hold-out 0``)."""
+def public_splits(args: argparse.Namespace, processor, source, **kw) -> tuple[list, list | None, dict[str, Any]]:
+    """The search's validation batches, the confirmation's (``--confirm``'s data set, else the
+    ``--hold-out`` part of ``--val``; none with ``--hold-out 0``) and a record of how they were
+    formed, for the report (the engine sees only the batches)."""
+    def examples(part: list) -> int:
+        return sum(len(next(iter(b.values()))) for b in part)
+
     if args.confirm:
-        return (source_batches(processor, source(args.val), args.task, **kw),
-                source_batches(processor, source(args.confirm), args.task, **kw))
+        val = source_batches(processor, source(args.val), args.task, **kw)
+        confirm = source_batches(processor, source(args.confirm), args.task, **kw)
+        return val, confirm, {"search": args.val, "confirm": args.confirm,
+                              "search_examples": examples(val), "confirm_examples": examples(confirm)}
     fraction = DEFAULT_HOLD_OUT if args.hold_out is None else args.hold_out
     if fraction == 0:
-        return source_batches(processor, source(args.val), args.task, **kw), None
+        val = source_batches(processor, source(args.val), args.task, **kw)
+        return val, None, {"search": args.val, "confirm": None, "search_examples": examples(val),
+                           "confirm_examples": 0}
     val, confirm = held_out_batches(processor, source(args.val), args.task, fraction=fraction,
                                     seed=args.hold_out_seed, **kw)
-    counts = [sum(len(next(iter(b.values()))) for b in part) for part in (val, confirm)]
+    counts = [examples(part) for part in (val, confirm)]
     print(f"confirmation: {fraction:.0%} of --val held out (seed {args.hold_out_seed}): {counts[0]} examples "
           f"searched, {counts[1]} confirming (--hold-out 0 searches on all of them, unconfirmed)", file=sys.stderr)
-    return val, confirm
+    return val, confirm, {"search": args.val, "confirm": f"held out of {args.val}", "hold_out": fraction,
+                          "hold_out_seed": args.hold_out_seed, "search_examples": counts[0],
+                          "confirm_examples": counts[1]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -278,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_id = args.private_id or members[0].privacy.datasets[0]
         private = private_source(processor, source(args.private_val), args.task, dataset_id=dataset_id,
                                  public_size=args.private_size, **kw)
-    val, confirm = public_splits(args, processor, source, **kw)
+    val, confirm, splits = public_splits(args, processor, source, **kw)
     data = DedupData(
         score_fn=SCORES[args.task],
         public_val=val,
@@ -295,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     else:
         report = deduplicate_family(members, data, config, args.out)
+    report.data["public_splits"] = splits  # what the search and the confirmation validated on
     report.save(args.report or Path(args.out) / "report")
     print(report.table())
     return 0

@@ -210,6 +210,9 @@ class FamilyReport:
     config: dict[str, Any]
     models: list[ModelReport] = field(default_factory=list)
     family_stored_bytes: int = 0
+    #: what the run validated on, where the caller knows it (the CLI: ``public_splits``, the search's
+    #: and the confirmation's public data and sizes); the engine itself sees only batches
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def targets(self) -> list[ModelReport]:
@@ -239,7 +242,8 @@ class FamilyReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "summary": self.summary(), "models": [m.to_dict() for m in self.models]}
+        return {"config": self.config, **({"data": self.data} if self.data else {}), "summary": self.summary(),
+                "models": [m.to_dict() for m in self.models]}
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
