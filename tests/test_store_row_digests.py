@@ -16,6 +16,7 @@ from hf_dpdedup import DedupedModel, FamilyStore
 from hf_dpdedup.errors import HfDpDedupError, StoreFormatError
 from hf_dpdedup.store import BlockStore
 from hf_dpdedup.store import row_digests
+from hf_dpdedup.store.check import problems
 from hf_dpdedup.store.format import INDEX_FILE, SHARD_INDEX_FORMAT
 from hf_dpdedup.store.io import forget_verified
 from hf_dpdedup.store.row_digests import CACHE_ENV, content_key, row_hashes
@@ -132,6 +133,19 @@ def test_a_shard_whose_rows_disagree_with_the_index_is_refused_and_nothing_writt
     assert isinstance(excinfo.value, HfDpDedupError) and "restore" in str(excinfo.value)
     assert sorted(p.name for p in store.path.iterdir()) == before
     assert json.loads(path.read_text()) == index
+
+
+def test_inspect_verify_checks_each_shards_row_hash_digest(tmp_path, cache):
+    store = BlockStore.create(tmp_path / "s", block_size=BLOCK, dtype=torch.float32)
+    store.add_rows(distinct_rows(30), max_shard_bytes=10 * BLOCK * 4)
+    assert problems(store.path, verify=True) == []
+    path = store.path / INDEX_FILE
+    index = json.loads(path.read_text())
+    index["shards"][1]["row_hashes_sha256"] = index["shards"][0]["row_hashes_sha256"]
+    path.write_text(json.dumps(index))
+    (found,) = problems(store.path, verify=True)
+    assert index["shards"][1]["file"] in found and "row_hashes_sha256" in found and "restore" in found
+    assert problems(store.path, verify=False) == []  # the cheap check reads no rows
 
 
 def test_an_unwritable_cache_costs_only_time(tmp_path, monkeypatch):

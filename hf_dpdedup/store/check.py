@@ -2,7 +2,8 @@
 
 ``check_files`` is cheap (every file the indexes name exists and has the recorded size);
 ``verify=True`` also hashes every shard and extras file with sha256 (the digest recorded where the
-bytes arrived) and reads every shard header. Problems are returned as sentences, each saying what
+bytes arrived), reads every shard header, and checks each shard's rows against the sha256 of their
+row hashes that a ``hf_dpdedup/3`` index records. Problems are returned as sentences, each saying what
 to do; nothing is repaired.
 """
 
@@ -13,9 +14,10 @@ from pathlib import Path
 from ..errors import HfDpDedupError
 from .block_store import BlockStore
 from .family import FamilyStore
-from .format import CONSTITUTION_FILE, EXTRAS_FILE, INDEX_FILE
+from .format import CONSTITUTION_FILE, EXTRAS_FILE, INDEX_FILE, RESTORE_INDEX
 from .io import forget_verified, live_dir, verify_file
 from .member import read_constitution
+from .row_digests import listing_digest, row_hashes
 
 
 def store_problems(store: BlockStore, *, verify: bool) -> list[str]:
@@ -32,9 +34,15 @@ def store_problems(store: BlockStore, *, verify: bool) -> list[str]:
         elif verify:
             try:
                 verify_file(path, shard.sha256, what="block shard")
-                store.read_shards([shard], verify=False)  # the header must match the index entry
+                rows = store.read_shards([shard], verify=False)[shard.first_row]  # the header must match
             except HfDpDedupError as exc:
                 problems.append(str(exc))
+                continue
+            if shard.row_hashes_sha256 is not None and listing_digest(row_hashes(rows)) != shard.row_hashes_sha256:
+                problems.append(
+                    f"block shard {path} holds rows whose hashes do not match the 'row_hashes_sha256' the index "
+                    f"records for it: {RESTORE_INDEX}."
+                )
     return problems
 
 
