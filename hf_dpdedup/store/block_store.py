@@ -136,17 +136,13 @@ class BlockStore:
 
     def _shard_row_hashes(self, shard: ShardInfo) -> list[str]:
         key = row_digests.content_key(shard)
-        digests = self._digests.get(key) or row_digests.cached(shard)
-        if digests is None:
-            digests = row_hashes(self.read_shards([shard], verify=True)[shard.first_row])
-            if row_digests.listing_digest(digests) != shard.row_hashes_sha256:
-                raise StoreFormatError(
-                    f"Shard {shard.file} of the block store at {self.path} holds rows whose hashes do not "
-                    f"match the 'row_hashes_sha256' its index records; {RESTORE_INDEX}. Nothing was written."
-                )
-            row_digests.remember(shard, digests)
-        self._digests[key] = digests
-        return digests
+        if key not in self._digests:
+            digests = row_digests.cached(shard)
+            if digests is None:
+                digests = row_digests.derive(shard, self.read_shards([shard], verify=True)[shard.first_row], self.path)
+                row_digests.remember(shard, digests)
+            self._digests[key] = digests
+        return self._digests[key]
 
     # --- writing ---------------------------------------------------------------------------------
     @contextmanager

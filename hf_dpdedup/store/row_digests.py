@@ -31,7 +31,8 @@ from typing import Sequence
 import torch
 
 from ..blocks import BlockRows
-from .format import ShardInfo
+from ..errors import StoreFormatError
+from .format import RESTORE_INDEX, ShardInfo
 from .io import atomic_write_bytes, user_cache_dir
 
 CACHE_ENV = "HF_DPDEDUP_ROW_HASH_CACHE"
@@ -71,6 +72,18 @@ def _packed(digests: Sequence[str]) -> bytes:
 def listing_digest(digests: Sequence[str]) -> str:
     """The sha256 of a shard's row hashes, 32 bytes each in row order (``row_hashes_sha256``)."""
     return hashlib.sha256(_packed(digests)).hexdigest()
+
+
+def derive(shard: ShardInfo, rows: torch.Tensor, store: Path) -> list[str]:
+    """The row hashes of ``rows`` (the shard's ``[num_rows, block_size]`` rows, from the block store at
+    ``store``), checked against the ``row_hashes_sha256`` its index records, where it records one."""
+    digests = row_hashes(rows)
+    if shard.row_hashes_sha256 is not None and listing_digest(digests) != shard.row_hashes_sha256:
+        raise StoreFormatError(
+            f"Shard {shard.file} of the block store at {store} holds rows whose hashes do not match the "
+            f"'row_hashes_sha256' its index records; {RESTORE_INDEX}."
+        )
+    return digests
 
 
 def cached(shard: ShardInfo) -> list[str] | None:
