@@ -220,27 +220,23 @@ def public_splits(args: argparse.Namespace, processor, source, **kw) -> tuple[li
     """The search's validation batches, the confirmation's (``--confirm``'s data set, else the
     ``--hold-out`` part of ``--val``; none with ``--hold-out 0``) and a record of how they were
     formed, for the report (the engine sees only the batches)."""
-    def examples(part: list) -> int:
-        return sum(len(next(iter(b.values()))) for b in part)
-
+    fraction = DEFAULT_HOLD_OUT if args.hold_out is None else args.hold_out
     if args.confirm:
         val = source_batches(processor, source(args.val), args.task, **kw)
         confirm = source_batches(processor, source(args.confirm), args.task, **kw)
-        return val, confirm, {"search": args.val, "confirm": args.confirm,
-                              "search_examples": examples(val), "confirm_examples": examples(confirm)}
-    fraction = DEFAULT_HOLD_OUT if args.hold_out is None else args.hold_out
-    if fraction == 0:
-        val = source_batches(processor, source(args.val), args.task, **kw)
-        return val, None, {"search": args.val, "confirm": None, "search_examples": examples(val),
-                           "confirm_examples": 0}
-    val, confirm = held_out_batches(processor, source(args.val), args.task, fraction=fraction,
-                                    seed=args.hold_out_seed, **kw)
-    counts = [examples(part) for part in (val, confirm)]
-    print(f"confirmation: {fraction:.0%} of --val held out (seed {args.hold_out_seed}): {counts[0]} examples "
-          f"searched, {counts[1]} confirming (--hold-out 0 searches on all of them, unconfirmed)", file=sys.stderr)
-    return val, confirm, {"search": args.val, "confirm": f"held out of {args.val}", "hold_out": fraction,
-                          "hold_out_seed": args.hold_out_seed, "search_examples": counts[0],
-                          "confirm_examples": counts[1]}
+        record: dict[str, Any] = {"confirm": args.confirm}
+    elif fraction == 0:
+        val, confirm = source_batches(processor, source(args.val), args.task, **kw), None
+        record = {"confirm": None}
+    else:
+        val, confirm = held_out_batches(processor, source(args.val), args.task, fraction=fraction,
+                                        seed=args.hold_out_seed, **kw)
+        record = {"confirm": f"held out of {args.val}", "hold_out": fraction, "hold_out_seed": args.hold_out_seed}
+    counts = [sum(len(next(iter(b.values()))) for b in part) for part in (val, confirm or [])]
+    if "hold_out" in record:
+        print(f"confirmation: {fraction:.0%} of --val held out (seed {args.hold_out_seed}): {counts[0]} examples "
+              f"searched, {counts[1]} confirming (--hold-out 0 searches on all of them, unconfirmed)", file=sys.stderr)
+    return val, confirm, {"search": args.val, **record, "search_examples": counts[0], "confirm_examples": counts[1]}
 
 
 def run(args: argparse.Namespace) -> int:
