@@ -1,16 +1,20 @@
 """Test-only helpers on blocks: the inverse of :func:`hf_dpdedup.blocks.to_block_matrix` (the state
 dict a block matrix, its layout and the extras stand for; the library rebuilds members from the store
 instead), a constitution's row ids one per block, models whose small tensors are their own, and a
-store's index rewritten as the formats before ``hf_dpdedup/3`` wrote it (row hashes listed)."""
+store's index rewritten as the formats before ``hf_dpdedup/3`` wrote it (row hashes listed), and a
+format-4 constitution rewritten as format 3 wrote it."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Mapping
 
+import json
+import math
+
 import torch
 
-from hf_dpdedup.blocks import BlockLayout, tensor_from_rows
+from hf_dpdedup.blocks import PACKED_EXTRAS, BlockLayout, tensor_from_rows
 from hf_dpdedup.store import BlockStore
 from hf_dpdedup.store.constitution import decode_rows
 from hf_dpdedup.store.format import INDEX_FILE
@@ -53,3 +57,21 @@ def list_row_hashes(store: BlockStore) -> BlockStore:
     index = replace(store.index, row_hashes=tuple(store.stored_row_hashes()))
     atomic_write_json(store.path / INDEX_FILE, index.to_dict())
     return BlockStore.open(store.path)
+
+
+def as_format_3(data: dict) -> dict:
+    """A format-4 constitution as format 3 wrote it: every entry with its dtype and numel, every packed
+    extra with its offset, whole names."""
+    out = json.loads(json.dumps(data))
+    prefix = out.pop("name_prefix", "")
+    whole = lambda n: n if n == PACKED_EXTRAS else prefix + n  # noqa: E731
+    out["format"] = "hf_dpdedup/3"
+    out["tensors"] = [{"name": whole(t["name"]), "shape": t["shape"], "dtype": out["dtype"],
+                       "numel": math.prod(t["shape"]), "rows": t["rows"]} for t in out["tensors"]]
+    offset = 0
+    for p in out.get("packed_extras", []):
+        p["name"], p["offset"] = whole(p["name"]), offset
+        offset += math.prod(p["shape"])
+    out["extras"]["tensors"] = [whole(n) for n in out["extras"]["tensors"]]
+    out["aliases"] = {whole(a): whole(c) for a, c in out["aliases"].items()}
+    return out

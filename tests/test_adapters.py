@@ -101,7 +101,9 @@ def test_adapter_member_round_trips_bit_exactly_as_peft_model_and_merged(stored)
     assert {"adapter_config.json", "config.json", "vocab.txt"} <= {f.name for f in folder.iterdir()}
     assert not (folder / "adapter_model.safetensors").exists()
     constitution = read_constitution(folder)
-    assert constitution.to_dict()["format"] == "hf_dpdedup/3"  # an adapter member whose rows hold runs
+    data = constitution.to_dict()
+    assert data["format"] == "hf_dpdedup/4"  # an adapter member whose rows hold runs
+    assert data["name_prefix"] == "base_model.model." and not data["tensors"][0]["name"].startswith("base_model.")
     record = constitution.adapter
     assert (record.peft_type, record.task_type, record.peft_class, record.base_model_class) == (
         "LORA", "SEQ_CLS", "PeftModelForSequenceClassification", "BertForSequenceClassification")

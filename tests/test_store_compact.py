@@ -1,5 +1,6 @@
-"""Compact members (format 3): runs of consecutive row ids written as ``[first, count]``, and small
-extras packed into block rows shared between members."""
+"""Compact members (formats 3 and 4): runs of consecutive row ids written as ``[first, count]``, small
+extras packed into block rows shared between members, and (format 4) entries without what the file
+implies and names without their common prefix."""
 
 import copy
 import importlib.util
@@ -13,25 +14,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_dpdedup import DedupedModel
-from hf_dpdedup.blocks import PACKED_EXTRAS, pack_extras, plan_layout, unpack_extras
+from hf_dpdedup.blocks import PACKED_EXTRAS, PackedTensor, pack_extras, plan_layout, unpack_extras
 from hf_dpdedup.errors import BlockLayoutError, ConstitutionError, UnsupportedFormatVersionError
 from hf_dpdedup.hub.remote import REMOTE_CODE
 from hf_dpdedup.store.family import FamilyStore
-from hf_dpdedup.store.constitution import MIN_RUN, Constitution, decode_rows, encode_rows
+from hf_dpdedup.store.constitution import MIN_RUN, Constitution, StoreRef, TensorEntry, decode_rows, encode_rows, name_prefix
 from hf_dpdedup.store.format import CONSTITUTION_FILE
 from hf_dpdedup.store.summary import member_summary
 
-from block_support import with_own_small_tensors
+from block_support import as_format_3, with_own_small_tensors
 from conftest import tiny_model
 
 ROWS = st.lists(st.integers(0, 60), max_size=40)
 
 
-def remote_row_ids():
+def remote_module():
     spec = importlib.util.spec_from_file_location("modeling_hf_dpdedup_row_runs_test", REMOTE_CODE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.row_ids
+    return module
+
+
+def remote_row_ids():
+    return remote_module().row_ids
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,10 +80,13 @@ def member(tmp_path):
     return family, family.member_path("m")
 
 
-def test_a_member_with_runs_is_format_3_and_loads_bit_exactly(member):
+def test_a_member_with_runs_is_format_4_and_loads_bit_exactly(member):
     family, folder = member
     data = json.loads((folder / CONSTITUTION_FILE).read_text())
-    assert data["format"] == "hf_dpdedup/3" and data["adapter"] is None
+    assert data["format"] == "hf_dpdedup/4" and data["adapter"] is None
+    # what the rest of the file implies is not written: dtype, numel, packed offsets
+    assert all(set(t) == {"name", "shape", "rows"} for t in data["tensors"])
+    assert all(set(p) == {"name", "shape"} for p in data["packed_extras"])
     assert any(isinstance(item, list) for t in data["tensors"] for item in t["rows"])
     written = sum(len(json.dumps(t["rows"])) for t in data["tensors"])
     plain = sum(len(json.dumps(decode_rows(t["rows"], t["name"]))) for t in data["tensors"])
@@ -92,7 +100,7 @@ def test_a_member_with_runs_is_format_3_and_loads_bit_exactly(member):
     assert loaded.keys() == original.keys() and all(torch.equal(loaded[k], v) for k, v in original.items())
 
 
-def test_runs_need_format_3_and_format_3_names_its_adapter_record(member):
+def test_runs_need_format_3_or_later_and_those_name_their_adapter_record(member):
     _, folder = member
     data = json.loads((folder / CONSTITUTION_FILE).read_text())
     with pytest.raises(ConstitutionError, match="older format"):
@@ -100,7 +108,86 @@ def test_runs_need_format_3_and_format_3_names_its_adapter_record(member):
     with pytest.raises(ConstitutionError, match="adapter"):
         Constitution.from_dict({k: v for k, v in data.items() if k != "adapter"})
     with pytest.raises(UnsupportedFormatVersionError, match="Upgrade hf_dpdedup"):
-        Constitution.from_dict({**data, "format": "hf_dpdedup/4"})
+        Constitution.from_dict({**data, "format": "hf_dpdedup/5"})
+    with pytest.raises(ConstitutionError, match="adapter"):
+        Constitution.from_dict({k: v for k, v in as_format_3(data).items() if k != "adapter"})
+
+
+def test_format_3_as_earlier_versions_wrote_it_still_reads_the_same(member):
+    family, folder = member
+    data = json.loads((folder / CONSTITUTION_FILE).read_text())
+    old = as_format_3(data)
+    assert Constitution.from_dict(old) == Constitution.from_dict(data) == family.constitution("m")
+    with pytest.raises(ConstitutionError, match="recorded as None"):  # format 3 needs each entry's dtype
+        Constitution.from_dict({**old, "tensors": [{k: v for k, v in t.items() if k != "dtype"} for t in old["tensors"]]})
+    with pytest.raises(ConstitutionError, match="offset"):  # and each packed extra's offset
+        Constitution.from_dict({**old, "packed_extras": [{"name": p["name"], "shape": p["shape"]}
+                                                          for p in old["packed_extras"]]})
+    with pytest.raises(ConstitutionError, match="name_prefix"):  # a prefix exists only in format 4
+        Constitution.from_dict({**old, "name_prefix": "bert."})
+
+
+def test_format_4_checks_what_it_is_given_beyond_what_it_needs(member):
+    _, folder = member
+    data = json.loads((folder / CONSTITUTION_FILE).read_text())
+    for edit, match in [
+        (lambda d: d["tensors"][0].__setitem__("dtype", "float16"), "recorded as float16"),
+        (lambda d: d["tensors"][0].__setitem__("numel", 7), "numel 7"),
+        (lambda d: d["packed_extras"][1].__setitem__("offset", 1), "must follow each other"),
+        (lambda d: d.__setitem__("name_prefix", 3), "name_prefix"),
+    ]:
+        broken = json.loads(json.dumps(data))
+        edit(broken)
+        with pytest.raises(ConstitutionError, match=match):
+            Constitution.from_dict(broken)
+
+
+NAME = st.text("ab.", min_size=1, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(NAME, min_size=1, max_size=8, unique=True), st.sampled_from(["", "base_model.model.", "x."]),
+       st.integers(0, 3), st.integers(0, 2))
+def test_names_round_trip_through_the_prefix_in_the_library_and_the_remote_code(names, common, n_packed, n_alias):
+    """Whatever the names, a format-4 file gives every name back whole (library and remote code
+    alike), a written prefix ends with "." and leaves no name empty, and the reserved name never
+    carries it."""
+    names = [common + n for n in names]
+    packed_names, alias_names = names[:n_packed], names[n_packed:n_packed + n_alias]
+    tensor_names = names[n_packed + n_alias:] or [common + "w"]
+    if set(tensor_names) & set(packed_names + alias_names):
+        return
+    tensors = [TensorEntry(n, (3,), "float32", (i,)) for i, n in enumerate(tensor_names)]
+    packed = tuple(PackedTensor(n, (2,), 2 * i) for i, n in enumerate(packed_names))
+    if packed:
+        rows = tuple(range(len(tensors), len(tensors) + math.ceil(2 * len(packed) / 4)))
+        tensors.append(TensorEntry(PACKED_EXTRAS, (2 * len(packed),), "float32", rows))
+    constitution = Constitution(
+        name="m", block_store=StoreRef("s", path="../s"), block_size=4, dtype="float32", tensors=tuple(tensors),
+        extras_sha256="0" * 64, aliases={a: tensor_names[0] for a in alias_names}, packed=packed,
+    )
+    data = json.loads(json.dumps(constitution.to_dict()))
+    if data["format"] == "hf_dpdedup/4":
+        prefix = data.get("name_prefix", "")
+        assert prefix == name_prefix([*tensor_names, *packed_names, *alias_names, *({tensor_names[0]} if alias_names else ())])
+        assert not prefix or prefix.endswith(".")
+        assert all(t["name"] for t in data["tensors"])
+        assert not packed or PACKED_EXTRAS in [t["name"] for t in data["tensors"]]  # the reserved name: whole
+    back = Constitution.from_dict(data)
+    assert back == constitution
+    remote_tensors, remote_packed, remote_aliases = remote_module().entries(data)
+    assert [(t["name"], tuple(t["shape"])) for t in remote_tensors] == [(t.name, t.shape) for t in tensors]
+    assert [(p["name"], tuple(p["shape"]), p["offset"]) for p in remote_packed] == [
+        (p.name, p.shape, p.offset) for p in packed]
+    assert remote_aliases == constitution.aliases
+
+
+def test_the_prefix_is_cut_at_a_dot_and_never_empties_a_name():
+    assert name_prefix(["base_model.model.a.w", "base_model.model.b.w"]) == "base_model.model."
+    assert name_prefix(["enc.layer1.w", "enc.layer2.w"]) == "enc."  # not "enc.layer"
+    assert name_prefix(["a.w", "a.w.x"]) == "a."
+    assert name_prefix(["a.", "a.b"]) == ""  # "a." would leave the first name empty
+    assert name_prefix(["bert.x", "classifier.w"]) == "" and name_prefix([]) == ""
 
 
 def test_a_member_without_runs_or_packed_extras_keeps_format_1(member):
@@ -118,11 +205,11 @@ def test_packed_extras_must_tile_their_rows(member):
     data = json.loads((folder / CONSTITUTION_FILE).read_text())
     packed = data["packed_extras"]
     for edit, match in [
-        (lambda d: d["packed_extras"][1].__setitem__("offset", packed[1]["offset"] + 1), "must follow each other"),
+        (lambda d: d["packed_extras"][1].__setitem__("offset", math.prod(packed[0]["shape"]) + 1), "must follow each other"),
         (lambda d: d["packed_extras"].pop(), "cover"),
         (lambda d: d.pop("packed_extras"), "missing"),
         (lambda d: d["packed_extras"][0].__setitem__("shape", "32"), "shape"),
-        (lambda d: d["packed_extras"].append(dict(packed[0], offset=10 ** 6)), "follow each other"),
+        (lambda d: d["packed_extras"].append(dict(packed[0], name="another", offset=10 ** 6)), "follow each other"),
         (lambda d: d["packed_extras"][2].__setitem__("name", packed[1]["name"]), "twice"),
     ]:
         broken = json.loads(json.dumps(data))

@@ -25,24 +25,37 @@ Small floating extras of the block dtype (biases, norms) are *packed*
 ``tensors`` (rows like any other, so equal ones are shared between members), and ``packed_extras``
 lists each one's name, shape and offset in it. ``extras.safetensors`` keeps the others.
 
-A constitution with a run or packed extras has format ``hf_dpdedup/3`` (adapter member or not), so
-a reader that predates them refuses it with its "upgrade" error; one without keeps format 1 or 2.
+A constitution with a run or packed extras is written in format ``hf_dpdedup/4`` (adapter member or
+not), so a reader that predates them refuses it with its "upgrade" error; one without keeps format 1
+or 2. Format 4 is format 3 (still read) without what the rest of the file implies: a tensor entry is
+``{"name", "shape", "rows"}`` (its dtype is the constitution's, its numel its shape's product), a
+packed extra ``{"name", "shape"}`` (they tile their rows in order), and the names' common prefix up
+to a ``.`` (a peft member's ``base_model.model.``) is written once as ``name_prefix``: every tensor,
+packed extra, extra and alias name in the file is written without it (the reserved
+``PACKED_EXTRAS`` never has it). In memory names are always whole.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..blocks import BLOCK_DTYPES, PACKED_EXTRAS, PackedTensor, check_block_size
 from ..errors import BlockLayoutError, ConstitutionError
 from ..privacy.metadata import PrivacyMetadata
-from .format import ADAPTER_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, RESAVE, COMPACT_MEMBER_FORMAT, check_format, unknown_keys
+from .format import (
+    ADAPTER_MEMBER_FORMAT, COMPACT_MEMBER_FORMAT, EXTRAS_FILE, FORMAT, LEAN_MEMBER_FORMAT, RESAVE, check_format,
+    unknown_keys,
+)
 from .records import DedupRecord, privacy_from_dict, privacy_to_dict
 
-_KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "tensors",
+_KEYS = ("format", "kind", "name", "architecture", "block_store", "block_size", "dtype", "name_prefix", "tensors",
          "packed_extras", "extras", "aliases", "privacy", "dedup", "adapter")
+#: the formats whose rows may hold runs and which may pack extras (and always name their adapter record)
+_COMPACT = (COMPACT_MEMBER_FORMAT, LEAN_MEMBER_FORMAT)
 #: the shortest run of consecutive row ids written as ``[first, count]`` (two ids are as short plain)
 MIN_RUN = 3
 _ADAPTER_KEYS = ("library", "peft_type", "task_type", "peft_class", "adapter_name", "base_model",
@@ -142,6 +155,10 @@ class TensorEntry:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel,
                 "rows": encode_rows(self.rows)}
 
+    def to_lean_dict(self, prefix: str) -> dict[str, Any]:
+        """The format-4 entry: no dtype or numel, the name without ``prefix``."""
+        return {"name": _strip(self.name, prefix), "shape": list(self.shape), "rows": encode_rows(self.rows)}
+
 
 def encode_rows(rows: tuple[int, ...] | list[int]) -> list[int | list[int]]:
     """Row ids as written: each run of ≥ :data:`MIN_RUN` consecutive ids as ``[first, count]``."""
@@ -214,11 +231,14 @@ class Constitution:
         return [r for t in self.tensors for r in t.rows]
 
     def to_dict(self) -> dict[str, Any]:
-        tensors = [t.to_dict() for t in self.tensors]
-        if self.packed or any(has_runs(t["rows"]) for t in tensors):
-            format_ = COMPACT_MEMBER_FORMAT
+        lean = bool(self.packed) or any(has_runs(encode_rows(t.rows)) for t in self.tensors)
+        prefix = name_prefix(self._model_names()) if lean else ""
+        if lean:
+            format_ = LEAN_MEMBER_FORMAT
+            tensors = [t.to_lean_dict(prefix) for t in self.tensors]
         else:
             format_ = ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT
+            tensors = [t.to_dict() for t in self.tensors]
         return {
             "format": format_,
             "kind": "member",
@@ -227,32 +247,38 @@ class Constitution:
             "block_store": self.block_store.to_dict(),
             "block_size": self.block_size,
             "dtype": self.dtype,
+            **({"name_prefix": prefix} if prefix else {}),
             "tensors": tensors,
-            **({"packed_extras": [{"name": p.name, "shape": list(p.shape), "offset": p.offset} for p in self.packed]}
+            **({"packed_extras": [{"name": _strip(p.name, prefix), "shape": list(p.shape)} for p in self.packed]}
                if self.packed else {}),
             "extras": {
                 "file": EXTRAS_FILE,
                 "sha256": self.extras_sha256,
                 **({"xxh3_128": self.extras_xxh3} if self.extras_xxh3 else {}),
-                "tensors": list(self.extras),
+                "tensors": [_strip(n, prefix) for n in self.extras],
             },
-            "aliases": dict(self.aliases),
+            "aliases": {_strip(a, prefix): _strip(c, prefix) for a, c in self.aliases.items()},
             "privacy": privacy_to_dict(self.privacy) if self.privacy is not None else None,
             "dedup": self.dedup.to_dict() if self.dedup is not None else None,
-            # format 3 always names its adapter record (null: none), so that one lost from the file is noticed
+            # formats 3 and 4 always name their adapter record (null: none), so that one lost from the file is noticed
             **({"adapter": self.adapter.to_dict() if self.adapter is not None else None}
-               if self.adapter is not None or format_ == COMPACT_MEMBER_FORMAT else {}),
+               if self.adapter is not None or lean else {}),
             **self.extra,
         }
+
+    def _model_names(self) -> list[str]:
+        """Every name of a model tensor the constitution writes (not the reserved ``PACKED_EXTRAS``)."""
+        return [*(t.name for t in self.tensors if t.name != PACKED_EXTRAS), *(p.name for p in self.packed),
+                *self.extras, *self.aliases, *self.aliases.values()]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Constitution":
         what = "dedup_constitution.json"
-        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT, COMPACT_MEMBER_FORMAT), fix=RESAVE)
+        check_format(data, what, accepted=(FORMAT, ADAPTER_MEMBER_FORMAT, *_COMPACT), fix=RESAVE)
         adapter = AdapterRecord.from_dict(data["adapter"]) if data.get("adapter") is not None else None
-        compact = data["format"] == COMPACT_MEMBER_FORMAT
+        compact, lean = data["format"] in _COMPACT, data["format"] == LEAN_MEMBER_FORMAT
         if compact and "adapter" not in data:
-            raise ConstitutionError(f"{what}: format {COMPACT_MEMBER_FORMAT!r} names its 'adapter' record (null for "
+            raise ConstitutionError(f"{what}: format {data['format']!r} names its 'adapter' record (null for "
                                     f"a plain model), but this one has none; {RESAVE}.")
         if not compact and (adapter is not None) != (data["format"] == ADAPTER_MEMBER_FORMAT):
             raise ConstitutionError(
@@ -260,6 +286,11 @@ class Constitution:
                 + ("without an 'adapter' record" if adapter is None else "with an 'adapter' record")
                 + f" (adapter members are {ADAPTER_MEMBER_FORMAT!r}, others {FORMAT!r}); {RESAVE}."
             )
+        prefix = data.get("name_prefix", "")
+        if not isinstance(prefix, str) or (prefix and not lean):
+            raise ConstitutionError(f"{what}: 'name_prefix' must be a string, and only format "
+                                    f"{LEAN_MEMBER_FORMAT!r} has one; {RESAVE}.")
+        whole = _prefixed(prefix)
         try:
             block_size = check_block_size(data.get("block_size"))
         except BlockLayoutError as exc:
@@ -276,11 +307,14 @@ class Constitution:
             raise ConstitutionError(f"{what}: 'extras' must list tensor names as strings; {RESAVE}.")
         if not isinstance(data.get("tensors"), list):
             raise ConstitutionError(f"{what}: 'tensors' must be a list; {RESAVE}.")
-        tensors = tuple(_tensor_entry(t, block_size, dtype, compact=compact) for t in data["tensors"])
-        packed = _packed(data.get("packed_extras"), tensors, compact=compact)
+        tensors = tuple(_tensor_entry(t, block_size, dtype, compact=compact, lean=lean, whole=whole)
+                        for t in data["tensors"])
+        packed = _packed(data.get("packed_extras"), tensors, compact=compact, lean=lean, whole=whole)
         aliases = data.get("aliases") or {}
         if not isinstance(aliases, dict) or not _strings(aliases) or not _strings(aliases.values()):
             raise ConstitutionError(f"{what}: 'aliases' must map tensor names to tensor names; {RESAVE}.")
+        extra_names = [whole(n) for n in extra_names]
+        aliases = {whole(a): whole(c) for a, c in aliases.items()}
         _check_names([t.name for t in tensors] + [p.name for p in packed], list(extra_names), aliases)
         for key in ("name", "architecture"):
             if data.get(key) is not None and not isinstance(data[key], str):
@@ -304,8 +338,28 @@ class Constitution:
         )
 
 
-def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool) -> tuple[PackedTensor, ...]:
-    """``packed_extras``: consecutive slices that tile the ``PACKED_EXTRAS`` block tensor exactly."""
+def name_prefix(names: list[str]) -> str:
+    """The longest common prefix of ``names`` that ends with a ``.`` and leaves every name non-empty
+    ("" when there is none, or no names)."""
+    common = os.path.commonprefix(names)
+    prefix = common[: common.rfind(".") + 1]
+    return prefix if all(len(n) > len(prefix) for n in names) else ""
+
+
+def _strip(name: str, prefix: str) -> str:
+    """``name`` as format 4 writes it: without ``prefix`` (never the reserved ``PACKED_EXTRAS``)."""
+    return name if name == PACKED_EXTRAS or not prefix else name[len(prefix):]
+
+
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    """A written name made whole again (the inverse of :func:`_strip`)."""
+    return lambda name: name if name == PACKED_EXTRAS else prefix + name
+
+
+def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool, lean: bool = False,
+            whole: Callable[[str], str] = str) -> tuple[PackedTensor, ...]:
+    """``packed_extras``: consecutive slices that tile the ``PACKED_EXTRAS`` block tensor exactly (format
+    4 leaves their offsets implied: each starts where the one before ends)."""
     what = "dedup_constitution.json: 'packed_extras'"
     holder = _packed_tensor(tensors)
     if data is None:
@@ -313,7 +367,7 @@ def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool) -> tu
             raise ConstitutionError(f"{what} is missing, but the tensors hold {PACKED_EXTRAS!r}; {RESAVE}.")
         return ()
     if not compact:
-        raise ConstitutionError(f"{what} exist only in format {COMPACT_MEMBER_FORMAT!r}; {RESAVE}.")
+        raise ConstitutionError(f"{what} exist only in formats {_COMPACT!r}; {RESAVE}.")
     if holder is None or len(holder.shape) != 1:
         raise ConstitutionError(f"{what} needs the 1-D block tensor {PACKED_EXTRAS!r} among the tensors; {RESAVE}.")
     if not isinstance(data, list) or not data:
@@ -322,10 +376,10 @@ def _packed(data: Any, tensors: tuple[TensorEntry, ...], *, compact: bool) -> tu
     for item in data:
         ok = (isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"]
               and isinstance(item.get("shape"), list) and all(_int(d) and d >= 0 for d in item["shape"])
-              and _int(item.get("offset")))
+              and _int(item.get("offset", offset if lean else None)))
         if not ok:
             raise ConstitutionError(f"{what}: {item!r} must name a tensor, its shape and its offset; {RESAVE}.")
-        entry = PackedTensor(item["name"], tuple(item["shape"]), item["offset"])
+        entry = PackedTensor(whole(item["name"]), tuple(item["shape"]), item.get("offset", offset))
         if entry.offset != offset or entry.numel == 0:
             raise ConstitutionError(f"{what}: {entry.name!r} starts at {entry.offset}, but the packed tensors must "
                                     f"follow each other from 0 (expected {offset}), each non-empty; {RESAVE}.")
@@ -364,7 +418,8 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tensor_entry(data: Any, block_size: int, dtype: str, *, compact: bool) -> TensorEntry:
+def _tensor_entry(data: Any, block_size: int, dtype: str, *, compact: bool, lean: bool = False,
+                  whole: Callable[[str], str] = str) -> TensorEntry:
     what = "dedup_constitution.json tensor entry"
     if not isinstance(data, dict):
         raise ConstitutionError(f"{what} {data!r} is not an object; {RESAVE}.")
@@ -375,10 +430,12 @@ def _tensor_entry(data: Any, block_size: int, dtype: str, *, compact: bool) -> T
         raise ConstitutionError(f"Tensor {name!r}: shape {shape!r} must be a list of integers ≥ 0; {RESAVE}.")
     if not compact and isinstance(rows, list) and has_runs(rows):
         raise ConstitutionError(
-            f"Tensor {name!r} lists row runs [first, count], which only format {COMPACT_MEMBER_FORMAT!r} has, in "
+            f"Tensor {name!r} lists row runs [first, count], which only formats {_COMPACT!r} have, in "
             f"a constitution of an older format; {RESAVE}."
         )
-    entry = TensorEntry(name=name, shape=tuple(shape), dtype=str(data.get("dtype")), rows=decode_rows(rows, name))
+    name = whole(name)
+    entry = TensorEntry(name=name, shape=tuple(shape), dtype=str(data.get("dtype", dtype if lean else None)),
+                        rows=decode_rows(rows, name))
     if entry.dtype != dtype:
         raise ConstitutionError(
             f"Tensor {entry.name!r} is recorded as {entry.dtype} in a {dtype} block family; the "

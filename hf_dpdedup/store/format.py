@@ -44,6 +44,12 @@ ADAPTER_MEMBER_FORMAT = "hf_dpdedup/2"
 #: member or not: a reader that predates them refuses it with its "upgrade hf_dpdedup" error instead
 #: of calling the member damaged or rebuilding it without its packed tensors
 COMPACT_MEMBER_FORMAT = "hf_dpdedup/3"
+#: the format compact constitutions are written in now: format 3 without what the rest of the file
+#: implies — each tensor entry's ``dtype`` (the constitution's) and ``numel`` (its shape's product),
+#: each packed extra's ``offset`` (they tile their rows in order) — and with the names' common
+#: ``name_prefix`` (a peft member's ``base_model.model.``) written once; a reader that predates it
+#: refuses it with its "upgrade hf_dpdedup" error instead of calling the member damaged
+LEAN_MEMBER_FORMAT = "hf_dpdedup/4"
 #: peft's name for an adapter's config file, written into adapter member folders
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 INDEX_FILE = "block_store.json"

@@ -91,16 +91,17 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
     if index.get("codec", "none") != "none":
         raise OSError(f"The block store of {path} is entropy-coded ({index['codec']}): `pip install hf_dpdedup` "
                       "to load it (this remote code reads uncoded stores on its own).")
-    state_dict = rebuild(constitution, index, store_file)
-    if constitution.get("packed_extras"):  # small tensors packed into rows (format 3)
+    tensors, packed, aliases = entries(constitution)
+    state_dict = rebuild(constitution, tensors, index, store_file)
+    if packed:  # small tensors packed into rows (formats 3 and 4)
         flat = state_dict.pop(PACKED_EXTRAS)
-        for p in constitution["packed_extras"]:
+        for p in packed:
             numel = math.prod(p["shape"])
             state_dict[p["name"]] = flat[p["offset"] : p["offset"] + numel].reshape(p["shape"]).clone()
     extras_path = member_file(constitution["extras"]["file"])
     check_sha256(extras_path, constitution["extras"]["sha256"])
     state_dict.update(load_file(extras_path))
-    for alias, canonical in (constitution.get("aliases") or {}).items():
+    for alias, canonical in aliases.items():
         state_dict[alias] = state_dict[canonical]
 
     if config is None:
@@ -120,9 +121,27 @@ def load_member(path, config=None, dtype=None, torch_dtype=None, device_map=None
     return model
 
 
-def rebuild(constitution, index, store_file):
+def entries(constitution):
+    """The block tensors, packed extras and aliases of a constitution with whole names and offsets:
+    format 4 writes every name without the names' common ``name_prefix`` (the reserved PACKED_EXTRAS
+    never has it) and leaves each packed extra's offset implied (they follow each other from 0)."""
+    prefix = constitution.get("name_prefix", "")
+
+    def whole(name):
+        return name if name == PACKED_EXTRAS else prefix + name
+
+    tensors = [dict(t, name=whole(t["name"])) for t in constitution["tensors"]]
+    packed, offset = [], 0
+    for p in constitution.get("packed_extras") or []:
+        packed.append(dict(p, name=whole(p["name"]), offset=p.get("offset", offset)))
+        offset = packed[-1]["offset"] + math.prod(p["shape"])
+    aliases = {whole(a): whole(c) for a, c in (constitution.get("aliases") or {}).items()}
+    return tensors, packed, aliases
+
+
+def rebuild(constitution, tensors, index, store_file):
     """Gather each tensor's rows from the shards that hold them (each shard's sha256 checked)."""
-    rows_of = {t["name"]: row_ids(t["rows"]) for t in constitution["tensors"]}
+    rows_of = {t["name"]: row_ids(t["rows"]) for t in tensors}
     needed = {r for rows in rows_of.values() for r in rows}
     shards = {}
     for shard in index["shards"]:
@@ -132,7 +151,7 @@ def rebuild(constitution, index, store_file):
             shards[shard["first_row"]] = load_file(path)["blocks"]
     starts = sorted(shards)
     out = {}
-    for entry in constitution["tensors"]:
+    for entry in tensors:
         rows = torch.tensor(rows_of[entry["name"]], dtype=torch.int64)
         first = torch.tensor(starts)[torch.searchsorted(torch.tensor(starts), rows, right=True) - 1]
         blocks = torch.empty(len(rows), constitution["block_size"], dtype=DTYPES[constitution["dtype"]])
@@ -144,7 +163,7 @@ def rebuild(constitution, index, store_file):
 
 
 def row_ids(items):
-    """A tensor's row ids: plain ids, and ``[first, count]`` for a run of consecutive ids (format 3)."""
+    """A tensor's row ids: plain ids, and ``[first, count]`` for a run of consecutive ids (formats 3, 4)."""
     out = []
     for item in items:
         if isinstance(item, list):
