@@ -22,7 +22,10 @@ from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.search import confirm, run_search
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.dedup.validate import PublicValidator, example_scores, paired_utility_stats, public_utility_stats
+from hf_dpdedup.hub.cards import member_card
 from hf_dpdedup.privacy import PrivacyMetadata
+from hf_dpdedup.store.member import read_constitution
+from hf_dpdedup.store.records import BeforeAfter
 
 from conftest import tiny_model
 
@@ -284,11 +287,21 @@ def test_the_confirmation_catches_an_overfit_validation_set(tmp_path, with_confi
     report = deduplicate_family(members, data, config, tmp_path / "store")
     (m,) = report.targets
     damaged = not torch.equal(embeddings[60:], original[60:])
+    record = read_constitution(tmp_path / "store" / "members" / "eps8").dedup
+    card = member_card(read_constitution(tmp_path / "store" / "members" / "eps8"), repo_id="ns/eps8",
+                       store_repo="ns/fam-blocks", store_commit="a" * 40).text
+    # the stored record and the card say what the search checked on, with its SE, and whether it was confirmed
+    assert record.public_validation_accuracy == BeforeAfter(m.val_utility_before, m.val_utility_after, m.val_utility_se)
+    assert (record.confirmations, record.rejected_by_confirmation) == (m.confirmations, m.rejected_by_confirmation)
+    assert f"± {m.val_utility_se:.4g} before" in card
     if not with_confirmation:
         assert damaged and m.confirmations == 0  # the search's set passes on val alone
+        assert "no second public split confirmed them" in card
         return
     assert m.confirmations > 1 and m.rejected_by_confirmation > 0
     assert not damaged  # the confirmation reverted what only the other split could see
+    assert (f"a second public split the search never saw confirmed them ({m.confirmations} checks, "
+            f"{m.rejected_by_confirmation} replacements it rejected were undone)") in card
     checker = PublicValidator(conf, classification_score, reference=_fresh_target(), threshold=0.02)
     assert checker.accepts(target)
     loaded = DedupedModel.from_pretrained(tmp_path / "store" / "members" / "eps8")

@@ -86,6 +86,28 @@ def test_no_private_figures_reach_model_index():
     assert "0.8 after deduplication" in card(dedup).text
 
 
+def test_a_target_card_says_what_the_search_checked_on_and_whether_it_was_confirmed():
+    target = {**DEDUP, "role": "target", "public_validation_accuracy": {"before": 0.82, "after": 0.81, "se": 0.012},
+              "public_test_accuracy": {"before": 0.81, "after": 0.80, "se": 0.01},
+              "confirmations": 6, "rejected_by_confirmation": 2}
+    c = card(target)
+    assert ("chosen by accuracy on public validation data (0.82 ± 0.012 before, 0.81 after, 24 checks) and on "
+            "private validation data through noisy, charged queries; a second public split the search never saw "
+            "confirmed them (6 checks, 2 replacements it rejected were undone).") in c.text
+    assert "(0.81 ± 0.01 before)" in c.text  # the test utility with its standard error
+    assert "Format `hf_dpdedup/4`" in c.text  # the constitution's format (its rows are a run), not the block's
+    block = c.data.to_dict()["hf_dpdedup"]["dedup"]
+    assert (block["confirmations"], block["rejected_by_confirmation"]) == (6, 2)
+    assert block["public_validation_accuracy"] == {"before": 0.82, "after": 0.81, "se": 0.012}
+    unconfirmed = card({**target, "confirmations": 0, "rejected_by_confirmation": 0, "svt_epsilon": 0.0})
+    assert ("(0.82 ± 0.012 before, 0.81 after, 24 checks); no second public split confirmed them, so they may fit "
+            "that validation data better than new data.") in unconfirmed.text
+    # a record from before these fields: the card says only what it knows
+    assert "public validation data." in card({**DEDUP, "role": "target", "svt_epsilon": 0.0}).text
+    assert DedupRecord.from_dict(target).to_dict()["public_validation_accuracy"]["se"] == 0.012
+    assert "confirmations" not in DedupRecord.from_dict(DEDUP).to_dict()  # absent when unknown, as before
+
+
 def test_exact_dedup_only_card_says_the_budget_is_unchanged():
     c = card(None, base_model=None)
     block = c.data.to_dict()["hf_dpdedup"]

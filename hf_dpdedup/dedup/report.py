@@ -177,9 +177,13 @@ class ModelReport:
             noise=SEEDED_LABEL if self.seeded else "secure",
             blocks=BlocksRecord(self.n_blocks, self.from_base, self.from_self),
             validations=self.validations,
-            public_test_accuracy=BeforeAfter(self.test_utility_before, self.test_utility_after),
+            public_test_accuracy=BeforeAfter(self.test_utility_before, self.test_utility_after, self.test_utility_se),
             compression=self.compression,
             public_test=self.public_test(),
+            public_validation_accuracy=None if self.val_utility_before is None
+            else BeforeAfter(self.val_utility_before, self.val_utility_after, self.val_utility_se),
+            confirmations=self.confirmations if self.role == "target" else None,
+            rejected_by_confirmation=self.rejected_by_confirmation if self.role == "target" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ namespaced block ``hf_dpdedup`` with the exact, machine-readable privacy and ded
         datasets: [<every private data set id the member was charged for: training and validation>]
         seeded: true, noise: "TEST ONLY: ..."   # only when some noise came from a known seed
       fairness: {flagged, dominated_by, compared_with, on}   # the fairness verdict, when given
-      dedup: {base, compression, blocks, validations}  # what the record holds
+      dedup: {base, compression, blocks, validations, confirmations, rejected_by_confirmation,
+              public_validation_accuracy: {before, after, se}}  # what the record holds
       block_store: {repo_id, revision, store_id, block_size, dtype}
       family: {members, stored_fraction}
 
@@ -36,7 +37,9 @@ its ``privacy`` (the cost as shipped) and its ``dedup`` record (:class:`~hf_dpde
 ``original_privacy`` (the budget as trained), ``epsilon_after`` / ``delta_after`` (loose and tight,
 else read from ``ledger``, a ``LedgerReport.to_dict()``), ``tight_at_training_delta``, ``svt_epsilon``
 and ``private_validation`` (what deduplication spent querying private data), ``fairness``,
-``seeded`` / ``noise``, ``base``, ``compression``, ``blocks``, ``validations``, and ``public_test``
+``seeded`` / ``noise``, ``base``, ``compression``, ``blocks``, ``validations``, the public validation
+and its confirmation (``public_validation_accuracy``, ``confirmations``, ``rejected_by_confirmation``:
+the prose says what the search checked on and whether a second public split confirmed it), and ``public_test``
 (a *public* test set with a Hub id: the only figures that reach ``model-index``; the shorter
 ``public_test_accuracy`` is shown in the prose only). The card renders what is there. The base
 model's Hub id is ``member_card(base_model=...)`` (``push`` reads it from the member's config).
@@ -136,7 +139,7 @@ def member_card(
         privacy_notes=_privacy_notes(block["privacy"], block.get("fairness")),
         dedup_prose=_dedup_prose(constitution, dedup, family),
         results_prose=_results_prose(dedup),
-        format=FORMAT,
+        format=constitution.to_dict()["format"],  # the member's, not the card block's
         n_tensors=len(constitution.tensors),
         n_blocks=n_blocks,
         block_size=constitution.block_size,
@@ -203,7 +206,10 @@ def _card_block(constitution: Constitution, store_repo: str, store_commit: str, 
         "fairness": dedup.fairness.to_dict() if dedup.fairness else None,
         "dedup": _drop_none({"base": dedup.base, "compression": dedup.compression,
                              "blocks": dedup.blocks.to_dict() if dedup.blocks else None,
-                             "validations": dedup.validations}) or None,
+                             "validations": dedup.validations, "confirmations": dedup.confirmations,
+                             "rejected_by_confirmation": dedup.rejected_by_confirmation,
+                             "public_validation_accuracy": dedup.public_validation_accuracy.to_dict()
+                             if dedup.public_validation_accuracy else None}) or None,
         "block_store": {"repo_id": store_repo, "revision": store_commit,
                         "store_id": constitution.block_store.store_id,
                         "block_size": constitution.block_size, "dtype": constitution.dtype},
@@ -417,6 +423,8 @@ def _dedup_prose(constitution: Constitution, dedup: DedupRecord, family: dict | 
                      + ", while accuracy stayed within the family's threshold.")
     elif dedup.base:
         parts.append(f"Blocks were borrowed from member `{dedup.base}` (the deduplication base).")
+    if dedup.role == "target":
+        parts.append(_validation_prose(dedup, replaced=blocks is not None and blocks.from_base + blocks.from_self > 0))
     if dedup.compression is not None:
         parts.append(f"This model needs {100 * float(dedup.compression):.1f} % of its original blocks of its own.")
     if family and family.get("stored_fraction") is not None:
@@ -425,6 +433,30 @@ def _dedup_prose(constitution: Constitution, dedup: DedupRecord, family: dict | 
     if constitution.dedup is None:
         parts.append("Blocks byte-identical to blocks of other members are stored once (exact deduplication).")
     return " ".join(parts)
+
+
+def _validation_prose(dedup: DedupRecord, *, replaced: bool) -> str:
+    """What the search checked its replacements on, and whether a second public split confirmed them."""
+    val = dedup.public_validation_accuracy
+    text = "The replacements were chosen by accuracy on public validation data"
+    if val is not None and val.before is not None:
+        text += f" ({_fmt(val.before)}{_se(val)} before, {_fmt(val.after)} after"
+        text += f", {dedup.validations} checks)" if dedup.validations is not None else ")"
+    if dedup.private_validation or dedup.svt_epsilon:
+        text += " and on private validation data through noisy, charged queries"
+    if dedup.confirmations:
+        reverted = dedup.rejected_by_confirmation or 0
+        text += (f"; a second public split the search never saw confirmed them ({dedup.confirmations} checks"
+                 + (f", {reverted} replacements it rejected were undone)." if reverted else ")."))
+    elif replaced and dedup.confirmations == 0:
+        text += "; no second public split confirmed them, so they may fit that validation data better than new data."
+    else:
+        text += "."
+    return text
+
+
+def _se(figures: BeforeAfter) -> str:
+    return f" ± {_fmt(figures.se)}" if figures.se is not None else ""
 
 
 def _results_prose(dedup: DedupRecord) -> str:
@@ -436,6 +468,6 @@ def _results_prose(dedup: DedupRecord) -> str:
     where = f" on the public test set `{test.dataset}`" if test is not None else " on a public test set"
     metric = test.metric if test is not None else "accuracy"
     text = f"{metric.capitalize()}{where}: {_fmt(after)} after deduplication"
-    return text + (f" ({_fmt(before)} before)." if before is not None else ".") + (
+    return text + (f" ({_fmt(before)}{_se(acc)} before)." if before is not None else ".") + (
         " Figures on private data are never published unnoised."
     )

@@ -236,19 +236,22 @@ class BlocksRecord:
 
 @dataclass(frozen=True)
 class BeforeAfter:
-    """A public utility before and after deduplication (either may be unknown)."""
+    """A public utility before and after deduplication (either may be unknown), and the standard
+    error of the one before (sample std of the per-example scores / √n; absent when unknown)."""
 
     before: float | None = None
     after: float | None = None
+    se: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"before": self.before, "after": self.after}
+        return {"before": self.before, "after": self.after, **({"se": self.se} if self.se is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "BeforeAfter":
         data = _object(data, path)
         return cls(_number(data.get("before"), f"{path}.before", optional=True),
-                   _number(data.get("after"), f"{path}.after", optional=True))
+                   _number(data.get("after"), f"{path}.after", optional=True),
+                   _number(data.get("se"), f"{path}.se", optional=True))
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,8 @@ class PublicTest:
 # --- the dedup record -------------------------------------------------------------------------------
 _DEDUP_KEYS = ("version", "role", "base", "original_privacy", "ledger", "epsilon_after", "delta_after",
                "tight_at_training_delta", "svt_epsilon", "private_validation", "fairness", "seeded", "noise",
-               "blocks", "validations", "public_test_accuracy", "compression", "public_test")
+               "blocks", "validations", "public_test_accuracy", "compression", "public_test",
+               "public_validation_accuracy", "confirmations", "rejected_by_confirmation")
 
 
 def _maybe(data: dict[str, Any], key: str, parse: Any, path: str, **kwargs: Any) -> Any:
@@ -298,7 +302,11 @@ class DedupRecord:
     ``original_privacy`` is the budget it was trained with (the constitution's ``privacy`` is its
     cost after deduplication); ``ledger`` the ``LedgerReport.to_dict()`` of that cost;
     ``compression`` its own stored bytes ÷ its original bytes; ``public_test`` its result on a
-    public test set with a Hub id, ``public_test_accuracy`` the same figures without one."""
+    public test set with a Hub id, ``public_test_accuracy`` the same figures without one;
+    ``public_validation_accuracy`` the utility on the public split the search decided on, and
+    ``confirmations`` / ``rejected_by_confirmation`` the checks of the accepted replacements on a
+    second public split the search never saw, and how many of them that check reverted (a target's
+    only; 0 confirmations: none was made)."""
 
     role: str | None = None  # "base" | "target" | "dropped"
     base: str | None = None
@@ -317,6 +325,9 @@ class DedupRecord:
     public_test_accuracy: BeforeAfter | None = None
     compression: float | None = None
     public_test: PublicTest | None = None
+    public_validation_accuracy: BeforeAfter | None = None
+    confirmations: int | None = None
+    rejected_by_confirmation: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,6 +355,11 @@ class DedupRecord:
             # known only once the member's rows are stored; absent rather than null when unknown
             **({"compression": self.compression} if self.compression is not None else {}),
             **({"public_test": self.public_test.to_dict()} if self.public_test is not None else {}),
+            # absent rather than null when unknown (records written before them have none)
+            **({"public_validation_accuracy": self.public_validation_accuracy.to_dict()}
+               if self.public_validation_accuracy is not None else {}),
+            **{k: v for k, v in (("confirmations", self.confirmations),
+                                 ("rejected_by_confirmation", self.rejected_by_confirmation)) if v is not None},
             **self.extra,
         }
 
@@ -374,5 +390,9 @@ class DedupRecord:
             public_test_accuracy=_maybe(data, "public_test_accuracy", BeforeAfter.from_dict, path),
             compression=_number(data.get("compression"), f"{path}.compression", optional=True),
             public_test=_maybe(data, "public_test", PublicTest.from_dict, path),
+            public_validation_accuracy=_maybe(data, "public_validation_accuracy", BeforeAfter.from_dict, path),
+            confirmations=_integer(data.get("confirmations"), f"{path}.confirmations", optional=True),
+            rejected_by_confirmation=_integer(data.get("rejected_by_confirmation"), f"{path}.rejected_by_confirmation",
+                                              optional=True),
             extra={k: v for k, v in data.items() if k not in _DEDUP_KEYS},
         )
