@@ -188,6 +188,7 @@ def test_the_prefix_is_cut_at_a_dot_and_never_empties_a_name():
     assert name_prefix(["a.w", "a.w.x"]) == "a."
     assert name_prefix(["a.", "a.b"]) == ""  # "a." would leave the first name empty
     assert name_prefix(["bert.x", "classifier.w"]) == "" and name_prefix([]) == ""
+    assert name_prefix(["m.w", f"m.{PACKED_EXTRAS}"]) == ""  # stripped, a name would read as the reserved one
 
 
 def test_a_member_without_runs_or_packed_extras_keeps_format_1(member):

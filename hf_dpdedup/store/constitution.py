@@ -340,10 +340,10 @@ class Constitution:
 
 def name_prefix(names: list[str]) -> str:
     """The longest common prefix of ``names`` that ends with a ``.`` and leaves every name non-empty
-    ("" when there is none, or no names)."""
+    and different from the reserved ``PACKED_EXTRAS`` ("" when there is none, or no names)."""
     common = os.path.commonprefix(names)
     prefix = common[: common.rfind(".") + 1]
-    return prefix if all(len(n) > len(prefix) for n in names) else ""
+    return prefix if all(n[len(prefix):] not in ("", PACKED_EXTRAS) for n in names) else ""
 
 
 def _strip(name: str, prefix: str) -> str:
