@@ -21,7 +21,9 @@ from hf_dpdedup.dedup.planner import DedupConfig, DedupData, Member
 from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.search import confirm, run_search
 from hf_dpdedup.dedup.tasks import classification_score
-from hf_dpdedup.dedup.validate import PublicValidator, example_scores, paired_utility_stats, public_utility_stats
+from hf_dpdedup.dedup.validate import (
+    PublicValidator, example_scores, paired_utility_stats, public_utility_and_scores, public_utility_stats,
+)
 from hf_dpdedup.hub.cards import member_card
 from hf_dpdedup.privacy import PrivacyMetadata
 from hf_dpdedup.store.member import read_constitution
@@ -325,6 +327,23 @@ def test_utilities_carry_their_standard_error():
     assert (u.mean, u.se, u.n) == (0.75, 0.25, 4)
     u = public_utility_stats(Fixed(), [torch.tensor([0.5, 0.5, 0.5])], lambda model, batch: model(batch))
     assert (u.mean, u.se, u.n) == (0.5, 0.0, 3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.floats(-0.5, 1.5, allow_nan=False), min_size=1, max_size=7), min_size=1, max_size=5))
+def test_one_pass_gives_the_utility_and_the_example_scores_of_two(batches):
+    """What the paired floor reads (the previous model's example scores) and its utility come from one
+    pass, bit for bit what the two separate calls give."""
+    class Fixed(nn.Module):
+        def forward(self, s):
+            return s
+
+    data = [torch.tensor(b, dtype=torch.float64) for b in batches]
+    score = lambda model, batch: model(batch)  # noqa: E731
+    utility, scores = public_utility_and_scores(Fixed(), data, score)
+    assert utility == public_utility_stats(Fixed(), data, score)
+    separate = example_scores(Fixed(), data, score)
+    assert len(scores) == len(separate) and all(torch.equal(a, b) for a, b in zip(scores, separate))
 
 
 def test_reports_carry_the_standard_errors_of_the_utilities(tmp_path):

@@ -70,7 +70,7 @@ from .validate import (
     PublicValidator,
     agreement_batches,
     public_utility,
-    example_scores,
+    public_utility_and_scores,
     public_utility_stats,
 )
 
@@ -310,8 +310,7 @@ def _next_floor(previous: ModelReport, needed: bool, data: DedupData, config: De
         return None
     value, release = _previous_floor(previous, data, config, sampler)
     paired = isinstance(config.validation, Public) and config.floor_margin_se > 0
-    scores = example_scores(previous.model, data.public_val, data.score_fn) if paired else None
-    return _Floor(value, release + previous.charges, scores)
+    return _Floor(value, release + previous.charges, previous.val_scores if paired else None)
 
 
 def _dropped_if_flagged(outcome: Outcome, config: DedupConfig) -> Outcome:
@@ -488,7 +487,9 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, previous: _
 def _finish(member: Member, model_report: ModelReport, data: DedupData) -> ModelReport:
     """Public utilities after the search (the next model's floor may need them)."""
     model_report.model = member.model
-    model_report.val_utility_after = public_utility(member.model, data.public_val, data.score_fn)
+    # the per-example scores too: the next target's paired floor compares against them
+    val, model_report.val_scores = public_utility_and_scores(member.model, data.public_val, data.score_fn)
+    model_report.val_utility_after = val.mean
     if data.public_test is not None:
         model_report.test_utility_after = public_utility(member.model, data.public_test, data.score_fn)
         model_report.public_test_name = data.public_test_dataset

@@ -91,6 +91,8 @@ class ModelReport:
     noise: str = "secure"  # the dedup noise (DedupConfig.noise_seed): "secure" or SEEDED_LABEL
     charges: list = field(default_factory=list, repr=False)
     model: Any = field(default=None, repr=False)
+    #: the model's per-example scores on public validation after the search (the next paired floor's)
+    val_scores: list | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, member, role: str, n_blocks: int) -> "ModelReport":

@@ -61,6 +61,14 @@ def public_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_f
     return _score(model, batches, score_fn, [])[0]
 
 
+def public_utility_and_scores(model: torch.nn.Module, batches: Iterable[Any],
+                              score_fn: ScoreFn) -> tuple[Utility, list[torch.Tensor | None]]:
+    """:func:`public_utility_stats` and :func:`example_scores` in one pass: the utility is computed from
+    the very scores returned, so it is bit-identical to a separate :func:`public_utility_stats`."""
+    kept: list[torch.Tensor | None] = []
+    return _score(model, batches, score_fn, [], keep=kept)[0], kept
+
+
 def paired_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
                          against: list[torch.Tensor | None]) -> tuple[Utility, Utility]:
     """The model's utility, and the mean of its per-example score minus ``against``'s (another model's
@@ -103,12 +111,16 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def _score(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
-           against: list[list[torch.Tensor | None]]) -> tuple[Utility, list[Utility]]:
+           against: list[list[torch.Tensor | None]],
+           keep: list[torch.Tensor | None] | None = None) -> tuple[Utility, list[Utility]]:
     """The model's utility and, for each of ``against`` (other models' example scores), the paired
-    difference, in one pass over the batches."""
+    difference, in one pass over the batches; ``keep`` (a list) receives the per-example scores as
+    :func:`example_scores` gives them."""
     batches = _public(batches)
     collective = current_collective()
     mine = shard_range(len(batches), collective.rank, collective.size)
+    if keep is not None:
+        keep[:] = [None] * len(batches)
     # per batch: Σ s, Σ s², then Σ (s − a), Σ (s − a)² for each of ``against``
     sums = [[0.0] * len(batches) for _ in range(2 + 2 * len(against))]
     counts = [0] * len(batches)
@@ -116,6 +128,8 @@ def _score(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
         for i in mine:
             scores = _clamped(score_fn(model, batches[i]))
             sums[0][i], sums[1][i], counts[i] = float(scores.sum()), float(scores.square().sum()), scores.numel()
+            if keep is not None:
+                keep[i] = scores
             for k, other_scores in enumerate(against):
                 other = other_scores[i]
                 if other is None or other.shape != scores.shape:
