@@ -185,7 +185,7 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
     row_bytes = config.block_size * 4
     print(f"\n== {label} ({seconds:.0f} s)")
     print(f"{'target':<8}{'base':>6}{'self':>6}{'own':>6}{'valid.':>8}{'conf.':>6}{'rev.':>5}"
-          f"{'C.R. all':>10}{'C.R. DP':>9}{'test drop ± SE (pts)':>22}{'conf. drop':>11}")
+          f"{'C.R. all':>10}{'C.R. DP':>9}{'test drop ± SE (pts)':>22}{'conf. drop':>11}{'val drop ± paired SE':>22}")
     out = {"seconds": seconds}
     t_own = t_orig = t_own_dp = t_orig_dp = 0
     drops, ok_drop = [], True
@@ -202,12 +202,15 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
         t_own_dp, t_orig_dp = t_own_dp + new_dp * row_bytes, t_orig_dp + dp_orig
         print(f"{m.name:<8}{m.from_base:>6}{m.from_self:>6}{m.own_blocks:>6}{m.validations:>8}{m.confirmations:>6}"
               f"{m.rejected_by_confirmation:>5}{m.compression:>10.1%}{cr_dp:>9.1%}"
-              f"{100 * drop:>14.2f} ± {100 * se:.2f}{100 * check_drop:>11.2f}")
+              f"{100 * drop:>14.2f} ± {100 * se:.2f}{100 * check_drop:>11.2f}"
+              f"{100 * (m.val_utility_before - m.val_utility_after):>14.2f} ± {100 * (m.val_drop_se or 0):.2f}")
         for key, value in {"from_base": m.from_base, "from_self": m.from_self, "own_blocks": m.own_blocks,
                            "validations": m.validations, "confirmations": m.confirmations,
                            "rejected_by_confirmation": m.rejected_by_confirmation,
                            "compression": m.compression, "compression_dp_changed": cr_dp,
                            "test_drop": drop, "test_drop_se": se, "confirm_split_drop": check_drop, "test_before": m.test_utility_before,
+                           "val_drop": m.val_utility_before - m.val_utility_after, "val_drop_paired_se": m.val_drop_se,
+                           "test_drop_paired_se": m.test_drop_se,
                            "test_after": m.test_utility_after, "epsilon_after": m.epsilon_after,
                            "svt_epsilon": m.svt_epsilon}.items():
             out[f"{m.name}.{key}"] = value

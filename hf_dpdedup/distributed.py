@@ -254,7 +254,7 @@ def _parallel_mode(parallel: str, data: DedupData) -> str:
 
 def _to_sent(outcome: Outcome) -> _Sent:
     report = copy.copy(outcome.report)
-    report.model = report.val_scores = None
+    report.model = report.val_scores = report.val_scores_before = report.test_scores_before = None
     return _Sent(outcome.member.name, report, list(outcome.decisions))
 
 

@@ -204,3 +204,9 @@ class PeerFailureError(DistributedDedupError):
 
 class DivergedProcessesError(DistributedDedupError):
     """Processes that must compute the same thing (plan, decisions) computed different things."""
+
+
+# --- warnings -------------------------------------------------------------------------------------
+class UnderpoweredValidationWarning(UserWarning):
+    """The public validation data measures a target's drop only to a standard error above the
+    threshold: the accepted replacements may cost more on new data than the search saw."""

@@ -4,6 +4,7 @@ with standard errors — on tiny models whose replaceable set is known."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ from hf_dpdedup.dedup.storing import deduplicate_family
 from hf_dpdedup.dedup.search import confirm, run_search
 from hf_dpdedup.dedup.tasks import classification_score
 from hf_dpdedup.dedup.validate import (
-    PublicValidator, example_scores, paired_utility_stats, public_utility_and_scores, public_utility_stats,
+    PublicValidator, example_scores, paired_difference, paired_utility_stats, public_utility_and_scores,
+    public_utility_stats,
 )
+from hf_dpdedup.errors import UnderpoweredValidationWarning
 from hf_dpdedup.hub.cards import member_card
 from hf_dpdedup.privacy import PrivacyMetadata
 from hf_dpdedup.store.member import read_constitution
@@ -293,7 +296,8 @@ def test_the_confirmation_catches_an_overfit_validation_set(tmp_path, with_confi
     card = member_card(read_constitution(tmp_path / "store" / "members" / "eps8"), repo_id="ns/eps8",
                        store_repo="ns/fam-blocks", store_commit="a" * 40).text
     # the stored record and the card say what the search checked on, with its SE, and whether it was confirmed
-    assert record.public_validation_accuracy == BeforeAfter(m.val_utility_before, m.val_utility_after, m.val_utility_se)
+    assert record.public_validation_accuracy == BeforeAfter(m.val_utility_before, m.val_utility_after, m.val_utility_se,
+                                                            m.val_drop_se)
     assert (record.confirmations, record.rejected_by_confirmation) == (m.confirmations, m.rejected_by_confirmation)
     assert f"± {m.val_utility_se:.4g} before" in card
     if not with_confirmation:
@@ -344,6 +348,61 @@ def test_one_pass_gives_the_utility_and_the_example_scores_of_two(batches):
     assert utility == public_utility_stats(Fixed(), data, score)
     separate = example_scores(Fixed(), data, score)
     assert len(scores) == len(separate) and all(torch.equal(a, b) for a, b in zip(scores, separate))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=30), st.integers(1, 4))
+def test_the_paired_difference_is_the_mean_change_with_its_paired_standard_error(pairs, n_batches):
+    after = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
+    before = torch.tensor([b for _, b in pairs], dtype=torch.float64)
+    cut = lambda t: list(torch.tensor_split(t, n_batches))  # noqa: E731  (batches, some maybe empty)
+    diff = paired_difference(cut(after), cut(before))
+    d = after - before
+    assert diff.n == len(pairs) and diff.mean == pytest.approx(float(d.mean()), abs=1e-12)
+    assert diff.se == pytest.approx(float(d.std(unbiased=True)) / math.sqrt(len(pairs)), abs=1e-9)
+    with pytest.raises(ValueError, match="same"):
+        paired_difference(cut(after), cut(before)[:-1] if n_batches > 1 else [])
+
+
+def noisy_family(n: int):
+    """Two unrelated tiny models on random labels: replacing blocks flips many predictions both ways,
+    so the measured drop stays small while its paired SE on ``n`` examples is large."""
+    target, base = tiny_model("bert", seed=0), tiny_model("bert", seed=1)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 120, (n, 12), generator=g)
+    val = [{"input_ids": ids, "labels": torch.randint(0, 2, (n,), generator=g)}]
+    members = [Member("eps1", base, PrivacyMetadata(1.0, 1e-5, ("toy",))),
+               Member("eps8", target, PrivacyMetadata(8.0, 1e-5, ("toy",)))]
+    return members, val
+
+
+def test_a_drop_the_validation_data_cannot_resolve_is_warned_about_and_reported(tmp_path):
+    members, val = noisy_family(24)
+    data = DedupData(classification_score, public_val=val, public_test=val)
+    config = DedupConfig(block_size=128, threshold=0.05, interactive=False)
+    with pytest.warns(UnderpoweredValidationWarning, match="paired SE") as caught:
+        report = deduplicate_family(members, data, config, tmp_path / "s")
+    (m,) = report.targets
+    assert m.from_base > 0 and m.val_drop_se > 0.05 and m.val_utility_before - m.val_utility_after <= 0.05
+    assert "eps8" in str(caught[0].message) and f"{100 * m.val_drop_se:.2f}" in str(caught[0].message)
+    record = read_constitution(tmp_path / "s" / "members" / "eps8").dedup
+    assert record.public_validation_accuracy.drop_se == m.val_drop_se == m.to_dict()["val_drop_se"]
+    assert record.public_test_accuracy.drop_se == m.test_drop_se  # the same examples here: the same SE
+    card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
+                       store_repo="ns/fam-blocks", store_commit="a" * 40).text
+    assert f"drop measured to ± {m.val_drop_se:.4g} (paired SE)" in card
+
+
+def test_no_warning_when_the_drop_is_resolved(tmp_path):
+    members, val, conf, test = overfit_family()  # val cannot see the damage: the drop there is ≈ 0 ± ≈ 0
+    data = DedupData(classification_score, public_val=val, public_test=test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnderpoweredValidationWarning)
+        report = deduplicate_family(members, data, DedupConfig(block_size=128, threshold=0.02, interactive=False),
+                                    tmp_path / "s")
+    (m,) = report.targets
+    assert m.from_base > 0 and m.val_drop_se <= 0.02
+    assert m.test_drop_se > m.val_drop_se  # the test split sees the damage, and its drop's noise
 
 
 def test_reports_carry_the_standard_errors_of_the_utilities(tmp_path):

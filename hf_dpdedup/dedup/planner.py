@@ -27,6 +27,7 @@ Semantics (DESIGN "The deduplication algorithm"):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -35,7 +36,7 @@ import torch
 from huggingface_hub.utils import tqdm  # honours HF_HUB_DISABLE_PROGRESS_BARS
 
 from ..blocks import BlockRows
-from ..errors import DivergedProcessesError
+from ..errors import DivergedProcessesError, UnderpoweredValidationWarning
 from ..privacy import (
     SEEDED_LABEL,
     Charge,
@@ -70,8 +71,8 @@ from .validate import (
     PublicValidator,
     agreement_batches,
     public_utility,
+    paired_difference,
     public_utility_and_scores,
-    public_utility_stats,
 )
 
 
@@ -368,7 +369,9 @@ def _dedup_target(target: Member, base: Member, base_state: Mapping[str, torch.T
     model_report.charges = charges
     model_report.ledger = _account(charges, config)
     model_report.ledger_at_own_delta = _account_at_own_delta(charges, target, config)
-    return Outcome(target, _finish(target, model_report, data), list(result.accepted))
+    _finish(target, model_report, data)
+    _warn_if_underpowered(model_report, config)
+    return Outcome(target, model_report, list(result.accepted))
 
 
 def differing_tensors(model: torch.nn.Module, base: torch.nn.Module | Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -410,10 +413,11 @@ def _start(member: Member, role: str, n_blocks: int, data: DedupData, config: De
     """A report with the member's public utilities before any change."""
     model_report = ModelReport.start(member, role, n_blocks)
     model_report.noise = SEEDED_LABEL if config.noise_seed is not None else "secure"
-    val = public_utility_stats(member.model, data.public_val, data.score_fn)
+    val, model_report.val_scores_before = public_utility_and_scores(member.model, data.public_val, data.score_fn)
     model_report.val_utility_before, model_report.val_utility_se = val.mean, val.se
     if data.public_test is not None:
-        test = public_utility_stats(member.model, data.public_test, data.score_fn)
+        test, model_report.test_scores_before = public_utility_and_scores(member.model, data.public_test,
+                                                                          data.score_fn)
         model_report.test_utility_before, model_report.test_utility_se = test.mean, test.se
     return model_report
 
@@ -487,11 +491,31 @@ def _validator(target: Member, data: DedupData, config: DedupConfig, previous: _
 def _finish(member: Member, model_report: ModelReport, data: DedupData) -> ModelReport:
     """Public utilities after the search (the next model's floor may need them)."""
     model_report.model = member.model
-    # the per-example scores too: the next target's paired floor compares against them
+    # the per-example scores too: the next target's paired floor compares against them, and the drop's
+    # paired SE (what the measured drop is worth) compares them with the scores before
     val, model_report.val_scores = public_utility_and_scores(member.model, data.public_val, data.score_fn)
     model_report.val_utility_after = val.mean
+    model_report.val_drop_se = _drop_se(model_report.val_scores, model_report.val_scores_before)
     if data.public_test is not None:
-        model_report.test_utility_after = public_utility(member.model, data.public_test, data.score_fn)
+        test, scores = public_utility_and_scores(member.model, data.public_test, data.score_fn)
+        model_report.test_utility_after = test.mean
+        model_report.test_drop_se = _drop_se(scores, model_report.test_scores_before)
         model_report.public_test_name = data.public_test_dataset
         model_report.public_test_split = data.public_test_split
+    model_report.val_scores_before = model_report.test_scores_before = None  # used up
     return model_report
+
+
+def _drop_se(after: list[torch.Tensor | None], before: list[torch.Tensor | None] | None) -> float | None:
+    return None if before is None else paired_difference(after, before).se
+
+
+def _warn_if_underpowered(report: ModelReport, config: DedupConfig) -> None:
+    """The search's split cannot tell a drop within the threshold from one beyond it: say so."""
+    if report.val_drop_se is not None and report.val_drop_se > config.threshold and report.from_base + report.from_self:
+        warnings.warn(UnderpoweredValidationWarning(
+            f"{report.name}: the public validation data measures the drop of the accepted replacements only to "
+            f"± {100 * report.val_drop_se:.2f} points (paired SE), more than the threshold of "
+            f"{100 * config.threshold:.2f}: it may be larger on new data. Give more public validation examples "
+            "(and a confirmation split, DedupData(public_confirm=...)), raise the threshold, or ask for a bound "
+            "(DedupConfig(drop_bound_se=1))."), stacklevel=2)

@@ -91,8 +91,14 @@ class ModelReport:
     noise: str = "secure"  # the dedup noise (DedupConfig.noise_seed): "secure" or SEEDED_LABEL
     charges: list = field(default_factory=list, repr=False)
     model: Any = field(default=None, repr=False)
+    #: the paired SE of the drop (after − before on the same examples): what the measured drop is worth
+    val_drop_se: float | None = None
+    test_drop_se: float | None = None
     #: the model's per-example scores on public validation after the search (the next paired floor's)
     val_scores: list | None = field(default=None, repr=False)
+    #: the per-example scores before the search, until the drops' SEs are computed
+    val_scores_before: list | None = field(default=None, repr=False)
+    test_scores_before: list | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, member, role: str, n_blocks: int) -> "ModelReport":
@@ -179,11 +185,12 @@ class ModelReport:
             noise=SEEDED_LABEL if self.seeded else "secure",
             blocks=BlocksRecord(self.n_blocks, self.from_base, self.from_self),
             validations=self.validations,
-            public_test_accuracy=BeforeAfter(self.test_utility_before, self.test_utility_after, self.test_utility_se),
+            public_test_accuracy=BeforeAfter(self.test_utility_before, self.test_utility_after, self.test_utility_se,
+                                             self.test_drop_se),
             compression=self.compression,
             public_test=self.public_test(),
             public_validation_accuracy=None if self.val_utility_before is None
-            else BeforeAfter(self.val_utility_before, self.val_utility_after, self.val_utility_se),
+            else BeforeAfter(self.val_utility_before, self.val_utility_after, self.val_utility_se, self.val_drop_se),
             confirmations=self.confirmations if self.role == "target" else None,
             rejected_by_confirmation=self.rejected_by_confirmation if self.role == "target" else None,
         )
@@ -198,6 +205,7 @@ class ModelReport:
             "val_utility_before": self.val_utility_before, "val_utility_after": self.val_utility_after,
             "test_utility_before": self.test_utility_before, "test_utility_after": self.test_utility_after,
             "val_utility_se": self.val_utility_se, "test_utility_se": self.test_utility_se,
+            "val_drop_se": self.val_drop_se, "test_drop_se": self.test_drop_se,
             "own_bytes": self.own_bytes, "original_bytes": self.original_bytes, "compression": self.compression,
             "compression_differing_tensors": self.compression_differing,
             "differing_tensors": len(self.differing_tensors),

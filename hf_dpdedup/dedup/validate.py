@@ -69,6 +69,33 @@ def public_utility_and_scores(model: torch.nn.Module, batches: Iterable[Any],
     return _score(model, batches, score_fn, [], keep=kept)[0], kept
 
 
+def paired_difference(scores: list[torch.Tensor | None], against: list[torch.Tensor | None]) -> Utility:
+    """The mean of ``scores − against`` (two :func:`example_scores` of the same batches, e.g. one model
+    before and after an edit) with its *paired* standard error: what a measured drop is worth."""
+    if len(scores) != len(against):
+        raise ValueError("paired_difference needs example scores of the same batches.")
+    collective = current_collective()
+    sums, squares, counts = [0.0] * len(scores), [0.0] * len(scores), [0] * len(scores)
+    for i, (own, other) in enumerate(zip(scores, against)):
+        if own is None and other is None:
+            continue  # another process's shard
+        sums[i], squares[i] = _difference_sums(own, other)
+        counts[i] = own.numel()
+    if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
+        sums, squares, counts = collective.sum(sums), collective.sum(squares), collective.sum(counts)
+    if sum(counts) == 0:
+        raise ValueError("paired_difference needs at least one example.")
+    return _utility(sums, squares, sum(counts))
+
+
+def _difference_sums(scores: torch.Tensor | None, other: torch.Tensor | None) -> tuple[float, float]:
+    if scores is None or other is None or other.shape != scores.shape:
+        raise ValueError("paired_utility_stats needs the other model's example_scores on the same "
+                         "batches (in the same collective scope).")
+    diff = scores - other
+    return float(diff.sum()), float(diff.square().sum())
+
+
 def paired_utility_stats(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
                          against: list[torch.Tensor | None]) -> tuple[Utility, Utility]:
     """The model's utility, and the mean of its per-example score minus ``against``'s (another model's
@@ -131,12 +158,7 @@ def _score(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
             if keep is not None:
                 keep[i] = scores
             for k, other_scores in enumerate(against):
-                other = other_scores[i]
-                if other is None or other.shape != scores.shape:
-                    raise ValueError("paired_utility_stats needs the other model's example_scores on the same "
-                                     "batches (in the same collective scope).")
-                diff = scores - other
-                sums[2 + 2 * k][i], sums[3 + 2 * k][i] = float(diff.sum()), float(diff.square().sum())
+                sums[2 + 2 * k][i], sums[3 + 2 * k][i] = _difference_sums(scores, other_scores[i])
     if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
         sums, counts = [collective.sum(column) for column in sums], collective.sum(counts)
     count = sum(counts)

@@ -440,7 +440,7 @@ def _validation_prose(dedup: DedupRecord, *, replaced: bool) -> str:
     val = dedup.public_validation_accuracy
     text = "The replacements were chosen by accuracy on public validation data"
     if val is not None and val.before is not None:
-        text += f" ({_fmt(val.before)}{_se(val)} before, {_fmt(val.after)} after"
+        text += f" ({_fmt(val.before)}{_se(val)} before, {_fmt(val.after)} after{_drop_se(val)}"
         text += f", {dedup.validations} checks)" if dedup.validations is not None else ")"
     if dedup.private_validation or dedup.svt_epsilon:
         text += " and on private validation data through noisy, charged queries"
@@ -459,6 +459,10 @@ def _se(figures: BeforeAfter) -> str:
     return f" ± {_fmt(figures.se)}" if figures.se is not None else ""
 
 
+def _drop_se(figures: BeforeAfter) -> str:
+    return f", the drop measured to ± {_fmt(figures.drop_se)} (paired SE)" if figures.drop_se is not None else ""
+
+
 def _results_prose(dedup: DedupRecord) -> str:
     test, acc = dedup.public_test, dedup.public_test_accuracy or BeforeAfter()
     before = test.before if test is not None else acc.before
@@ -468,6 +472,6 @@ def _results_prose(dedup: DedupRecord) -> str:
     where = f" on the public test set `{test.dataset}`" if test is not None else " on a public test set"
     metric = test.metric if test is not None else "accuracy"
     text = f"{metric.capitalize()}{where}: {_fmt(after)} after deduplication"
-    return text + (f" ({_fmt(before)}{_se(acc)} before)." if before is not None else ".") + (
+    return text + (f" ({_fmt(before)}{_se(acc)} before{_drop_se(acc)})." if before is not None else ".") + (
         " Figures on private data are never published unnoised."
     )

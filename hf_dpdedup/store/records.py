@@ -236,22 +236,27 @@ class BlocksRecord:
 
 @dataclass(frozen=True)
 class BeforeAfter:
-    """A public utility before and after deduplication (either may be unknown), and the standard
-    error of the one before (sample std of the per-example scores / √n; absent when unknown)."""
+    """A public utility before and after deduplication (either may be unknown), the standard error of
+    the one before (sample std of the per-example scores / √n) and the *paired* standard error of
+    the drop (of after − before on the same examples: what the measured change is worth); each SE
+    absent when unknown."""
 
     before: float | None = None
     after: float | None = None
     se: float | None = None
+    drop_se: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"before": self.before, "after": self.after, **({"se": self.se} if self.se is not None else {})}
+        return {"before": self.before, "after": self.after,
+                **{k: v for k, v in (("se", self.se), ("drop_se", self.drop_se)) if v is not None}}
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> "BeforeAfter":
         data = _object(data, path)
         return cls(_number(data.get("before"), f"{path}.before", optional=True),
                    _number(data.get("after"), f"{path}.after", optional=True),
-                   _number(data.get("se"), f"{path}.se", optional=True))
+                   _number(data.get("se"), f"{path}.se", optional=True),
+                   _number(data.get("drop_se"), f"{path}.drop_se", optional=True))
 
 
 @dataclass(frozen=True)
