@@ -511,8 +511,10 @@ def _drop_se(after: list[torch.Tensor | None], before: list[torch.Tensor | None]
 
 
 def _warn_if_underpowered(report: ModelReport, config: DedupConfig) -> None:
-    """The search's split cannot tell a drop within the threshold from one beyond it: say so."""
-    if report.val_drop_se is not None and report.val_drop_se > config.threshold and report.from_base + report.from_self:
+    """The search's public split cannot tell a drop within the threshold from one beyond it: say so
+    (private validation decides on other data: its report carries the public figure all the same)."""
+    underpowered = report.val_drop_se is not None and report.val_drop_se > config.threshold
+    if underpowered and isinstance(config.validation, Public) and report.from_base + report.from_self:
         warnings.warn(UnderpoweredValidationWarning(
             f"{report.name}: the public validation data measures the drop of the accepted replacements only to "
             f"± {100 * report.val_drop_se:.2f} points (paired SE), more than the threshold of "

@@ -20,7 +20,7 @@ namespaced block ``hf_dpdedup`` with the exact, machine-readable privacy and ded
         seeded: true, noise: "TEST ONLY: ..."   # only when some noise came from a known seed
       fairness: {flagged, dominated_by, compared_with, on}   # the fairness verdict, when given
       dedup: {base, compression, blocks, validations, confirmations, rejected_by_confirmation,
-              public_validation_accuracy: {before, after, se}}  # what the record holds
+              public_validation_accuracy: {before, after, se, drop_se}}  # what the record holds
       block_store: {repo_id, revision, store_id, block_size, dtype}
       family: {members, stored_fraction}
 
