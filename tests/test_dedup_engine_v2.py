@@ -28,7 +28,8 @@ from hf_dpdedup.dedup.validate import (
 )
 from hf_dpdedup.errors import UnderpoweredValidationWarning
 from hf_dpdedup.hub.cards import member_card
-from hf_dpdedup.privacy import PrivacyMetadata
+from hf_dpdedup.dedup.config import SVT
+from hf_dpdedup.privacy import PrivacyMetadata, PrivateDataset
 from hf_dpdedup.store.member import read_constitution
 from hf_dpdedup.store.records import BeforeAfter
 
@@ -392,6 +393,20 @@ def test_a_drop_the_validation_data_cannot_resolve_is_warned_about_and_reported(
     card = member_card(read_constitution(tmp_path / "s" / "members" / "eps8"), repo_id="ns/eps8",
                        store_repo="ns/fam-blocks", store_commit="a" * 40).text
     assert f"drop measured to ± {m.val_drop_se:.4g} (paired SE)" in card
+
+
+def test_private_validation_decides_on_other_data_so_the_public_figure_is_reported_not_warned(tmp_path):
+    members, val = noisy_family(24)
+    _, private_rows = noisy_family(300)
+    private = PrivateDataset(dict(private_rows[0]), dataset_id="toy", public_size=300, batch_size=100)
+    data = DedupData(classification_score, public_val=val, public_test=val, private_val=private)
+    config = DedupConfig(block_size=128, threshold=0.05, interactive=False, validation=SVT(epsilon=1.0, cutoff=3),
+                         noise_seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnderpoweredValidationWarning)
+        report = deduplicate_family(members, data, config, tmp_path / "s")
+    (m,) = report.targets
+    assert m.from_base > 0 and m.val_drop_se > 0.05  # the public figure says "unresolved"; SVT decided
 
 
 def test_no_warning_when_the_drop_is_resolved(tmp_path):
