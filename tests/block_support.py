@@ -6,11 +6,10 @@ format-4 constitution rewritten as format 3 wrote it."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping
-
 import json
 import math
+from dataclasses import replace
+from typing import Mapping
 
 import torch
 
