@@ -74,18 +74,16 @@ def paired_difference(scores: list[torch.Tensor | None], against: list[torch.Ten
     before and after an edit) with its *paired* standard error: what a measured drop is worth."""
     if len(scores) != len(against):
         raise ValueError("paired_difference needs example scores of the same batches.")
-    collective = current_collective()
     sums, squares, counts = [0.0] * len(scores), [0.0] * len(scores), [0] * len(scores)
     for i, (own, other) in enumerate(zip(scores, against)):
         if own is None and other is None:
             continue  # another process's shard
         sums[i], squares[i] = _difference_sums(own, other)
         counts[i] = own.numel()
-    if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
-        sums, squares, counts = collective.sum(sums), collective.sum(squares), collective.sum(counts)
-    if sum(counts) == 0:
+    (sums, squares), count = _across_processes([sums, squares], counts)
+    if count == 0:
         raise ValueError("paired_difference needs at least one example.")
-    return _utility(sums, squares, sum(counts))
+    return _utility(sums, squares, count)
 
 
 def _difference_sums(scores: torch.Tensor | None, other: torch.Tensor | None) -> tuple[float, float]:
@@ -159,13 +157,20 @@ def _score(model: torch.nn.Module, batches: Iterable[Any], score_fn: ScoreFn,
                 keep[i] = scores
             for k, other_scores in enumerate(against):
                 sums[2 + 2 * k][i], sums[3 + 2 * k][i] = _difference_sums(scores, other_scores[i])
-    if collective.size > 1:  # each entry has one non-zero addend: the sum is exact
-        sums, counts = [collective.sum(column) for column in sums], collective.sum(counts)
-    count = sum(counts)
+    sums, count = _across_processes(sums, counts)
     if count == 0:
         raise ValueError("The public validation data is empty: pass at least one batch.")
     own = _utility(sums[0], sums[1], count)
     return own, [_utility(sums[2 + 2 * k], sums[3 + 2 * k], count) for k in range(len(against))]
+
+
+def _across_processes(columns: list[list[float]], counts: list[int]) -> tuple[list[list[float]], int]:
+    """Per-batch sums and the example count of every process in the collective (each entry has one
+    non-zero addend, so the sum is exact and the result bit-identical to one process)."""
+    collective = current_collective()
+    if collective.size > 1:
+        columns, counts = [collective.sum(column) for column in columns], collective.sum(counts)
+    return columns, sum(counts)
 
 
 def _utility(sums: list[float], squares: list[float], count: int) -> Utility:
