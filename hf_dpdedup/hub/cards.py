@@ -139,7 +139,7 @@ def member_card(
         privacy_notes=_privacy_notes(block["privacy"], block.get("fairness")),
         dedup_prose=_dedup_prose(constitution, dedup, family),
         results_prose=_results_prose(dedup),
-        format=constitution.to_dict()["format"],  # the member's, not the card block's
+        format=constitution.format,  # the member's, not the card block's
         n_tensors=len(constitution.tensors),
         n_blocks=n_blocks,
         block_size=constitution.block_size,

@@ -230,15 +230,18 @@ class Constitution:
     def all_rows(self) -> list[int]:
         return [r for t in self.tensors for r in t.rows]
 
+    @property
+    def format(self) -> str:
+        """The format :meth:`to_dict` writes: the oldest that holds what this constitution has."""
+        if self.packed or any(has_runs(encode_rows(t.rows)) for t in self.tensors):
+            return LEAN_MEMBER_FORMAT
+        return ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT
+
     def to_dict(self) -> dict[str, Any]:
-        lean = bool(self.packed) or any(has_runs(encode_rows(t.rows)) for t in self.tensors)
+        format_ = self.format
+        lean = format_ == LEAN_MEMBER_FORMAT
         prefix = name_prefix(self._model_names()) if lean else ""
-        if lean:
-            format_ = LEAN_MEMBER_FORMAT
-            tensors = [t.to_lean_dict(prefix) for t in self.tensors]
-        else:
-            format_ = ADAPTER_MEMBER_FORMAT if self.adapter is not None else FORMAT
-            tensors = [t.to_dict() for t in self.tensors]
+        tensors = [t.to_lean_dict(prefix) if lean else t.to_dict() for t in self.tensors]
         return {
             "format": format_,
             "kind": "member",
