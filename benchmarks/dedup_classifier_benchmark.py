@@ -195,6 +195,7 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
         cr_dp = new_dp * row_bytes / dp_orig
         drop = m.test_utility_before - m.test_utility_after
         check_drop = check_before[m.name] - public_utility_stats(m.model, check, classification_score).mean
+        val_drop = m.val_utility_before - m.val_utility_after
         se = m.test_utility_se or 0.0
         drops.append(drop)
         ok_drop &= drop <= THRESHOLD + se + 1e-12
@@ -203,13 +204,13 @@ def run_one(label: str, members: list[Member], changed, data: DedupData, config:
         print(f"{m.name:<8}{m.from_base:>6}{m.from_self:>6}{m.own_blocks:>6}{m.validations:>8}{m.confirmations:>6}"
               f"{m.rejected_by_confirmation:>5}{m.compression:>10.1%}{cr_dp:>9.1%}"
               f"{100 * drop:>14.2f} ± {100 * se:.2f}{100 * check_drop:>11.2f}"
-              f"{100 * (m.val_utility_before - m.val_utility_after):>14.2f} ± {100 * (m.val_drop_se or 0):.2f}")
+              f"{100 * val_drop:>14.2f} ± {100 * (m.val_drop_se or 0):.2f}")
         for key, value in {"from_base": m.from_base, "from_self": m.from_self, "own_blocks": m.own_blocks,
                            "validations": m.validations, "confirmations": m.confirmations,
                            "rejected_by_confirmation": m.rejected_by_confirmation,
                            "compression": m.compression, "compression_dp_changed": cr_dp,
                            "test_drop": drop, "test_drop_se": se, "confirm_split_drop": check_drop, "test_before": m.test_utility_before,
-                           "val_drop": m.val_utility_before - m.val_utility_after, "val_drop_paired_se": m.val_drop_se,
+                           "val_drop": val_drop, "val_drop_paired_se": m.val_drop_se,
                            "test_drop_paired_se": m.test_drop_se,
                            "test_after": m.test_utility_after, "epsilon_after": m.epsilon_after,
                            "svt_epsilon": m.svt_epsilon}.items():
