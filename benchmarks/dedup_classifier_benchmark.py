@@ -142,6 +142,18 @@ def load_family(folder: Path, model_class: type) -> tuple[list[Member], dict[str
     return members, changed
 
 
+def open_family(name: str, folder: Path | None) -> tuple[Family, list[Member], dict[str, frozenset[str]]]:
+    """The family ``name`` (its folder, default ``benchmarks/families/<name>``): its splits, members
+    and DP-changed tensors; exits with the build command when the folder holds no family."""
+    folder = folder or HERE / "families" / name
+    spec = FAMILIES[name](folder)
+    members, changed = load_family(folder, spec.model_class) if folder.is_dir() else ([], {})
+    if len(members) < 2:
+        raise SystemExit(f"No family at {folder}: build it with python benchmarks/families/"
+                         f"{name.replace('-', '_')}.py")
+    return spec, members, changed
+
+
 def own_rows(report, block_size: int, changed: dict[str, frozenset[str]]) -> dict[str, tuple[int, int]]:
     """Per stored member, in storing order: (rows it adds to the store, of which in DP-changed tensors).
 
@@ -245,12 +257,7 @@ def main() -> None:
                         help="every run without the interactive floor (labels get '_ni'; other figures are kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    folder = args.folder or HERE / "families" / args.family
-    spec = FAMILIES[args.family](folder)
-    members, changed = load_family(folder, spec.model_class) if folder.is_dir() else ([], {})
-    if len(members) < 2:
-        raise SystemExit(f"No family at {folder}: build it with python benchmarks/families/"
-                         f"{args.family.replace('-', '_')}.py")
+    spec, members, changed = open_family(args.family, args.folder)
     val, conf, test = spec.val, spec.confirm, spec.test
     figures: dict[str, float] = {}
     print(f"members' public test accuracy (chance {spec.chance:.0%}):")

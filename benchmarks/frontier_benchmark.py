@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))  # this checkout's package, not whichever o
 sys.path.insert(0, str(HERE / "families"))
 
 from common import write_results  # noqa: E402
-from dedup_classifier_benchmark import BLOCK, FAMILIES, OLD, THRESHOLD, load_family  # noqa: E402
+from dedup_classifier_benchmark import BLOCK, FAMILIES, OLD, THRESHOLD, open_family  # noqa: E402
 from hf_dpdedup.dedup.live import LiveBlocks  # noqa: E402
 from hf_dpdedup.dedup.plan import PlanConfig, plan_replacements  # noqa: E402
 from hf_dpdedup.dedup.tasks import classification_score  # noqa: E402
@@ -80,12 +80,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=BLOCK)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    folder = args.folder or HERE / "families" / args.family
-    spec = FAMILIES[args.family](folder)
-    members, _ = load_family(folder, spec.model_class) if folder.is_dir() else ([], {})
-    if len(members) < 2:
-        raise SystemExit(f"No family at {folder}: build it with python benchmarks/families/"
-                         f"{args.family.replace('-', '_')}.py")
+    spec, members, _ = open_family(args.family, args.folder)
     members.sort(key=lambda m: (m.privacy.epsilon, m.name))
     base, targets = members[0], members[1:]
     pool, public = held_out_pool(spec), list(spec.val) + list(spec.confirm)
