@@ -45,7 +45,7 @@ from dedup_classifier_benchmark import BLOCK, FAMILIES, OLD, THRESHOLD, open_fam
 from hf_dpdedup.dedup.live import LiveBlocks  # noqa: E402
 from hf_dpdedup.dedup.plan import PlanConfig, plan_replacements  # noqa: E402
 from hf_dpdedup.dedup.tasks import classification_score  # noqa: E402
-from hf_dpdedup.dedup.validate import paired_difference, public_utility_and_scores  # noqa: E402
+from hf_dpdedup.dedup.validate import example_scores, paired_utility_stats  # noqa: E402
 from hf_dpdedup.store.row_digests import row_hashes  # noqa: E402
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
@@ -63,12 +63,11 @@ class Drop:
 
     def __init__(self, model, batches) -> None:
         self.model, self.batches = model, batches
-        self.before = public_utility_and_scores(model, batches, classification_score)[1]
+        self.before = example_scores(model, batches, classification_score)
 
     def now(self) -> tuple[float, float]:
         """(drop, paired SE) of the model as it is now against the unedited target."""
-        after = public_utility_and_scores(self.model, self.batches, classification_score)[1]
-        difference = paired_difference(after, self.before)
+        difference = paired_utility_stats(self.model, self.batches, classification_score, self.before)[1]
         return -difference.mean, difference.se
 
 
@@ -115,10 +114,10 @@ def main() -> None:
                                 f"{key}.public_drop": public_drop})
                 if drop <= THRESHOLD + 1e-12:
                     ceiling = max(ceiling, k)
-            kept = (live.n_blocks - shared - ceiling) / live.n_blocks
-            figures.update({f"{target.name}.{name}.ceiling_replaced": ceiling / max(1, len(sequence)),
+            replaced, kept = ceiling / max(1, len(sequence)), (live.n_blocks - shared - ceiling) / live.n_blocks
+            figures.update({f"{target.name}.{name}.ceiling_replaced": replaced,
                             f"{target.name}.{name}.ceiling_rows_kept": kept})
-            print(f"{name:<16}" + "".join(f"{c:>14}" for c in cells) + f"{ceiling / max(1, len(sequence)):>10.0%}{kept:>8.1%}")
+            print(f"{name:<16}" + "".join(f"{c:>14}" for c in cells) + f"{replaced:>10.0%}{kept:>8.1%}")
         print("cells: held-out drop / drop on the public splits, points")
     for name in orders:
         kept = [figures[f"{t.name}.{name}.ceiling_rows_kept"] for t in targets]
